@@ -1,0 +1,5 @@
+import sys
+
+from crossint.cli import main
+
+sys.exit(main())

@@ -1,0 +1,12 @@
+"""`crossint demo` (placeholder until implemented)."""
+
+from crossint.errors import CrossintError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="(not implemented yet)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    raise CrossintError("'demo' is not implemented yet")

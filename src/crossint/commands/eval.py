@@ -1,0 +1,12 @@
+"""`crossint eval` (placeholder until implemented)."""
+
+from crossint.errors import CrossintError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="(not implemented yet)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    raise CrossintError("'eval' is not implemented yet")

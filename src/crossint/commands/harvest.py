@@ -1,0 +1,12 @@
+"""`crossint harvest` (placeholder until implemented)."""
+
+from crossint.errors import CrossintError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("harvest", help="(not implemented yet)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    raise CrossintError("'harvest' is not implemented yet")

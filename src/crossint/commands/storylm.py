@@ -1,0 +1,12 @@
+"""`crossint storylm` (placeholder until implemented)."""
+
+from crossint.errors import CrossintError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("storylm", help="(not implemented yet)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    raise CrossintError("'storylm' is not implemented yet")

@@ -1,0 +1,12 @@
+"""`crossint train` (placeholder until implemented)."""
+
+from crossint.errors import CrossintError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="(not implemented yet)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    raise CrossintError("'train' is not implemented yet")

@@ -1,0 +1,84 @@
+"""Hookpoint names (SPEC §2): ``blocks.{l}.{site}``, and the crosscoder layouts built from them.
+
+Pure functions over names; the model adapter maps names to modules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from crossint.errors import CrossintError
+
+# Order is the order in which the tensors appear inside a block.
+SITES: tuple[str, ...] = (
+    "resid_pre",
+    "attn_in",
+    "attn_out",
+    "resid_mid",
+    "mlp_in",
+    "mlp_pre",
+    "mlp_post",
+    "mlp_out",
+    "resid_post",
+)
+RESID_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+PAPER_SITES: tuple[str, ...] = ("resid_pre", "attn_in", "resid_mid", "mlp_in")
+LAYOUTS: tuple[str, ...] = ("paper", "resid")
+
+_PATTERN = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
+
+
+def hookpoint(block: int, site: str) -> str:
+    return f"blocks.{block}.{site}"
+
+
+def all_hookpoints(n_blocks: int) -> list[str]:
+    return [hookpoint(l, s) for l in range(n_blocks) for s in SITES]
+
+
+def parse_hookpoint(name: str, n_blocks: int) -> tuple[int, str]:
+    """Split ``blocks.{l}.{site}`` into (l, site), or raise an error listing the valid names."""
+    match = _PATTERN.match(name)
+    if match and int(match.group(1)) < n_blocks and match.group(2) in SITES:
+        return int(match.group(1)), match.group(2)
+    raise CrossintError(
+        f"unknown hookpoint {name!r}: valid hookpoints are blocks.{{0..{n_blocks - 1}}}.{{site}} "
+        f"with site one of {', '.join(SITES)} (e.g. {hookpoint(0, 'mlp_in')})"
+    )
+
+
+def sort_key(name: str, n_blocks: int) -> tuple[int, int]:
+    """Position of a hookpoint in the forward pass."""
+    block, site = parse_hookpoint(name, n_blocks)
+    return block, SITES.index(site)
+
+
+def resolve_layout(layout: str | Sequence[str], n_blocks: int) -> list[str]:
+    """Expand a layout name (SPEC §2) or validate an explicit list of hookpoints.
+
+    ``paper``: resid_pre, attn_in, resid_mid, mlp_in of every block + the last resid_post.
+    ``resid``: resid_pre of every block + the last resid_post.
+    A comma-separated string is read as an explicit list.
+    """
+    if isinstance(layout, str):
+        if layout == "paper":
+            names = [hookpoint(l, s) for l in range(n_blocks) for s in PAPER_SITES]
+            return names + [hookpoint(n_blocks - 1, "resid_post")]
+        if layout == "resid":
+            names = [hookpoint(l, "resid_pre") for l in range(n_blocks)]
+            return names + [hookpoint(n_blocks - 1, "resid_post")]
+        if "," not in layout and not layout.startswith("blocks."):
+            raise CrossintError(
+                f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)} or a comma-separated "
+                f"list of hookpoints such as blocks.0.mlp_in,blocks.1.mlp_in"
+            )
+        layout = [part.strip() for part in layout.split(",") if part.strip()]
+    names = list(layout)
+    if not names:
+        raise CrossintError("empty hookpoint list: name at least one hookpoint")
+    for name in names:
+        parse_hookpoint(name, n_blocks)
+    if len(set(names)) != len(names):
+        raise CrossintError(f"hookpoint list has duplicates: {names}")
+    return names

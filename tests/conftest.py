@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real Hugging Face models built from configs (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_TEXT = [
+    "Once upon a time there was a little cat named Tom. Tom liked to play in the sun.",
+    "One day, Lily went to the park with her dog. The dog was happy and ran fast.",
+    "Ben saw a big red ball. He kicked the ball and it flew over the tree.",
+    "The bird sang a song. Mia smiled and said, \"What a nice song!\"",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 128):
+    """A byte-level BPE tokenizer trained on a few sentences, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(TINY_TEXT * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=64,
+    )
+
+
+def build_tiny_gpt2(out_dir: Path, n_blocks: int = 2, d_model: int = 32, seed: int = 0) -> Path:
+    """Save a random tiny GPT-2 (2 blocks, d_model 32) with a tokenizer to ``out_dir``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=d_model,
+        n_layer=n_blocks,
+        n_head=4,
+        n_inner=4 * d_model,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 with its tokenizer, saved with save_pretrained (loadable by path)."""
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_text("\n".join(TINY_TEXT * 50) + "\n", encoding="utf-8")
+    return path
