@@ -1,0 +1,240 @@
+"""Standard crosscoder metrics on held-out text (SPEC §3.6) and CE-loss recovered (SPEC §6.2).
+
+The evaluation runs the subject model itself on text the crosscoder never trained on, so the
+numbers need no activation cache: FVU per hookpoint, mean L0, dead and dense fractions, and, for
+every residual-stream hookpoint, the next-token loss with the crosscoder's reconstruction spliced
+in, against zero- and mean-ablation of that hookpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crossint.analysis.splicing import loss_recovered, replace_where
+from crossint.errors import CrossintError
+from crossint.models.hookpoints import RESID_SITES, parse_hookpoint
+
+DENSE_FIRING_RATE = 0.1  # SPEC §3.6: a feature firing on more than 10% of tokens is "dense"
+HELDOUT_SEED = 12345  # default text seed for evaluation; harvests default to seed 0
+
+
+@dataclass
+class _ReconstructionStats:
+    """Running sums for FVU (SPEC §3.6) per hookpoint and feature firing counts."""
+
+    n_positions: int
+    n_features: int
+    sq_error_X: Tensor = field(init=False)
+    sum_XD: Tensor | None = None
+    sq_norm_X: Tensor = field(init=False)
+    fires_H: Tensor = field(init=False)
+    l0_sum: float = 0.0
+    n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.sq_error_X = torch.zeros(self.n_positions, dtype=torch.float64)
+        self.sq_norm_X = torch.zeros(self.n_positions, dtype=torch.float64)
+        self.fires_H = torch.zeros(self.n_features, dtype=torch.int64)
+
+    def update(self, acts_NXD: Tensor, recon_NXD: Tensor, f_NH: Tensor) -> None:
+        acts_NXD = acts_NXD.double()
+        self.sq_error_X += (acts_NXD - recon_NXD.double()).pow(2).sum(dim=(0, 2))
+        self.sq_norm_X += acts_NXD.pow(2).sum(dim=(0, 2))
+        batch_sum_XD = acts_NXD.sum(dim=0)
+        self.sum_XD = batch_sum_XD if self.sum_XD is None else self.sum_XD + batch_sum_XD
+        active_NH = f_NH != 0
+        self.fires_H += active_NH.sum(dim=0)
+        self.l0_sum += float(active_NH.sum())
+        self.n_tokens += acts_NXD.shape[0]
+
+    def mean_XD(self) -> Tensor:
+        return self.sum_XD / self.n_tokens
+
+    def fvu_X(self) -> Tensor:
+        # Total variance around the evaluation-set mean: Σ‖a‖² − n‖ā‖².
+        variance_X = self.sq_norm_X - self.n_tokens * self.mean_XD().pow(2).sum(dim=1)
+        return self.sq_error_X / variance_X
+
+
+def _load_run(run_dir: str | Path):
+    from crossint.crosscoder.model import Crosscoder
+
+    crosscoder = Crosscoder.from_pretrained(run_dir)
+    models = list(crosscoder.config.models)
+    if len(models) != 1:
+        raise CrossintError(
+            f"{run_dir} is a {len(models)}-model crosscoder; `crossint eval` evaluates "
+            "single-model crosscoders"
+        )
+    return crosscoder.eval(), models[0]
+
+
+def _heldout_batches(
+    adapter, corpus: str, seed: int, context_length: int, n_tokens: int, batch_size: int
+) -> list[Tensor]:
+    """Contexts of held-out text holding at least ``n_tokens`` non-special tokens."""
+    from crossint.data.corpus import iter_contexts, iter_texts
+
+    if adapter.tokenizer is None:
+        raise CrossintError(f"model {adapter.name!r} has no tokenizer; cannot tokenize {corpus!r}")
+    if context_length > adapter.max_context:
+        raise CrossintError(
+            f"context length {context_length} is longer than the model's maximum "
+            f"{adapter.max_context}"
+        )
+    special_ids = adapter.special_token_ids()
+    contexts, n_usable = [], 0
+    for ids_S in iter_contexts(iter_texts(corpus, seed=seed), adapter.tokenizer, context_length):
+        contexts.append(ids_S)
+        n_usable += int(_non_special_BS(ids_S, special_ids).sum())
+        if n_usable >= n_tokens:
+            break
+    if not contexts:
+        raise CrossintError(f"corpus {corpus!r} gave no text to evaluate on")
+    return list(torch.stack(contexts).split(batch_size))
+
+
+def _non_special_BS(ids_BS: Tensor, special_ids: set[int]) -> Tensor:
+    if not special_ids:
+        return torch.ones_like(ids_BS, dtype=torch.bool)
+    return ~torch.isin(ids_BS, torch.tensor(sorted(special_ids), device=ids_BS.device))
+
+
+def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int]):
+    """Clean activations, the non-special mask, stacked activations and the crosscoder output."""
+    with torch.no_grad():
+        acts = adapter.capture(ids_BS, hookpoints)
+        keep_BS = _non_special_BS(ids_BS, special_ids)
+        acts_NXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
+        n_bad = int((~torch.isfinite(acts_NXD)).sum())
+        if n_bad:
+            raise CrossintError(f"model {adapter.name!r} produced {n_bad} NaN/Inf activations")
+        out = crosscoder(acts_NXD)
+    return acts, keep_BS, acts_NXD, out
+
+
+def _summed_loss(adapter, ids_BS: Tensor, mask_BS: Tensor, patches=None) -> float:
+    """Sum of next-token losses over ``mask`` (so batches combine as a ratio of means)."""
+    with torch.no_grad():
+        loss_BS = adapter.token_losses(ids_BS, patches=patches)
+    return float(loss_BS[mask_BS].double().sum())
+
+
+def evaluate(
+    run_dir: str | Path,
+    n_tokens: int = 20_000,
+    corpus: str = "stories",
+    seed: int = HELDOUT_SEED,
+    context_length: int = 128,
+    batch_size: int = 16,
+    model: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Evaluate a saved crosscoder on held-out text; returns the ``eval.json`` dictionary."""
+    from crossint.models.adapter import load_model
+
+    crosscoder, model_name = _load_run(run_dir)
+    crosscoder.to(device)
+    adapter = load_model(model or model_name, device=device)
+    hookpoints = list(crosscoder.config.hookpoints)
+    for name in hookpoints:
+        parse_hookpoint(name, adapter.n_blocks)
+    special_ids = adapter.special_token_ids()
+    batches = _heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
+
+    stats = _ReconstructionStats(len(hookpoints), crosscoder.config.n_features)
+    resid_hookpoints = [
+        h for h in hookpoints if parse_hookpoint(h, adapter.n_blocks)[1] in RESID_SITES
+    ]
+    bar = tqdm(total=2 * len(batches), desc="eval", unit="batch", disable=not progress)
+
+    # Pass 1: reconstruction quality and the activation means that mean-ablation needs.
+    for ids_BS in batches:
+        _, _, acts_NXD, out = _reconstruct(
+            adapter, crosscoder, ids_BS.to(device), hookpoints, special_ids
+        )
+        stats.update(acts_NXD, out.recon_BXD, out.f_BH)
+        bar.update()
+    mean_XD = stats.mean_XD().float().to(device)
+
+    # Pass 2: splice each residual hookpoint's reconstruction (and its ablations) into the model.
+    loss_sums = {"model": 0.0}
+    n_loss_positions = 0
+    for ids_BS in batches:
+        ids_BS = ids_BS.to(device)
+        acts, keep_BS, _, out = _reconstruct(adapter, crosscoder, ids_BS, hookpoints, special_ids)
+        loss_mask_BS = keep_BS[:, :-1]
+        n_loss_positions += int(loss_mask_BS.sum())
+        loss_sums["model"] += _summed_loss(adapter, ids_BS, loss_mask_BS)
+        for x, name in enumerate(hookpoints):
+            if name not in resid_hookpoints:
+                continue
+            recon_BSD = torch.zeros_like(acts[name])
+            recon_BSD[keep_BS] = out.recon_BXD[:, x].to(recon_BSD.dtype)
+            variants = {
+                "splice": recon_BSD,
+                "zero": torch.zeros_like(recon_BSD),
+                "mean": mean_XD[x].expand_as(recon_BSD),
+            }
+            for variant, replacement_BSD in variants.items():
+                key = f"{name}/{variant}"
+                patches = {name: replace_where(replacement_BSD, ~keep_BS)}
+                loss = _summed_loss(adapter, ids_BS, loss_mask_BS, patches)
+                loss_sums[key] = loss_sums.get(key, 0.0) + loss
+        bar.update()
+    bar.close()
+
+    mean_loss = {key: value / n_loss_positions for key, value in loss_sums.items()}
+    fvu_X = stats.fvu_X()
+    firing_rate_H = stats.fires_H.double() / stats.n_tokens
+    result = {
+        "run": str(run_dir),
+        "model": adapter.name,
+        "corpus": corpus,
+        "seed": seed,
+        "n_tokens": stats.n_tokens,
+        "fvu": {name: float(fvu_X[x]) for x, name in enumerate(hookpoints)},
+        "fvu_mean": float(fvu_X.mean()),
+        "l0": stats.l0_sum / stats.n_tokens,
+        "dead_fraction": float((stats.fires_H == 0).double().mean()),
+        "dense_fraction": float((firing_rate_H > DENSE_FIRING_RATE).double().mean()),
+        "ce_model": mean_loss["model"],
+        "ce_splice": {h: mean_loss[f"{h}/splice"] for h in resid_hookpoints},
+        "ce_zero": {h: mean_loss[f"{h}/zero"] for h in resid_hookpoints},
+        "ce_mean_ablation": {h: mean_loss[f"{h}/mean"] for h in resid_hookpoints},
+        "ce_recovered": {
+            h: loss_recovered(mean_loss["model"], mean_loss[f"{h}/splice"], mean_loss[f"{h}/zero"])
+            for h in resid_hookpoints
+        },
+        "ce_recovered_mean_ablation": {
+            h: loss_recovered(mean_loss["model"], mean_loss[f"{h}/splice"], mean_loss[f"{h}/mean"])
+            for h in resid_hookpoints
+        },
+    }
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table of one evaluation (printed by `crossint eval`)."""
+    lines = [
+        f"model {result['model']}  tokens {result['n_tokens']}  L0 {result['l0']:.1f}  "
+        f"dead {result['dead_fraction']:.3f}  dense {result['dense_fraction']:.3f}  "
+        f"CE(model) {result['ce_model']:.4f}",
+        f"{'hookpoint':<24} {'FVU':>8} {'CE splice':>10} {'CE rec.':>8} {'CE rec. (mean)':>15}",
+    ]
+    for name, fvu in result["fvu"].items():
+        row = f"{name:<24} {fvu:>8.4f}"
+        if name in result["ce_recovered"]:
+            row += (
+                f" {result['ce_splice'][name]:>10.4f} {result['ce_recovered'][name]:>8.3f}"
+                f" {result['ce_recovered_mean_ablation'][name]:>15.3f}"
+            )
+        lines.append(row)
+    lines.append(f"{'mean':<24} {result['fvu_mean']:>8.4f}")
+    return "\n".join(lines)
