@@ -7,6 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """Tiny models run ~100x slower when two cores' threads contend; one thread is fastest."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 TINY_TEXT = [
     "Once upon a time there was a little cat named Tom. Tom liked to play in the sun.",
     "One day, Lily went to the park with her dog. The dog was happy and ran fast.",

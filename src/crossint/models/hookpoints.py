@@ -26,7 +26,8 @@ RESID_SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 PAPER_SITES: tuple[str, ...] = ("resid_pre", "attn_in", "resid_mid", "mlp_in")
 LAYOUTS: tuple[str, ...] = ("paper", "resid")
 
-_PATTERN = re.compile(r"^blocks\.(\d+)\.([a-z_]+)$")
+# Canonical block numbers only ("blocks.1", not "blocks.01"): a name is a dictionary key.
+_PATTERN = re.compile(r"^blocks\.(0|[1-9]\d*)\.([a-z_]+)$")
 
 
 def hookpoint(block: int, site: str) -> str:

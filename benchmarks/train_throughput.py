@@ -1,0 +1,82 @@
+"""Crosscoder training throughput (tokens/s) at CPU-scaled paper shapes.
+
+    python benchmarks/train_throughput.py  # prints a table; writes results/train_throughput.json
+
+Runs the real training loop (`crossint.crosscoder.train.train`, BatchTopK, AuxK, Adam, clipping,
+logging) on in-memory activations and measures the steady-state step time as the difference
+between a long and a short run, so set-up (normalisation estimate, saving) cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from common import print_table, write_results
+from crossint.crosscoder.config import CrosscoderConfig
+from crossint.crosscoder.train import TrainConfig, train
+from crossint.data.activations import TensorActivations
+from crossint.models.hookpoints import resolve_layout
+
+SHAPES = [  # (blocks → paper-layout positions, d_model, features, K, batch)
+    (4, 128, 2048, 20, 1024),
+    (4, 256, 4096, 20, 1024),
+]
+
+
+def timed_run(crosscoder_config, source, steps: int, batch: int) -> float:
+    train_config = TrainConfig(
+        steps=steps,
+        batch_size=batch,
+        checkpoint_every=10 * steps,
+        log_every=10,
+        normalisation_tokens=batch,
+    )
+    with tempfile.TemporaryDirectory() as out_dir:
+        start = time.perf_counter()
+        train(crosscoder_config, train_config, source, out_dir, progress=False)
+        return time.perf_counter() - start
+
+
+def bench(n_blocks: int, D: int, H: int, K: int, batch: int, steps: int, extra_steps: int) -> dict:
+    hookpoints = resolve_layout("paper", n_blocks)
+    generator = torch.Generator().manual_seed(0)
+    acts_NXD = torch.randn(8 * batch, len(hookpoints), D, generator=generator)
+    source = TensorActivations(acts_NXD, hookpoints)
+    config = CrosscoderConfig(
+        hookpoints=hookpoints,
+        models=["bench"],
+        d_model=D,
+        n_features=H,
+        activation="batchtopk",
+        k=K,
+    )
+    short = timed_run(config, source, steps, batch)
+    long = timed_run(config, source, steps + extra_steps, batch)
+    step_s = (long - short) / extra_steps
+    return {
+        "X": len(hookpoints),
+        "D": D,
+        "H": H,
+        "K": K,
+        "batch": batch,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": batch / step_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="steps of the short run")
+    parser.add_argument("--extra-steps", type=int, default=20, help="extra steps of the long run")
+    args = parser.parse_args()
+    rows = [bench(*shape, steps=args.steps, extra_steps=args.extra_steps) for shape in SHAPES]
+    print_table(rows)
+    print("wrote", write_results("train_throughput", rows, threads=torch.get_num_threads()))
+
+
+if __name__ == "__main__":
+    main()

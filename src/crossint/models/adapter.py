@@ -1,0 +1,845 @@
+"""The model adapter (SPEC §2): hookpoint names ⇄ Hugging Face modules, capture and patch, weights.
+
+``load_model(name_or_path)`` returns a :class:`ModelAdapter` over a ``transformers`` model. The
+adapter addresses activations by SPEC §2 hookpoint names (``blocks.{l}.{site}``), captures any set
+of them in one forward pass that stops after the last one it needs, replaces them during a forward
+pass (splicing), and exposes each block's MLP and attention weights in raw (unfolded) form.
+
+Where each site is read, per architecture (module paths in ``architectures.py``):
+
+Pre-LN blocks (GPT-2, GPT-Neo, GPT-NeoX, Llama family)
+    ``resid_pre`` block input · ``attn_in`` ln1 output (= attention input) · ``attn_out``
+    attention output · ``resid_mid`` = resid_pre + attn_out, the exact sum the block adds ·
+    ``mlp_in`` ln2 output (= MLP input) · ``mlp_pre`` first linear's output (the gate for gated
+    MLPs) · ``mlp_post`` output linear's input · ``mlp_out`` MLP output · ``resid_post`` block
+    output. For *parallel-residual* blocks (GPT-NeoX with ``use_parallel_residual``) the MLP reads
+    ln2(resid_pre), not resid_mid; resid_mid is still defined as resid_pre + attn_out so that
+    resid_post = resid_mid + mlp_out holds for every pre-LN block.
+
+Post-LN blocks (BERT, RoBERTa): ``x_mid = LN_a(x + attn(x))``, ``x_out = LN_m(x_mid + mlp(x_mid))``
+    ``resid_pre`` = x (block input) · ``attn_in`` = x too (Q/K/V read the block input directly;
+    patching it changes only what Q/K/V read) · ``attn_out`` = the attention output projection,
+    the tensor added to the residual before LN_a · ``resid_mid`` = x_mid: after the add *and* LN_a,
+    because that normalised tensor is what flows on as the residual · ``mlp_in`` = x_mid as well
+    (exactly what the first linear reads; patching it changes only the MLP's input, patching
+    resid_mid changes both the MLP's input and the residual) · ``mlp_pre``/``mlp_post`` as above ·
+    ``mlp_out`` = the MLP output projection, added to x_mid before LN_m · ``resid_post`` = x_out,
+    the block output after LN_m.
+
+Patching ``resid_mid`` of a pre-LN block replaces the attention output by ``target − resid_pre``
+(resid_pre as seen in the same pass), so everything downstream — the residual and the MLP input —
+sees the target; in exact arithmetic the identity patch is a no-op, in floating point it is exact
+to rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crossint.errors import CrossintError
+from crossint.models import hookpoints as hp
+from crossint.models.architectures import Architecture, get_architecture
+
+PatchFn = Callable[[Tensor], Tensor]
+
+# SPEC §4.3: an upper bound on |φ'| (rounded up). GELU' peaks at 1.1289, SiLU' at 1.0998;
+# quick_gelu = x·σ(1.702x) has the same peak slope as SiLU.
+_LIPSCHITZ: Mapping[str, float] = MappingProxyType(
+    {
+        "relu": 1.0,
+        "relu6": 1.0,
+        "leaky_relu": 1.0,
+        "tanh": 1.0,
+        "linear": 1.0,
+        "gelu": 1.13,
+        "gelu_new": 1.13,
+        "gelu_fast": 1.13,
+        "gelu_accurate": 1.13,
+        "gelu_python": 1.13,
+        "gelu_pytorch_tanh": 1.13,
+        "gelu_10": 1.13,
+        "silu": 1.1,
+        "swish": 1.1,
+        "quick_gelu": 1.1,
+    }
+)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested tensor is captured; caught by the adapter."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MLPWeights:
+    """One block's MLP in raw weights: ``MLP(u) = φ(u·W_in + b_in)·W_out + b_out`` (SPEC §4).
+
+    Gated MLPs (Llama family): ``MLP(u) = (φ(u·W_in + b_in) * (u·W_up + b_up))·W_out + b_out``,
+    where W_in is the gate projection. Note that the SPEC §4.3 bound is stated for plain MLPs;
+    for gated ones the up projection multiplies the activation.
+    Tensors are the model's own (treat them as read-only), in D×N / N×D orientation.
+    """
+
+    W_in_DN: Tensor
+    b_in_N: Tensor
+    W_out_ND: Tensor
+    b_out_D: Tensor
+    act: Callable[[Tensor], Tensor]
+    act_name: str
+    lipschitz: float
+    W_up_DN: Tensor | None = None
+    b_up_N: Tensor | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.W_up_DN is not None
+
+    def pre(self, mlp_in_BD: Tensor) -> Tensor:
+        """Neuron pre-activations z = mlp_in·W_in + b_in (gate pre-activations if gated)."""
+        u_BD = mlp_in_BD.to(self.W_in_DN.dtype)
+        return u_BD @ self.W_in_DN + self.b_in_N
+
+    def post(self, mlp_in_BD: Tensor) -> Tensor:
+        """What the output linear reads: φ(z), or φ(gate)·up for gated MLPs."""
+        post_BN = self.act(self.pre(mlp_in_BD))
+        if self.W_up_DN is not None:
+            assert self.b_up_N is not None
+            post_BN = post_BN * (mlp_in_BD.to(self.W_up_DN.dtype) @ self.W_up_DN + self.b_up_N)
+        return post_BN
+
+    def forward(self, mlp_in_BD: Tensor) -> Tensor:
+        """The MLP output added to the residual stream, rebuilt from these weights."""
+        return self.post(mlp_in_BD) @ self.W_out_ND + self.b_out_D
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionWeights:
+    """One block's attention in raw per-head weights (SPEC §5). H = attention heads here.
+
+    ``q_h = attn_in·W_Q[h] + b_Q[h]`` (likewise K, V), then rotary (if any) on the first
+    ``rotary_dim`` dims of q and k in the rotate-half convention: dims i and i + rotary_dim/2
+    turn together by the angle ``position·rotary_inv_freq[i]``. ``score = scale·q·kᵀ``, causal
+    unless the model is an encoder, and a key j is visible from query i only if
+    ``i − j < window`` when ``window`` is set (local / sliding-window attention). Output
+    ``Σ_h softmax(score)·v_h·W_O[h] + b_O``. Grouped-query attention: W_K / W_V have
+    ``n_kv_heads`` heads and query head h reads kv head ``h // (n_heads // n_kv_heads)``.
+    Missing biases are zeros.
+    """
+
+    W_Q_HDd: Tensor
+    W_K_HDd: Tensor
+    W_V_HDd: Tensor
+    b_Q_Hd: Tensor
+    b_K_Hd: Tensor
+    b_V_Hd: Tensor
+    W_O_HdD: Tensor
+    b_O_D: Tensor
+    n_kv_heads: int
+    scale: float
+    positional: str
+    rotary_dim: int
+    rope_theta: float | None
+    rotary_inv_freq: Tensor | None = None
+    window: int | None = None
+    causal: bool = True
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q_HDd.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.W_Q_HDd.shape[2]
+
+    def kv_head(self, head: int) -> int:
+        """The key/value head that query head ``head`` reads (grouped-query attention)."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+
+def _in_out_weight(module: nn.Module, conv1d: bool) -> tuple[Tensor, Tensor | None]:
+    """A linear layer's weight as (in, out) and its bias, detached from autograd."""
+    weight = module.weight.detach()
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    # nn.Linear stores out×in; GPT-2's Conv1D already stores in×out.
+    return (weight if conv1d else weight.t().contiguous()), bias
+
+
+def _bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+    return bias if bias is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+
+
+def estimate_lipschitz(
+    act: Callable[[Tensor], Tensor], lo: float = -20.0, hi: float = 20.0
+) -> float:
+    """max |φ'| on a fine grid, rounded up to 0.01: for activations not in the table."""
+    x = torch.linspace(lo, hi, 400_001, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(act(x).sum(), x)
+    return math.ceil(float(grad.abs().max()) * 100 - 1e-9) / 100
+
+
+def activation_lipschitz(act_name: str, act: Callable[[Tensor], Tensor]) -> float:
+    """Lip(φ) for SPEC §4.3: the table value, else a numerical estimate of max |φ'|."""
+    if act_name in _LIPSCHITZ:
+        return _LIPSCHITZ[act_name]
+    return estimate_lipschitz(act)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hook plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def _first_input(args: tuple, kwargs: dict, where: str) -> Tensor:
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise RuntimeError(f"cannot find the hidden-state input of module {where}")
+
+
+def _with_first_input(args: tuple, kwargs: dict, new: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+def _first_output(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_first_output(output: Any, new: Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    if isinstance(output, list):
+        return [new, *output[1:]]
+    return new
+
+
+def _apply_patch(name: str, fn: PatchFn, original: Tensor) -> Tensor:
+    new = fn(original)
+    if not isinstance(new, Tensor) or tuple(new.shape) != tuple(original.shape):
+        got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise CrossintError(
+            f"patch for {name} returned {got}: it must return a tensor of the original shape "
+            f"{tuple(original.shape)}"
+        )
+    return new.to(device=original.device, dtype=original.dtype)
+
+
+class _Pass:
+    """What one forward pass captures and patches, and what it has captured so far."""
+
+    def __init__(self, capture: Sequence[str], patches: Mapping[str, PatchFn], stop_at: str | None):
+        self.capture = set(capture)
+        self.patches = dict(patches)
+        self.stop_at = stop_at
+        self.captured: dict[str, Tensor] = {}
+        self.resid_pre: dict[int, Tensor] = {}
+
+    def visit(self, name: str, tensor: Tensor) -> Tensor:
+        fn = self.patches.get(name)
+        if fn is not None:
+            tensor = _apply_patch(name, fn, tensor)
+        self.record(name, tensor)
+        return tensor
+
+    def record(self, name: str, tensor: Tensor) -> None:
+        if name in self.capture:
+            self.captured[name] = tensor.detach()
+
+    def maybe_stop(self, name: str) -> None:
+        if name == self.stop_at:
+            raise _StopForward
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelAdapter:
+    """A ``transformers`` model addressed by SPEC §2 hookpoint names.
+
+    Build it with :func:`load_model`, or directly from an in-memory model:
+    ``ModelAdapter(model, tokenizer=None, name="my-model")``. The model is put in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, name: str | None = None) -> None:
+        config = model.config
+        self.arch: Architecture = get_architecture(getattr(config, "model_type", None))
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_type: str = config.model_type
+        self.name: str = name or getattr(config, "_name_or_path", "") or config.model_type
+        self.family: str = self.arch.family
+        base = getattr(model, "base_model", model)
+        self._base = base
+        self._blocks = self._lookup(base, self.arch.blocks, "the block list")
+        self.n_blocks: int = len(self._blocks)
+        for role, path in self._block_paths().items():
+            self._lookup(self._blocks[0], path, role)
+        for block in self._blocks:
+            # BERT can split the MLP over sequence chunks, which would fire hooks per chunk;
+            # chunking only saves memory, so switch it off.
+            if getattr(block, "chunk_size_feed_forward", 0):
+                block.chunk_size_feed_forward = 0
+        self.d_model: int = int(config.hidden_size)
+        W_in_DN, _ = _in_out_weight(self._module(0, self.arch.mlp_in_linear), self.arch.conv1d)
+        self.d_mlp: int = int(W_in_DN.shape[1])
+        self.vocab_size: int = int(config.vocab_size)
+        self.max_context: int = self.arch.max_context(config)
+        self.parallel_residual: bool = self.arch.parallel_residual(config)
+        self._rotary = self._find_rotary()
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def hookpoints(self) -> list[str]:
+        """Every valid hookpoint name, in forward order."""
+        return hp.all_hookpoints(self.n_blocks)
+
+    def resolve_layout(self, layout: str | Sequence[str]) -> list[str]:
+        """``"paper"`` (SPEC §2, 4L+1 names), ``"resid"``, or an explicit (comma-separated) list."""
+        return hp.resolve_layout(layout, self.n_blocks)
+
+    def hookpoint_dim(self, name: str) -> int:
+        """d_mlp for mlp_pre / mlp_post, d_model for every other site."""
+        _, site = hp.parse_hookpoint(name, self.n_blocks)
+        return self.d_mlp if site in ("mlp_pre", "mlp_post") else self.d_model
+
+    def special_token_ids(self) -> set[int]:
+        """BOS/EOS/PAD/CLS/SEP/... ids: tokens a harvest leaves out by default."""
+        ids: set[int] = set()
+        if self.tokenizer is not None:
+            ids.update(int(i) for i in getattr(self.tokenizer, "all_special_ids", []))
+        for attr in (
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+            "sep_token_id",
+            "cls_token_id",
+        ):
+            value = getattr(self.config, attr, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            ids.update(int(v) for v in values if isinstance(v, int) and 0 <= v < self.vocab_size)
+        return ids
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def module(self, role: str, block: int | None = None) -> nn.Module:
+        """The module the architecture table names ``role`` (e.g. ``"ln2"``, ``"mlp"``) in
+        ``block``, or a model-level one (``"final_norm"``, ``"blocks"``) when block is None."""
+        path = getattr(self.arch, role, None)
+        if not isinstance(path, str):
+            raise CrossintError(
+                f"{self.model_type} has no module for role {role!r}; roles with a module: "
+                f"{', '.join(sorted(self._block_paths()))}, blocks, final_norm"
+            )
+        if block is None:
+            return self._lookup(self._base, path, role)
+        return self._module(block, path)
+
+    # -- forward passes ------------------------------------------------------------------------
+
+    def capture(
+        self,
+        input_ids_BS: Tensor,
+        hookpoints: str | Sequence[str],
+        attention_mask_BS: Tensor | None = None,
+        patches: Mapping[str, PatchFn] | None = None,
+    ) -> dict[str, Tensor]:
+        """Capture the named hookpoints (a list, or a layout name) in one no-grad forward pass
+        that stops right after the last of them; returns ``{name: Tensor(B, S, dim)}`` in the
+        order asked. ``patches`` (optional) are applied in the same pass, as in :meth:`logits`,
+        and the captured tensors are the (patched) values the model computed with."""
+        names = self.resolve_layout(hookpoints)
+        patches = self._check_patches(patches)
+        stop_at = max(names, key=lambda n: hp.sort_key(n, self.n_blocks))
+        state = _Pass(names, patches, stop_at)
+        with torch.no_grad():
+            self._run(input_ids_BS, attention_mask_BS, state)
+        missing = [n for n in names if n not in state.captured]
+        if missing:
+            raise RuntimeError(f"hooks did not fire for {missing} on {self.model_type}")
+        return {n: state.captured[n] for n in names}
+
+    def logits(
+        self,
+        input_ids_BS: Tensor,
+        attention_mask_BS: Tensor | None = None,
+        patches: Mapping[str, PatchFn] | None = None,
+    ) -> Tensor:
+        """Output logits (B, S, V), with ``patches={hookpoint: fn(original_BSD) -> new_BSD}``
+        replacing tensors during the pass. Runs in the caller's grad mode (wrap it in
+        ``torch.no_grad()`` unless you need gradients through the model)."""
+        state = _Pass((), self._check_patches(patches), None)
+        output = self._run(input_ids_BS, attention_mask_BS, state)
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise CrossintError(
+                f"model {self.name!r} ({type(self.model).__name__}) has no output head: load it "
+                f"with a language-model head (AutoModelForCausalLM / AutoModelForMaskedLM)"
+            )
+        return logits
+
+    def token_losses(
+        self,
+        input_ids_BS: Tensor,
+        attention_mask_BS: Tensor | None = None,
+        patches: Mapping[str, PatchFn] | None = None,
+    ) -> Tensor:
+        """Next-token cross-entropy (B, S-1): entry t is the loss of predicting token t+1.
+
+        Positions whose target is padding (attention mask 0) are NaN, so that a plain mean
+        cannot silently include them (use ``nanmean`` or the mask)."""
+        if self.arch.encoder:
+            raise CrossintError(
+                f"model {self.name!r} is a {self.model_type} encoder: it has no next-token loss; "
+                f"use a causal language model (gpt2, gpt_neo, gpt_neox, llama, ...) for losses"
+            )
+        input_ids_BS = self._check_input_ids(input_ids_BS)
+        logits_BSV = self.logits(input_ids_BS, attention_mask_BS, patches)
+        logprobs_BSV = torch.log_softmax(logits_BSV[:, :-1].float(), dim=-1)
+        targets_BS = input_ids_BS[:, 1:]
+        losses_BS = -logprobs_BSV.gather(-1, targets_BS.unsqueeze(-1)).squeeze(-1)
+        if attention_mask_BS is not None:
+            keep_BS = attention_mask_BS[:, 1:].to(losses_BS.device).bool()
+            losses_BS = losses_BS.masked_fill(~keep_BS, float("nan"))
+        return losses_BS
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def mlp_weights(self, block: int) -> MLPWeights:
+        """Block ``block``'s MLP weights (SPEC §4), D×N / N×D, with the model's own φ."""
+        arch, conv1d = self.arch, self.arch.conv1d
+        W_in_DN, b_in = _in_out_weight(self._module(block, arch.mlp_in_linear), conv1d)
+        W_out_ND, b_out = _in_out_weight(self._module(block, arch.mlp_out_linear), conv1d)
+        W_up_DN = b_up_N = None
+        if arch.mlp_up_linear is not None:
+            W_up_DN, b_up = _in_out_weight(self._module(block, arch.mlp_up_linear), conv1d)
+            b_up_N = _bias_or_zeros(b_up, W_up_DN.shape[1], W_up_DN)
+        act = self._module(block, arch.act)
+        act_name = arch.act_name(self.config)
+        return MLPWeights(
+            W_in_DN=W_in_DN,
+            b_in_N=_bias_or_zeros(b_in, W_in_DN.shape[1], W_in_DN),
+            W_out_ND=W_out_ND,
+            b_out_D=_bias_or_zeros(b_out, W_out_ND.shape[1], W_out_ND),
+            act=act,
+            act_name=act_name,
+            lipschitz=activation_lipschitz(act_name, act),
+            W_up_DN=W_up_DN,
+            b_up_N=b_up_N,
+        )
+
+    def attention_weights(self, block: int) -> AttentionWeights:
+        """Block ``block``'s attention weights per head (SPEC §5); see :class:`AttentionWeights`."""
+        arch, conv1d = self.arch, self.arch.conv1d
+        n_heads = int(self.config.num_attention_heads)
+        if arch.qkv_style == "separate":
+            W_q, b_q = _in_out_weight(self._module(block, arch.q_proj), conv1d)
+            W_k, b_k = _in_out_weight(self._module(block, arch.k_proj), conv1d)
+            W_v, b_v = _in_out_weight(self._module(block, arch.v_proj), conv1d)
+            head_dim = W_q.shape[1] // n_heads
+            n_kv = W_k.shape[1] // head_dim
+            b_q = _bias_or_zeros(b_q, W_q.shape[1], W_q)
+            b_k = _bias_or_zeros(b_k, W_k.shape[1], W_k)
+            b_v = _bias_or_zeros(b_v, W_v.shape[1], W_v)
+        else:
+            W_qkv, b_qkv = _in_out_weight(self._module(block, arch.qkv_proj), conv1d)
+            b_qkv = _bias_or_zeros(b_qkv, W_qkv.shape[1], W_qkv)
+            head_dim = W_qkv.shape[1] // (3 * n_heads)
+            n_kv = n_heads
+            if arch.qkv_style == "fused_split":
+                # GPT-2 c_attn: output features are [q (all heads) | k | v].
+                W_q, W_k, W_v = W_qkv.split(n_heads * head_dim, dim=1)
+                b_q, b_k, b_v = b_qkv.split(n_heads * head_dim, dim=0)
+            else:
+                # GPT-NeoX query_key_value: output features are, per head, [q_h | k_h | v_h].
+                W_D_H3d = W_qkv.reshape(W_qkv.shape[0], n_heads, 3, head_dim)
+                b_H3d = b_qkv.reshape(n_heads, 3, head_dim)
+                W_q, W_k, W_v = (W_D_H3d[:, :, i].reshape(W_qkv.shape[0], -1) for i in range(3))
+                b_q, b_k, b_v = (b_H3d[:, i].reshape(-1) for i in range(3))
+        W_o, b_o = _in_out_weight(self._module(block, arch.o_proj), conv1d)
+        d_model = W_q.shape[0]
+
+        def per_head_HDd(W_DX: Tensor, heads: int) -> Tensor:
+            return W_DX.reshape(d_model, heads, head_dim).permute(1, 0, 2).contiguous()
+
+        rotary_dim, rope_theta, inv_freq = 0, None, None
+        if arch.positional == "rotary":
+            rotary_dim, rope_theta, inv_freq = self._rotary
+        return AttentionWeights(
+            W_Q_HDd=per_head_HDd(W_q, n_heads),
+            W_K_HDd=per_head_HDd(W_k, n_kv),
+            W_V_HDd=per_head_HDd(W_v, n_kv),
+            b_Q_Hd=b_q.reshape(n_heads, head_dim),
+            b_K_Hd=b_k.reshape(n_kv, head_dim),
+            b_V_Hd=b_v.reshape(n_kv, head_dim),
+            W_O_HdD=W_o.reshape(n_heads, head_dim, W_o.shape[1]).contiguous(),
+            b_O_D=_bias_or_zeros(b_o, W_o.shape[1], W_o),
+            n_kv_heads=n_kv,
+            scale=self._attention_scale(block, head_dim),
+            positional=arch.positional,
+            rotary_dim=rotary_dim,
+            rope_theta=rope_theta,
+            rotary_inv_freq=inv_freq,
+            window=arch.window(self.config, block),
+            causal=not arch.encoder,
+        )
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _block_paths(self) -> dict[str, str]:
+        arch = self.arch
+        roles = (
+            "ln1", "attn", "attn_out", "attn_block", "ln2", "mlp", "mlp_in_linear",
+            "mlp_up_linear", "act", "mlp_out_linear", "mlp_out_module", "q_proj", "k_proj",
+            "v_proj", "qkv_proj", "o_proj",
+        )  # fmt: skip
+        return {r: getattr(arch, r) for r in roles if getattr(arch, r) is not None}
+
+    def _lookup(self, root: nn.Module, path: str, role: str) -> nn.Module:
+        try:
+            return root.get_submodule(path)
+        except AttributeError:
+            raise CrossintError(
+                f"{self.model_type} model {type(self.model).__name__} has no module {path!r} "
+                f"({role}): this transformers version lays the model out differently from "
+                f"crossint's architecture table"
+            ) from None
+
+    def _module(self, block: int, path: str) -> nn.Module:
+        if not isinstance(block, int) or not 0 <= block < self.n_blocks:
+            raise CrossintError(
+                f"block {block!r} out of range: the model has {self.n_blocks} blocks "
+                f"(0..{self.n_blocks - 1})"
+            )
+        return self._blocks[block].get_submodule(path)
+
+    def _attention_scale(self, block: int, head_dim: int) -> float:
+        if self.arch.scale is not None:
+            return float(self.arch.scale(self.config, block))
+        scaling = getattr(self._module(block, self.arch.attn), "scaling", None)
+        return float(scaling) if scaling is not None else head_dim**-0.5
+
+    def _find_rotary(self) -> tuple[int, float | None, Tensor | None]:
+        """(rotary_dim, rope_theta, inv_freq) read from the model's rotary embedding module."""
+        if self.arch.positional != "rotary":
+            return 0, None, None
+        for name, module in self.model.named_modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if name.endswith("rotary_emb") and isinstance(inv_freq, Tensor):
+                break
+        else:
+            raise CrossintError(f"{self.model_type}: no rotary embedding module found")
+        params = getattr(self.config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta") if isinstance(params, dict) else None
+        for attr in ("rope_theta", "rotary_emb_base"):
+            theta = theta if theta is not None else getattr(self.config, attr, None)
+        inv_freq = inv_freq.detach().float()
+        return 2 * inv_freq.numel(), (float(theta) if theta is not None else None), inv_freq
+
+    def _check_patches(self, patches: Mapping[str, PatchFn] | None) -> dict[str, PatchFn]:
+        patches = dict(patches or {})
+        for name, fn in patches.items():
+            hp.parse_hookpoint(name, self.n_blocks)
+            if not callable(fn):
+                raise CrossintError(
+                    f"patch for {name} must be a function original_BSD -> new_BSD, "
+                    f"got {type(fn).__name__}"
+                )
+        return patches
+
+    def _check_input_ids(self, input_ids_BS: Tensor) -> Tensor:
+        if not isinstance(input_ids_BS, Tensor) or input_ids_BS.dim() != 2:
+            shape = tuple(input_ids_BS.shape) if isinstance(input_ids_BS, Tensor) else None
+            raise CrossintError(
+                f"input_ids must be a 2-D tensor (batch, sequence) of token ids, got "
+                f"{shape if shape is not None else type(input_ids_BS).__name__}"
+            )
+        if input_ids_BS.dtype not in (torch.int64, torch.int32):
+            raise CrossintError(f"input_ids must hold integer token ids, got {input_ids_BS.dtype}")
+        if self.max_context and input_ids_BS.shape[1] > self.max_context:
+            raise CrossintError(
+                f"sequence length {input_ids_BS.shape[1]} exceeds the model's context of "
+                f"{self.max_context} tokens: use contexts of at most {self.max_context}"
+            )
+        if input_ids_BS.numel() and (
+            int(input_ids_BS.min()) < 0 or int(input_ids_BS.max()) >= self.vocab_size
+        ):
+            raise CrossintError(
+                f"token ids must lie in 0..{self.vocab_size - 1} (the model's vocabulary), got "
+                f"{int(input_ids_BS.min())}..{int(input_ids_BS.max())}"
+            )
+        return input_ids_BS.to(self.device, torch.long)
+
+    def _run(self, input_ids_BS: Tensor, attention_mask_BS: Tensor | None, state: _Pass) -> Any:
+        input_ids_BS = self._check_input_ids(input_ids_BS)
+        kwargs: dict[str, Any] = {"input_ids": input_ids_BS}
+        if attention_mask_BS is not None:
+            if tuple(attention_mask_BS.shape) != tuple(input_ids_BS.shape):
+                raise CrossintError(
+                    f"attention_mask shape {tuple(attention_mask_BS.shape)} must equal the "
+                    f"input_ids shape {tuple(input_ids_BS.shape)}"
+                )
+            kwargs["attention_mask"] = attention_mask_BS.to(self.device)
+        if not self.arch.encoder:
+            kwargs["use_cache"] = False
+        with self._hooks(state):
+            try:
+                return self.model(**kwargs)
+            except _StopForward:
+                return None
+
+    @contextlib.contextmanager
+    def _hooks(self, state: _Pass) -> Iterator[None]:
+        """Register the hooks one pass needs; always remove them, even on exceptions."""
+        needed: dict[int, set[str]] = {}
+        for name in [*state.capture, *state.patches]:
+            block, site = hp.parse_hookpoint(name, self.n_blocks)
+            needed.setdefault(block, set()).add(site)
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for block in sorted(needed):
+                handles.extend(self._register_block(block, needed[block], state))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _register_block(
+        self, l: int, sites: set[str], state: _Pass
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        arch = self.arch
+        block = self._blocks[l]
+        name = {site: hp.hookpoint(l, site) for site in hp.SITES}
+        derived_mid = "resid_mid" in sites and not arch.post_ln
+        handles = []
+
+        # Hooks on one module run in registration order, so register in SITES order.
+        def pre_hook(site: str, store_resid: bool = False) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                x = _first_input(args, kwargs, name[site])
+                new = state.visit(name[site], x) if site in sites else x
+                if store_resid:
+                    state.resid_pre[l] = new
+                if site in sites:
+                    state.maybe_stop(name[site])
+                return _with_first_input(args, kwargs, new) if new is not x else None
+
+            return hook
+
+        def fwd_hook(site: str) -> Callable:
+            def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+                y = _first_output(output)
+                new = state.visit(name[site], y)
+                state.maybe_stop(name[site])
+                return _with_first_output(output, new) if new is not y else None
+
+            return hook
+
+        def resid_mid_hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            # SPEC §2, pre-LN: resid_mid = resid_pre + attn_out, the block's own sum (the
+            # addition is commutative, so this is bit-identical to the model's).
+            attn_out = _first_output(output)
+            resid_pre = state.resid_pre[l]
+            resid_mid = resid_pre + attn_out
+            fn = state.patches.get(name["resid_mid"])
+            new_out = attn_out
+            if fn is not None:
+                resid_mid = _apply_patch(name["resid_mid"], fn, resid_mid)
+                # The block adds attn_out to resid_pre: make that sum equal the target.
+                new_out = resid_mid - resid_pre
+                state.record(name["attn_out"], new_out)
+            state.record(name["resid_mid"], resid_mid)
+            state.maybe_stop(name["resid_mid"])
+            return _with_first_output(output, new_out) if new_out is not attn_out else None
+
+        def reg_pre(module: nn.Module, hook: Callable) -> None:
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+        def reg_fwd(module: nn.Module, hook: Callable) -> None:
+            handles.append(module.register_forward_hook(hook))
+
+        if "resid_pre" in sites or derived_mid:
+            reg_pre(block, pre_hook("resid_pre", store_resid=derived_mid))
+        if "attn_in" in sites:
+            reg_pre(block.get_submodule(arch.attn), pre_hook("attn_in"))
+        if "attn_out" in sites:
+            reg_fwd(block.get_submodule(arch.attn_out), fwd_hook("attn_out"))
+        if "resid_mid" in sites:
+            if arch.post_ln:
+                assert arch.attn_block is not None
+                reg_fwd(block.get_submodule(arch.attn_block), fwd_hook("resid_mid"))
+            else:
+                reg_fwd(block.get_submodule(arch.attn_out), resid_mid_hook)
+        if "mlp_in" in sites:
+            reg_pre(block.get_submodule(arch.mlp), pre_hook("mlp_in"))
+        if "mlp_pre" in sites:
+            reg_fwd(block.get_submodule(arch.mlp_in_linear), fwd_hook("mlp_pre"))
+        if "mlp_post" in sites:
+            reg_pre(block.get_submodule(arch.mlp_out_linear), pre_hook("mlp_post"))
+        if "mlp_out" in sites:
+            reg_fwd(block.get_submodule(arch.mlp_out_module), fwd_hook("mlp_out"))
+        if "resid_post" in sites:
+            reg_fwd(block, fwd_hook("resid_post"))
+        return handles
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelAdapter(name={self.name!r}, family={self.family!r}, n_blocks={self.n_blocks}, "
+            f"d_model={self.d_model}, d_mlp={self.d_mlp}, vocab_size={self.vocab_size})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float64": torch.float64,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch floating dtype from a dtype or its name ("float32", "bf16", ...)."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise CrossintError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CrossintError(
+            f"unknown device {device!r}: use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+
+
+def _storylm_path() -> Path:
+    try:
+        from crossint.models.storylm import default_model_path
+    except ImportError as e:
+        raise CrossintError(f"the embedded model 'storylm' is not available: {e}") from None
+    return Path(default_model_path())
+
+
+_TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def _load_tokenizer(auto_tokenizer: Any, source_id: str) -> Any:
+    """The model's tokenizer, or None when it has none (the adapter works on token ids)."""
+    source = Path(source_id)
+    if source.is_dir() and not any((source / f).is_file() for f in _TOKENIZER_FILES):
+        return None  # recent transformers would build an empty, special-tokens-only tokenizer
+    try:
+        tokenizer = auto_tokenizer.from_pretrained(source_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - the tokenizer is optional; a model without one still works
+        return None
+    # A tokenizer that knows only its special tokens would silently map all text to <unk>.
+    if len(tokenizer) <= len(set(getattr(tokenizer, "all_special_ids", []))):
+        return None
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+) -> ModelAdapter:
+    """Load a model by name and wrap it in a :class:`ModelAdapter` (never touches the network).
+
+    ``"storylm"`` is the packaged embedded model; otherwise a local ``save_pretrained``
+    directory, or a hub id that is already in the local Hugging Face cache. Causal models load
+    with their LM head; BERT-style encoders with their masked-LM head.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
+
+    name = str(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    torch_device = _parse_device(device)
+    source = _storylm_path() if name == "storylm" else Path(name).expanduser()
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise CrossintError(
+                f"could not load model {name!r}: directory {source} has no config.json "
+                f"(expected a directory written by save_pretrained)"
+            )
+        source_id = str(source)
+    elif source.exists():
+        raise CrossintError(
+            f"could not load model {name!r}: {source} is a file; pass the directory written by "
+            f"save_pretrained"
+        )
+    elif name == "storylm":
+        raise CrossintError(f"the embedded model 'storylm' has no weights at {source}")
+    else:
+        source_id = name
+    try:
+        # local_files_only: a hub id must already be cached; no network, no waiting on it.
+        config = AutoConfig.from_pretrained(source_id, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CrossintError(
+            f"could not load model {name!r}: not a local directory and not in the local Hugging "
+            f"Face cache; pass 'storylm', a save_pretrained directory, or a hub id downloaded "
+            f"beforehand ({type(e).__name__})"
+        ) from None
+    arch = get_architecture(config.model_type)  # unsupported families fail before loading
+    model_cls = AutoModelForMaskedLM if arch.encoder else AutoModelForCausalLM
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    try:
+        model = model_cls.from_pretrained(
+            source_id, config=config, local_files_only=True, **{dtype_kw: torch_dtype}
+        )
+    except (OSError, ValueError) as e:
+        raise CrossintError(f"could not load the weights of model {name!r}: {e}") from None
+    tokenizer = _load_tokenizer(AutoTokenizer, source_id)
+    model.to(torch_device)
+    return ModelAdapter(model, tokenizer, name=name)
