@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    adapter = _load_quietly(load_model, args.model, device)
+    adapter = load_model(args.model, device=device)
 
     new_tokens = [0]
 
@@ -147,20 +147,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"harvested {new_tokens[0]} tokens in {elapsed:.1f} s ({rate:,.0f} tokens/s); "
           f"{out}: {summary}")
     return 0
-
-
-def _load_quietly(load_model, name: str, device: str):
-    # transformers draws a progress bar while loading weights; our harvest bar is the one that
-    # matters, and a failed run should leave only its one-line error on stderr.
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return load_model(name, device=device)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _human_bytes(n: int) -> str:

@@ -781,6 +781,21 @@ def _load_tokenizer(auto_tokenizer: Any, source_id: str) -> Any:
     return tokenizer
 
 
+@contextlib.contextmanager
+def _no_transformers_progress_bar() -> Iterator[None]:
+    # transformers draws a bar while loading weights; crossint's own bars are the ones that
+    # matter, and a failed run should leave only its one-line error on stderr.
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
@@ -835,9 +850,10 @@ def load_model(
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
-        model = model_cls.from_pretrained(
-            source_id, config=config, local_files_only=True, **{dtype_kw: torch_dtype}
-        )
+        with _no_transformers_progress_bar():
+            model = model_cls.from_pretrained(
+                source_id, config=config, local_files_only=True, **{dtype_kw: torch_dtype}
+            )
     except (OSError, ValueError) as e:
         raise CrossintError(f"could not load the weights of model {name!r}: {e}") from None
     tokenizer = _load_tokenizer(AutoTokenizer, source_id)
