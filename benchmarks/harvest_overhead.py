@@ -1,0 +1,115 @@
+"""Cost of capturing the paper-layout hookpoints compared with the bare forward pass.
+
+    python benchmarks/harvest_overhead.py   # prints a table; writes results/harvest_overhead.json
+
+Same model (the embedded storylm by default), same batch of story contexts. Rows: the model's own
+forward pass with no hooks; `ModelAdapter.capture` of the 17 paper-layout hookpoints; capture plus
+the harvest's gather of non-special tokens into one fp16 block (what goes into a shard); and the
+whole `harvest` (including shuffling, checksums and atomic shard writes) end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+
+import torch
+
+from common import print_table, time_call, write_results
+from crossint.data.activations import _Capture, harvest
+from crossint.data.corpus import iter_contexts, iter_texts
+from crossint.models.adapter import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="storylm")
+    parser.add_argument("--batch", type=int, default=32, help="contexts per forward pass")
+    parser.add_argument("--context-length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--harvest-tokens", type=int, default=65_536)
+    args = parser.parse_args()
+
+    adapter = load_model(args.model)
+    names = adapter.resolve_layout("paper")
+    contexts = itertools.islice(
+        iter_contexts(iter_texts("stories", seed=0), adapter.tokenizer, args.context_length),
+        args.batch,
+    )
+    ids_BS = torch.stack(list(contexts))
+    n_tokens = ids_BS.numel()
+    specials = torch.tensor(sorted(adapter.special_token_ids()), dtype=torch.long)
+    capture = _Capture(
+        adapter,
+        names,
+        {n: adapter.hookpoint_dim(n) for n in names},
+        torch.float16,
+        specials,
+        include_special=False,
+    )
+
+    def bare():
+        with torch.no_grad():
+            adapter.model(ids_BS)
+
+    timings = {
+        "bare forward": time_call(bare, repeats=args.repeats),
+        f"capture {len(names)} hookpoints": time_call(
+            lambda: adapter.capture(ids_BS, names), repeats=args.repeats
+        ),
+        "capture + gather (fp16)": time_call(
+            lambda: capture.launch(0, ids_BS), repeats=args.repeats
+        ),
+    }
+    base = timings["bare forward"]
+    rows = [
+        {
+            "what": what,
+            "ms_per_batch": 1e3 * t,
+            "tokens_per_s": n_tokens / t,
+            "overhead_vs_bare": t / base - 1,
+        }
+        for what, t in timings.items()
+    ]
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        harvest(
+            adapter,
+            out,
+            names,
+            n_tokens=args.harvest_tokens,
+            context_length=args.context_length,
+            batch_size=args.batch,
+            dtype="float16",
+            progress=False,
+        )
+        elapsed = time.perf_counter() - start
+    rows.append(
+        {
+            "what": "harvest end to end (fp16)",
+            "ms_per_batch": float("nan"),
+            "tokens_per_s": args.harvest_tokens / elapsed,
+            "overhead_vs_bare": float("nan"),
+        }
+    )
+    print(
+        f"model {args.model}, batch {args.batch} x {args.context_length} tokens, "
+        f"{len(names)} hookpoints, {torch.get_num_threads()} threads"
+    )
+    print_table(rows)
+    print(
+        "wrote",
+        write_results(
+            "harvest_overhead",
+            rows,
+            model=args.model,
+            batch=args.batch,
+            context_length=args.context_length,
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The crosscoder's configuration (SPEC §3): what is saved next to the weights in ``config.json``.
+
+Validated on construction so that a bad value fails before any tensor is allocated, with a
+message that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from crossint.errors import CrossintError
+
+# SPEC §3.2. "topk-like" activations are exactly sparse, so decoding gathers the active rows.
+ACTIVATIONS: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "relu")
+ENCODER_BIAS_INITS: tuple[str, ...] = ("zero", "calibrated")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise CrossintError(f"invalid crosscoder setting {name}={value!r}: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class CrosscoderConfig:
+    """Shape and behaviour of a crosscoder.
+
+    Positions are ``X = (models, hookpoints)`` in model-major order: for two models and hookpoints
+    ``[a, b]`` the position axis reads ``(m0, a), (m0, b), (m1, a), (m1, b)``.
+    """
+
+    hookpoints: list[str]
+    models: list[str] = field(default_factory=lambda: ["model"])
+    d_model: int = 768
+    n_features: int = 2048
+    activation: str = "batchtopk"
+    # Active features per token for topk/batchtopk; always validated 1 <= k < n_features.
+    k: int = 20
+    # JumpReLU (SPEC §3.2): rectangle-kernel width of the straight-through estimator and the
+    # initial per-feature threshold (both in normalised pre-activation units).
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+    # Sparsity penalties (SPEC §3.3): decoder-norm-weighted L1 for relu, L0 for jumprelu. A
+    # feature pays for itself under L1 only if its contribution's norm exceeds λ, and those
+    # norms grow like sqrt(d_model): λ = 5 (Anthropic's) suits D in the hundreds, use less for
+    # smaller models.
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 0.1
+    # AuxK (SPEC §3.3): None -> X*D/2 ("D/2 summed over positions"), capped by the dead count.
+    aux_k: int | None = None
+    # A feature is dead after this many tokens without firing; None -> min(2M, 10% of training).
+    dead_tokens: int | None = None
+    # Paper: decoder bias frozen at zero.
+    train_decoder_bias: bool = False
+    # Training only: b_dec starts at the activations' mean (normalised units) and the encoder
+    # reads a − b_dec, so no feature has to encode the mean. Folded into b_enc at save, so the
+    # saved model has exactly the SPEC §3.1 form, with b_dec = the mean instead of 0. Without it
+    # (the paper), a few features learn the large shared mean, fire on every token and take
+    # BatchTopK's budget: on synthetic data with a realistic mean ~75% of features died and
+    # AuxK could not revive them; centred, under 1% died and FVU was lower.
+    center_inputs: bool = True
+    # BatchTopK: the inference threshold is an exponential moving average of each training
+    # batch's smallest selected pre-activation with this momentum.
+    threshold_momentum: float = 0.99
+    # SPEC §3.5: decoder rows start with this norm at every position.
+    init_decoder_norm: float = 0.1
+    # SPEC §3.5: "zero" (paper), or "calibrated" so that each feature fires on ≈ k/H of the
+    # tokens of the normalisation sample at init.
+    init_encoder_bias: str = "zero"
+    # SPEC §3.4: True once the normalisation is folded into the weights (scale_X == 1).
+    folded: bool = False
+    # Set when a BatchTopK crosscoder is saved: it then loads as JumpReLU with the learned θ.
+    trained_activation: str | None = None
+
+    def __post_init__(self) -> None:
+        self.hookpoints = self._names("hookpoints", self.hookpoints)
+        self.models = self._names("models", self.models)
+        for name in ("d_model", "n_features", "k"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                _fail(name, value, "must be a positive integer")
+        if self.activation not in ACTIVATIONS:
+            _fail("activation", self.activation, f"valid activations are {', '.join(ACTIVATIONS)}")
+        if self.k >= self.n_features:
+            _fail(
+                "k",
+                self.k,
+                f"active features per token must be smaller than n_features={self.n_features}",
+            )
+        for name in ("jumprelu_bandwidth", "init_decoder_norm"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                _fail(name, value, "must be a positive number")
+        for name in ("jumprelu_init_threshold", "l1_coefficient", "l0_coefficient"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                _fail(name, value, "must be a number >= 0")
+        for name in ("aux_k", "dead_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                _fail(name, value, "must be a positive integer or null (automatic)")
+        if not _is_number(self.threshold_momentum) or not 0 <= self.threshold_momentum < 1:
+            _fail("threshold_momentum", self.threshold_momentum, "must be in [0, 1)")
+        for name in ("train_decoder_bias", "center_inputs", "folded"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
+        if self.init_encoder_bias not in ENCODER_BIAS_INITS:
+            _fail("init_encoder_bias", self.init_encoder_bias,
+                  f"valid choices are {', '.join(ENCODER_BIAS_INITS)}")
+        if self.trained_activation is not None and self.trained_activation not in ACTIVATIONS:
+            _fail(
+                "trained_activation",
+                self.trained_activation,
+                f"valid activations are {', '.join(ACTIVATIONS)}",
+            )
+
+    @staticmethod
+    def _names(field_name: str, value: Any) -> list[str]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            _fail(field_name, value, "must be a list of names")
+        names = list(value)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            _fail(field_name, value, "must be a non-empty list of non-empty names")
+        if len(set(names)) != len(names):
+            _fail(field_name, value, "names must be distinct")
+        return names
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def n_models(self) -> int:
+        return len(self.models)
+
+    @property
+    def n_positions(self) -> int:
+        return len(self.models) * len(self.hookpoints)
+
+    @property
+    def positions(self) -> list[tuple[str, str]]:
+        """(model, hookpoint) for every X index, model-major."""
+        return [(m, h) for m in self.models for h in self.hookpoints]
+
+    @property
+    def effective_aux_k(self) -> int:
+        """SPEC §3.3 default: D/2 summed over the positions."""
+        if self.aux_k is not None:
+            return self.aux_k
+        return max(1, self.n_positions * self.d_model // 2)
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "crosscoder config") -> CrosscoderConfig:
+        if not isinstance(data, dict):
+            raise CrossintError(f"{where} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CrossintError(
+                f"{where} has unknown settings {unknown}; known settings are {sorted(known)}"
+            )
+        if "hookpoints" not in data:
+            raise CrossintError(f"{where} has no 'hookpoints'")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> CrosscoderConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,356 @@
+"""The acausal crosscoder (SPEC §3): encode, sparse decode, normalisation folding, save and load.
+
+Files: ``model.safetensors`` (the tensors below, by name) and ``config.json``
+(``{"format": "crossint.crosscoder", "version": 1, "crosscoder": {...}, ...}``); a run
+directory adds its training settings to the same ``config.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from crossint.crosscoder import activations as act_fns
+from crossint.crosscoder.config import ACTIVATIONS, CrosscoderConfig
+from crossint.crosscoder.sparse import decode_features
+from crossint.errors import CrossintError
+from crossint.io import atomic_write, atomic_write_json, read_json
+
+__all__ = ["ACTIVATIONS", "Crosscoder", "CrosscoderConfig", "CrosscoderOutput"]
+
+FORMAT = "crossint.crosscoder"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class CrosscoderOutput:
+    """One forward pass. ``*_norm_*`` tensors are in normalised units (SPEC §3.4); the losses
+    of SPEC §3.3 are computed there. After folding both units coincide."""
+
+    recon_BXD: Tensor  # reconstruction in raw activation units
+    f_BH: Tensor  # feature activations (exactly zero when inactive)
+    pre_BH: Tensor  # pre-activations
+    acts_norm_BXD: Tensor  # input · s_X
+    recon_norm_BXD: Tensor  # reconstruction · s_X
+    batch_threshold: Tensor | None = None  # BatchTopK training: smallest selected value (0-d)
+
+
+class Crosscoder(nn.Module):
+    """Acausal crosscoder over ``X = (models, hookpoints)`` positions (SPEC §3.1).
+
+    Parameters ``W_enc_XDH``, ``W_dec_HXD``, ``b_enc_H``, ``b_dec_XD`` (frozen unless
+    ``train_decoder_bias``; zero, or the activations' mean when ``center_inputs``); buffer
+    ``scale_X`` (the normalisation s_X of SPEC §3.4, ones once folded). ``threshold_H`` is a
+    learned parameter for JumpReLU and a buffer holding the running inference threshold θ for
+    BatchTopK (unused by TopK and ReLU).
+    """
+
+    def __init__(self, config: CrosscoderConfig, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        X, D, H = config.n_positions, config.d_model, config.n_features
+        self.W_enc_XDH = nn.Parameter(torch.empty(X, D, H))
+        self.W_dec_HXD = nn.Parameter(torch.empty(H, X, D))
+        self.b_enc_H = nn.Parameter(torch.zeros(H))
+        self.b_dec_XD = nn.Parameter(torch.zeros(X, D), requires_grad=config.train_decoder_bias)
+        self.register_buffer("scale_X", torch.ones(X))
+        if config.activation == "jumprelu":
+            self.threshold_H = nn.Parameter(torch.full((H,), config.jumprelu_init_threshold))
+        else:
+            self.register_buffer("threshold_H", torch.zeros(H))
+        self.reset_parameters(seed)
+
+    # --- structure -----------------------------------------------------------------------------
+    @property
+    def positions(self) -> list[tuple[str, str]]:
+        """(model, hookpoint) of every X index, model-major."""
+        return self.config.positions
+
+    def position_index(self, hookpoint: str, model: str | None = None) -> int:
+        """X index of ``hookpoint`` (of ``model``; may be omitted when there is one model)."""
+        cfg = self.config
+        if model is None:
+            if cfg.n_models > 1:
+                raise CrossintError(
+                    f"this crosscoder spans models {cfg.models}; say which model's "
+                    f"{hookpoint!r} you mean"
+                )
+            model = cfg.models[0]
+        if model not in cfg.models:
+            raise CrossintError(f"unknown model {model!r}: this crosscoder spans {cfg.models}")
+        if hookpoint not in cfg.hookpoints:
+            raise CrossintError(
+                f"hookpoint {hookpoint!r} is not in this crosscoder; it reads {cfg.hookpoints}"
+            )
+        return cfg.models.index(model) * len(cfg.hookpoints) + cfg.hookpoints.index(hookpoint)
+
+    def decoder(self, hookpoint: str, model: str | None = None) -> Tensor:
+        """Decoder rows at one position, (H, D), always in raw activation units.
+
+        Divides by s_x so that the same call serves a training (unfolded) crosscoder, e.g. for the
+        interaction penalty, and a folded one (s_x = 1); gradients flow to ``W_dec_HXD``.
+        """
+        x = self.position_index(hookpoint, model)
+        return self.W_dec_HXD[:, x, :] / self.scale_X[x]
+
+    def decoder_bias(self, hookpoint: str, model: str | None = None) -> Tensor:
+        """Decoder bias at one position, (D,), in raw activation units."""
+        x = self.position_index(hookpoint, model)
+        return self.b_dec_XD[x] / self.scale_X[x]
+
+    # --- initialisation (SPEC §3.5) ------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Decoder rows: random directions of norm ``init_decoder_norm`` at every position;
+        encoder = decoder transposed (tied init); biases zero. Drawn on the CPU from its own
+        generator, so the init is identical on every device and leaves the global RNG alone."""
+        generator = torch.Generator().manual_seed(seed)
+        H, X, D = self.W_dec_HXD.shape
+        dirs_HXD = torch.randn(H, X, D, generator=generator, dtype=torch.float64)
+        dirs_HXD = dirs_HXD / dirs_HXD.norm(dim=-1, keepdim=True)
+        W_dec_HXD = (self.config.init_decoder_norm * dirs_HXD).to(self.W_dec_HXD.dtype)
+        self.W_dec_HXD.copy_(W_dec_HXD)
+        self.W_enc_XDH.copy_(W_dec_HXD.permute(1, 2, 0))
+        self.b_enc_H.zero_()
+        self.b_dec_XD.zero_()
+
+    @torch.no_grad()
+    def calibrate_encoder_bias(self, acts_NXD: Tensor) -> Tensor:
+        """SPEC §3.5: set b_enc so that each feature fires on ≈ k/H of the sample's tokens.
+
+        Feature h's pre-activation without bias is shifted so that its (1 − k/H) quantile on the
+        sample sits at the firing level (0, or the initial threshold for JumpReLU). Uses the
+        current normalisation, so call it after ``estimate_normalisation``."""
+        self._check_acts(acts_NXD)
+        n = acts_NXD.shape[0]
+        if n == 0:
+            raise CrossintError("cannot calibrate the encoder bias on an empty sample")
+        cfg = self.config
+        pre_NH = self._pre_from_normalised(self.normalise(acts_NXD)) - self.b_enc_H
+        # The k/H-th largest value of every column: kthvalue counts from the smallest.
+        rank = min(n, max(1, round(n * (1 - cfg.k / cfg.n_features))))
+        quantile_H = pre_NH.kthvalue(rank, dim=0).values
+        level = cfg.jumprelu_init_threshold if cfg.activation == "jumprelu" else 0.0
+        self.b_enc_H.copy_(level - quantile_H)
+        return self.b_enc_H
+
+    # --- forward (SPEC §3.1) -------------------------------------------------------------------
+    def _check_acts(self, acts_BXD: Tensor) -> None:
+        X, D = self.config.n_positions, self.config.d_model
+        if acts_BXD.dim() != 3 or acts_BXD.shape[1:] != (X, D):
+            raise CrossintError(
+                f"crosscoder expects activations of shape (tokens, {X} positions, {D}), got "
+                f"{tuple(acts_BXD.shape)}"
+            )
+
+    def normalise(self, acts_BXD: Tensor) -> Tensor:
+        return acts_BXD * self.scale_X[:, None]
+
+    def _pre_from_normalised(self, acts_norm_BXD: Tensor) -> Tensor:
+        X, D, H = self.W_enc_XDH.shape
+        if self.config.center_inputs:
+            acts_norm_BXD = acts_norm_BXD - self.b_dec_XD
+        # One (B, XD) × (XD, H) GEMM == einsum('bxd,xdh->bh').
+        return acts_norm_BXD.reshape(-1, X * D) @ self.W_enc_XDH.reshape(X * D, H) + self.b_enc_H
+
+    def pre_activations(self, acts_BXD: Tensor) -> Tensor:
+        """pre_BH = einsum(a_BXD · s_X, W_enc_XDH) + b_enc_H."""
+        self._check_acts(acts_BXD)
+        return self._pre_from_normalised(self.normalise(acts_BXD))
+
+    def _activate(self, pre_BH: Tensor) -> tuple[Tensor, Tensor | None]:
+        cfg = self.config
+        if cfg.activation == "topk":
+            return act_fns.topk(pre_BH, cfg.k), None
+        if cfg.activation == "batchtopk":
+            if self.training:
+                return act_fns.batchtopk(pre_BH, cfg.k)
+            # SPEC §3.2: inference uses θ so a token's features never depend on its batch.
+            return act_fns.threshold_activation(pre_BH, self.threshold_H), None
+        if cfg.activation == "jumprelu":
+            return act_fns.jumprelu(pre_BH, self.threshold_H, cfg.jumprelu_bandwidth), None
+        return act_fns.relu(pre_BH), None
+
+    def activate(self, pre_BH: Tensor) -> Tensor:
+        """f_BH = act(pre_BH) (SPEC §3.2); BatchTopK is batch-wise only in training mode."""
+        return self._activate(pre_BH)[0]
+
+    def encode(self, acts_BXD: Tensor) -> Tensor:
+        return self.activate(self.pre_activations(acts_BXD))
+
+    @property
+    def decodes_sparsely(self) -> bool:
+        """Sparse gather for TopK-like activations. A training JumpReLU decodes densely: its
+        threshold's straight-through gradient needs the upstream gradient at features just
+        below θ, which are zero in f and so absent from a sparse decode."""
+        activation = self.config.activation
+        if activation in ("topk", "batchtopk"):
+            return True
+        return activation == "jumprelu" and not (self.training and torch.is_grad_enabled())
+
+    def _decode_normalised(self, f_BH: Tensor) -> Tensor:
+        return decode_features(f_BH, self.W_dec_HXD, self.decodes_sparsely) + self.b_dec_XD
+
+    def decode(self, f_BH: Tensor) -> Tensor:
+        """â_BXD = (einsum(f_BH, W_dec_HXD) + b_dec_XD) / s_X, in raw units."""
+        return self._decode_normalised(f_BH) / self.scale_X[:, None]
+
+    def forward(self, acts_BXD: Tensor) -> CrosscoderOutput:
+        self._check_acts(acts_BXD)
+        acts_norm_BXD = self.normalise(acts_BXD)
+        pre_BH = self._pre_from_normalised(acts_norm_BXD)
+        f_BH, batch_threshold = self._activate(pre_BH)
+        recon_norm_BXD = self._decode_normalised(f_BH)
+        return CrosscoderOutput(
+            recon_BXD=recon_norm_BXD / self.scale_X[:, None],
+            f_BH=f_BH,
+            pre_BH=pre_BH,
+            acts_norm_BXD=acts_norm_BXD,
+            recon_norm_BXD=recon_norm_BXD,
+            batch_threshold=batch_threshold,
+        )
+
+    # --- normalisation (SPEC §3.4) -------------------------------------------------------------
+    @torch.no_grad()
+    def estimate_normalisation(self, acts_NXD: Tensor) -> Tensor:
+        """Set s_x = sqrt(D) / E‖a_x‖₂ from a sample of raw activations; returns scale_X."""
+        if self.config.folded:
+            raise CrossintError(
+                "this crosscoder's normalisation is already folded into its weights; "
+                "estimate the normalisation before folding"
+            )
+        self._check_acts(acts_NXD)
+        if acts_NXD.shape[0] == 0:
+            raise CrossintError("cannot estimate the normalisation from an empty sample")
+        mean_norm_X = acts_NXD.double().norm(dim=-1).mean(dim=0)
+        bad = [
+            f"{m}/{h}"
+            for (m, h), norm in zip(self.positions, mean_norm_X.tolist(), strict=True)
+            if not (math.isfinite(norm) and norm > 0)
+        ]
+        if bad:
+            raise CrossintError(
+                f"cannot normalise: activations at {bad} are all zero or not finite"
+            )
+        scale_X = math.sqrt(self.config.d_model) / mean_norm_X
+        self.scale_X.copy_(scale_X.to(self.scale_X.dtype))
+        return self.scale_X
+
+    @torch.no_grad()
+    def fold_normalisation(self) -> Crosscoder:
+        """SPEC §3.4: W_enc[x] ·= s_x, W_dec[:, x] /= s_x, b_dec[x] /= s_x, s = 1; the
+        crosscoder then reads and writes raw activations. Input centering (training only) goes
+        into b_enc first. Folding twice is a no-op."""
+        scale_X = self.scale_X.clone()
+        if self.config.center_inputs:
+            # pre = (a·s − b_dec)·W_enc + b_enc: move −b_dec·W_enc into b_enc (normalised units).
+            X, D, H = self.W_enc_XDH.shape
+            self.b_enc_H.sub_(self.b_dec_XD.reshape(X * D) @ self.W_enc_XDH.reshape(X * D, H))
+        self.W_enc_XDH.mul_(scale_X[:, None, None])
+        self.W_dec_HXD.div_(scale_X[None, :, None])
+        self.b_dec_XD.div_(scale_X[:, None])
+        self.scale_X.fill_(1.0)
+        self.config = self.config.replace(folded=True, center_inputs=False)
+        return self
+
+    # --- files ---------------------------------------------------------------------------------
+    def inference_config(self) -> CrosscoderConfig:
+        """The config a saved copy carries: BatchTopK becomes JumpReLU with θ (SPEC §3.2)."""
+        if self.config.activation == "batchtopk":
+            return self.config.replace(activation="jumprelu", trained_activation="batchtopk")
+        return self.config
+
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` atomically; ``extra`` adds top-level
+        entries (training settings, data source) to ``config.json``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: tensor.detach().to("cpu", copy=True).contiguous()
+            for name, tensor in self.state_dict().items()
+        }
+        # The format is named in config.json; safetensors metadata is a hash map written in
+        # random order, so leaving it out keeps reruns byte-identical.
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
+        document = {"format": FORMAT, "version": FORMAT_VERSION}
+        document.update(extra or {})
+        document["crosscoder"] = self.inference_config().to_dict()
+        atomic_write_json(directory / CONFIG_NAME, document)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None
+    ) -> Crosscoder:
+        """Load a saved crosscoder (eval mode). Every problem with the files is a CrossintError
+        naming the file and what was expected."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CrossintError(f"crosscoder directory not found: {directory}")
+        config_path = directory / CONFIG_NAME
+        document = read_json(config_path, "crosscoder config")
+        if not isinstance(document, dict) or not isinstance(document.get("crosscoder"), dict):
+            raise CrossintError(
+                f"{config_path} is not a crosscoder config (it has no 'crosscoder' section)"
+            )
+        version = document.get("version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CrossintError(
+                f"{config_path} has format version {version!r}; this crossint reads versions "
+                f"up to {FORMAT_VERSION}"
+            )
+        config = CrosscoderConfig.from_dict(document["crosscoder"], where=str(config_path))
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise CrossintError(
+                f"crosscoder weights not found: {weights_path} (has training finished?)"
+            )
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CrossintError(
+                f"{weights_path} is corrupt or truncated ({str(e).splitlines()[0]})"
+            ) from None
+        model = cls(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CrossintError(
+                f"{weights_path} does not match {config_path}: missing tensors {missing}, "
+                f"unexpected tensors {unexpected}"
+            )
+        for name, tensor in tensors.items():
+            want = tuple(expected[name].shape)
+            if tuple(tensor.shape) != want:
+                raise CrossintError(
+                    f"tensor {name} in {weights_path} has shape {tuple(tensor.shape)}, but "
+                    f"{config_path} implies {want}"
+                )
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise CrossintError(f"tensor {name} in {weights_path} has NaN/Inf or bad dtype")
+        with torch.no_grad():
+            model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return (
+            f"positions={cfg.n_positions} ({cfg.n_models} model(s) x {len(cfg.hookpoints)} "
+            f"hookpoints), d_model={cfg.d_model}, n_features={cfg.n_features}, "
+            f"activation={cfg.activation}, k={cfg.k}, folded={cfg.folded}"
+        )
