@@ -99,6 +99,18 @@ def _heldout_batches(
     return list(torch.stack(contexts).split(batch_size))
 
 
+def _training_text_settings(run_dir: str | Path) -> dict:
+    """Corpus and context length of the cache a run was trained on (empty if unknown)."""
+    from crossint.io import read_json
+
+    source = read_json(Path(run_dir) / "config.json", "crosscoder config").get("source") or {}
+    manifest_path = Path(source.get("path", "")) / "manifest.json"
+    if not source.get("path") or not manifest_path.is_file():
+        return {}
+    manifest = read_json(manifest_path, "activation cache manifest")
+    return {k: manifest[k] for k in ("corpus", "context_length") if k in manifest}
+
+
 def _non_special_BS(ids_BS: Tensor, special_ids: set[int]) -> Tensor:
     if not special_ids:
         return torch.ones_like(ids_BS, dtype=torch.bool)
@@ -128,18 +140,26 @@ def _summed_loss(adapter, ids_BS: Tensor, mask_BS: Tensor, patches=None) -> floa
 def evaluate(
     run_dir: str | Path,
     n_tokens: int = 20_000,
-    corpus: str = "stories",
+    corpus: str | None = None,
     seed: int = HELDOUT_SEED,
-    context_length: int = 128,
+    context_length: int | None = None,
     batch_size: int = 16,
     model: str | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """Evaluate a saved crosscoder on held-out text; returns the ``eval.json`` dictionary."""
+    """Evaluate a saved crosscoder on held-out text; returns the ``eval.json`` dictionary.
+
+    ``corpus`` and ``context_length`` default to those of the activation cache the run was
+    trained on (else built-in stories, 128); the text ``seed`` differs from the harvest's default
+    so built-in stories are held out. A file corpus has no seed: pass a held-out file.
+    """
     from crossint.models.adapter import load_model
 
     crosscoder, model_name = _load_run(run_dir)
+    trained_on = _training_text_settings(run_dir)
+    corpus = corpus or trained_on.get("corpus", "stories")
+    context_length = context_length or trained_on.get("context_length", 128)
     crosscoder.to(device)
     adapter = load_model(model or model_name, device=device)
     hookpoints = list(crosscoder.config.hookpoints)

@@ -25,10 +25,13 @@ def register(subparsers) -> None:
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
     parser.add_argument("--tokens", type=int, default=20_000, help="held-out tokens to use")
     parser.add_argument(
-        "--corpus", default="stories", help="stories | file.txt | file.jsonl | hf:NAME"
+        "--corpus",
+        help="stories | FILE.txt | FILE.jsonl | hf:NAME (default: the training cache's corpus)",
     )
     parser.add_argument("--seed", type=int, default=12345, help="text seed (harvests use 0)")
-    parser.add_argument("--context-length", type=int, default=128)
+    parser.add_argument(
+        "--context-length", type=int, help="default: the training cache's context length"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
     parser.add_argument("--model", help="override the subject model recorded in the run")
     parser.add_argument("--device", default="cpu")
