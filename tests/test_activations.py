@@ -29,15 +29,6 @@ from crossint.models.adapter import load_model
 BASE = dict(hookpoints="paper", context_length=32, batch_size=4, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared machine they only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir):
     return load_model(str(tiny_model_dir))
@@ -141,8 +132,9 @@ def test_special_tokens_excluded_by_default_and_kept_on_request(adapter, tmp_pat
         return int(((x - bos_D).abs().amax(1) < 1e-5).sum())
 
     plain = run(adapter, tmp_path / "plain", n_tokens=310, shard_tokens=310)
-    special = run(adapter, tmp_path / "special", n_tokens=320, shard_tokens=320,
-                  include_special=True)
+    special = run(
+        adapter, tmp_path / "special", n_tokens=320, shard_tokens=320, include_special=True
+    )
     assert n_bos_rows(plain) == 0
     assert n_bos_rows(special) == 10  # 320 tokens = 10 contexts of 32, each starting with BOS
 
@@ -154,8 +146,12 @@ def test_manifest_content(cache_dir, adapter):
     assert m["model_info"]["model_type"] == "gpt2" and m["model_info"]["d_model"] == 32
     assert m["hookpoints"] == adapter.resolve_layout("paper")
     assert m["dims"] == {h: 32 for h in m["hookpoints"]}
-    assert (m["dtype"], m["context_length"], m["corpus"], m["seed"]) == ("float32", 32,
-                                                                          "stories", 0)
+    assert (m["dtype"], m["context_length"], m["corpus"], m["seed"]) == (
+        "float32",
+        32,
+        "stories",
+        0,
+    )
     assert m["include_special"] is False and m["complete"] is True
     assert m["n_tokens_target"] == m["n_tokens"] == 2500
     assert [s["n_tokens"] for s in m["shards"]] == [600, 600, 600, 600, 100]
@@ -168,8 +164,10 @@ def test_harvest_is_deterministic_and_seeded(adapter, tmp_path, cache_dir):
     again = run(adapter, tmp_path / "again", n_tokens=2500, shard_tokens=600)
     assert shard_bytes(again.path) == shard_bytes(cache_dir)
     other = run(adapter, tmp_path / "other", n_tokens=600, shard_tokens=600, seed=1)
-    assert shard_bytes(other.path)["shard_00000.safetensors"] != \
-        shard_bytes(cache_dir)["shard_00000.safetensors"]
+    assert (
+        shard_bytes(other.path)["shard_00000.safetensors"]
+        != shard_bytes(cache_dir)["shard_00000.safetensors"]
+    )
 
 
 def test_local_text_corpus(adapter, tmp_path, tiny_text_file):
@@ -214,8 +212,9 @@ def test_complete_cache_is_left_alone(adapter, cache_dir, tmp_path):
     path = copy_cache(cache_dir, tmp_path)
     before = (path / "manifest.json").read_bytes(), shard_bytes(path)
     calls = []
-    cache = run(adapter, path, n_tokens=2500, shard_tokens=600,
-                on_shard=lambda i, e: calls.append(i))
+    cache = run(
+        adapter, path, n_tokens=2500, shard_tokens=600, on_shard=lambda i, e: calls.append(i)
+    )
     assert calls == [] and cache.n_tokens == 2500
     assert ((path / "manifest.json").read_bytes(), shard_bytes(path)) == before
 
@@ -253,17 +252,23 @@ def test_non_cache_directory_is_refused(adapter, tmp_path):
 
 
 def test_context_longer_than_model_maximum(adapter, tmp_path):
-    with pytest.raises(CrossintError, match=r"context length 65 is longer than the maximum "
-                                            r"context of model .* \(64 tokens\)"):
+    with pytest.raises(
+        CrossintError,
+        match=r"context length 65 is longer than the maximum "
+        r"context of model .* \(64 tokens\)",
+    ):
         run(adapter, tmp_path / "out", context_length=65)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("layout,match", [
-    ("blocks.9.mlp_in", r"unknown hookpoint 'blocks\.9\.mlp_in'"),
-    (["blocks.0.mlp_in", "blocks.0.nope"], r"unknown hookpoint 'blocks\.0\.nope'"),
-    ("papers", r"unknown layout 'papers'"),
-])
+@pytest.mark.parametrize(
+    "layout,match",
+    [
+        ("blocks.9.mlp_in", r"unknown hookpoint 'blocks\.9\.mlp_in'"),
+        (["blocks.0.mlp_in", "blocks.0.nope"], r"unknown hookpoint 'blocks\.0\.nope'"),
+        ("papers", r"unknown layout 'papers'"),
+    ],
+)
 def test_unknown_hookpoint_or_layout(adapter, tmp_path, layout, match):
     with pytest.raises(CrossintError, match=match):
         run(adapter, tmp_path / "out", hookpoints=layout)
@@ -294,8 +299,14 @@ def test_corpus_running_out_ends_the_cache_early(adapter, tmp_path):
     corpus = tmp_path / "small.txt"
     corpus.write_text("\n".join(TINY_TEXT) + "\n")
     with pytest.warns(RuntimeWarning, match="ran out after"):
-        cache = run(adapter, tmp_path / "out", corpus=str(corpus), n_tokens=100_000,
-                    shard_tokens=100, context_length=16)
+        cache = run(
+            adapter,
+            tmp_path / "out",
+            corpus=str(corpus),
+            n_tokens=100_000,
+            shard_tokens=100,
+            context_length=16,
+        )
     assert 0 < cache.n_tokens < 100_000 and cache.manifest["corpus_exhausted"]
     assert sum(cache.shard_sizes) == cache.n_tokens
     assert cache.read_shard(cache.n_shards - 1).shape[0] == cache.shard_sizes[-1]
@@ -321,8 +332,11 @@ def _inject(adapter, monkeypatch, on_call, hookpoint, values):
 
 def test_nan_and_inf_name_the_hookpoint_and_count(adapter, tmp_path, monkeypatch):
     _inject(adapter, monkeypatch, 6, "blocks.1.resid_mid", [float("nan")] * 3 + [float("inf")])
-    with pytest.raises(CrossintError, match=r"^4 non-finite values \(NaN/Inf\) in the "
-                                            r"activations at hookpoint blocks\.1\.resid_mid"):
+    with pytest.raises(
+        CrossintError,
+        match=r"^4 non-finite values \(NaN/Inf\) in the "
+        r"activations at hookpoint blocks\.1\.resid_mid",
+    ):
         run(adapter, tmp_path / "out", shard_tokens=300)
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert not m["complete"] and len(m["shards"]) >= 1
@@ -348,8 +362,11 @@ def test_checksum_mismatch_names_the_file(cache_dir, tmp_path):
     shard.write_bytes(bytes(data))
     cache = ActivationCache(path)
     cache.read_shard(0)
-    with pytest.raises(CrossintError, match=r"^checksum mismatch in .*copy/shard_00001\."
-                       r"safetensors: the file is corrupt or truncated; re-run the harvest$"):
+    with pytest.raises(
+        CrossintError,
+        match=r"^checksum mismatch in .*copy/shard_00001\."
+        r"safetensors: the file is corrupt or truncated; re-run the harvest$",
+    ):
         cache.read_shard(1)
     with pytest.raises(CrossintError, match="checksum mismatch"):
         list(itertools.islice(cache.batches(500, seed=0), 10))
@@ -373,11 +390,15 @@ def test_wrong_shape_in_a_shard(cache_dir, tmp_path):
     tensors["blocks.1.mlp_in"] = torch.zeros(600, 16)
     shard = path / "shard_00000.safetensors"
     save_file(tensors, str(shard))
-    m["shards"][0].update(bytes=shard.stat().st_size,
-                          sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    m["shards"][0].update(
+        bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest()
+    )
     (path / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CrossintError, match=r"holds blocks\.1\.mlp_in as float32 \(600, 16\), "
-                                            r"the manifest says float32 \(600, 32\)"):
+    with pytest.raises(
+        CrossintError,
+        match=r"holds blocks\.1\.mlp_in as float32 \(600, 16\), "
+        r"the manifest says float32 \(600, 32\)",
+    ):
         ActivationCache(path).read_shard(0)
 
 
@@ -402,14 +423,22 @@ def test_missing_or_broken_manifest(cache_dir, tmp_path):
 
 
 def test_mixed_widths_need_read_shard_dict(adapter, tmp_path):
-    cache = run(adapter, tmp_path / "mix", hookpoints="blocks.0.mlp_pre,blocks.0.mlp_in",
-                n_tokens=200, shard_tokens=200)
+    cache = run(
+        adapter,
+        tmp_path / "mix",
+        hookpoints="blocks.0.mlp_pre,blocks.0.mlp_in",
+        n_tokens=200,
+        shard_tokens=200,
+    )
     assert cache.dims == {"blocks.0.mlp_pre": 128, "blocks.0.mlp_in": 32}
     shard = cache.read_shard_dict(0)
     assert shard["blocks.0.mlp_pre"].shape == (200, 128)
     assert shard["blocks.0.mlp_in"].shape == (200, 32)
-    with pytest.raises(CrossintError, match=r"widths differ \(blocks\.0\.mlp_pre: 128, "
-                                            r"blocks\.0\.mlp_in: 32\).*read_shard_dict"):
+    with pytest.raises(
+        CrossintError,
+        match=r"widths differ \(blocks\.0\.mlp_pre: 128, "
+        r"blocks\.0\.mlp_in: 32\).*read_shard_dict",
+    ):
         cache.read_shard(0)
     with pytest.raises(CrossintError, match="widths differ"):
         cache.batches(10, seed=0)

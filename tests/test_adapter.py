@@ -89,15 +89,6 @@ def _build(family: str):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run fastest single-threaded; several threads on a busy machine mostly wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 FAMILIES = [
     "gpt2", "gpt_neo", "gpt_neox", "gpt_neox_sequential", "llama", "qwen2", "mistral", "gemma",
     "bert", "roberta",

@@ -5,25 +5,32 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from crossint.cli import main
 from crossint.data.activations import ActivationCache, harvest
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on a shared machine they only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def args(model_dir, out, corpus, *extra):
-    return ["harvest", "--model", str(model_dir), "--out", str(out), "--corpus", str(corpus),
-            "--tokens", "600", "--context-length", "32", "--batch-size", "4",
-            "--shard-tokens", "250", "--device", "cpu", *extra]
+    return [
+        "harvest",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--corpus",
+        str(corpus),
+        "--tokens",
+        "600",
+        "--context-length",
+        "32",
+        "--batch-size",
+        "4",
+        "--shard-tokens",
+        "250",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def snapshot(directory):
@@ -56,8 +63,7 @@ def test_harvest_then_rerun(tiny_model_dir, tiny_text_file, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_interrupted_harvest_resumes_from_the_cli(tiny_model_dir, tiny_text_file, tmp_path,
-                                                  capsys):
+def test_interrupted_harvest_resumes_from_the_cli(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     from crossint.models.adapter import load_model
 
     class Interrupt(Exception):
@@ -68,8 +74,18 @@ def test_interrupted_harvest_resumes_from_the_cli(tiny_model_dir, tiny_text_file
 
     out = tmp_path / "cache"
     with pytest.raises(Interrupt):
-        harvest(load_model(str(tiny_model_dir)), out, "paper", 600, corpus=str(tiny_text_file),
-                context_length=32, batch_size=4, shard_tokens=250, progress=False, on_shard=stop)
+        harvest(
+            load_model(str(tiny_model_dir)),
+            out,
+            "paper",
+            600,
+            corpus=str(tiny_text_file),
+            context_length=32,
+            batch_size=4,
+            shard_tokens=250,
+            progress=False,
+            on_shard=stop,
+        )
     assert main(args(tiny_model_dir, out, tiny_text_file, "--quiet", "--resume")) == 0
     assert "harvested 350 tokens" in capsys.readouterr().out
     full = tmp_path / "full"
@@ -77,13 +93,16 @@ def test_interrupted_harvest_resumes_from_the_cli(tiny_model_dir, tiny_text_file
     assert snapshot(out) == snapshot(full)
 
 
-@pytest.mark.parametrize("extra,match", [
-    (["--context-length", "65"], "context length 65 is longer than the maximum context"),
-    (["--layout", "blocks.7.mlp_in"], "unknown hookpoint 'blocks.7.mlp_in'"),
-    (["--dtype", "int8"], "unsupported activation dtype 'int8'"),
-    (["--tokens", "0"], "--tokens must be a positive integer"),
-    (["--resume"], "holds no activation cache to continue"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--context-length", "65"], "context length 65 is longer than the maximum context"),
+        (["--layout", "blocks.7.mlp_in"], "unknown hookpoint 'blocks.7.mlp_in'"),
+        (["--dtype", "int8"], "unsupported activation dtype 'int8'"),
+        (["--tokens", "0"], "--tokens must be a positive integer"),
+        (["--resume"], "holds no activation cache to continue"),
+    ],
+)
 def test_bad_arguments(tiny_model_dir, tiny_text_file, tmp_path, capsys, extra, match):
     out = tmp_path / "cache"
     code = main(args(tiny_model_dir, out, tiny_text_file, *extra))
@@ -124,8 +143,9 @@ def test_nan_activations(tiny_model_dir, tiny_text_file, tmp_path, capsys, monke
 
     monkeypatch.setattr(adapter_module, "load_model", load_with_nan)
     code = main(args(tiny_model_dir, tmp_path / "cache", tiny_text_file))
-    assert_one_line_error(capsys, code, "non-finite values (NaN/Inf) in the activations at "
-                                        "hookpoint blocks.0.mlp_in")
+    assert_one_line_error(
+        capsys, code, "non-finite values (NaN/Inf) in the activations at hookpoint blocks.0.mlp_in"
+    )
 
 
 def test_existing_files_are_never_lost(tiny_model_dir, tiny_text_file, tmp_path, capsys):
@@ -159,8 +179,10 @@ def test_other_settings_and_corrupt_shards(tiny_model_dir, tiny_text_file, tmp_p
     shard.write_bytes(shard.read_bytes()[:50])
     assert main(args(tiny_model_dir, out, tiny_text_file, "--quiet")) == 0
     warning = [line for line in capsys.readouterr().err.splitlines() if line]
-    assert len(warning) == 1 and "shard_00001.safetensors is missing, corrupt or truncated" in \
-        warning[0]
+    assert (
+        len(warning) == 1
+        and "shard_00001.safetensors is missing, corrupt or truncated" in warning[0]
+    )
     assert snapshot(out) == before
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
 
@@ -169,6 +191,16 @@ def test_help_mentions_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["harvest", "--help"])
     text = capsys.readouterr().out
-    for option in ("--model", "--tokens", "--out", "--layout", "--corpus", "--context-length",
-                   "--dtype", "--shard-tokens", "--include-special", "--resume"):
+    for option in (
+        "--model",
+        "--tokens",
+        "--out",
+        "--layout",
+        "--corpus",
+        "--context-length",
+        "--dtype",
+        "--shard-tokens",
+        "--include-special",
+        "--resume",
+    ):
         assert option in text

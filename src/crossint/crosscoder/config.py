@@ -6,12 +6,10 @@ message that names the field, the value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from crossint.errors import CrossintError
+from crossint.config import JsonConfig, invalid, is_int, is_number
 
 # SPEC §3.2. "topk-like" activations are exactly sparse, so decoding gathers the active rows.
 ACTIVATIONS: tuple[str, ...] = ("topk", "batchtopk", "jumprelu", "relu")
@@ -19,19 +17,11 @@ ENCODER_BIAS_INITS: tuple[str, ...] = ("zero", "calibrated")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise CrossintError(f"invalid crosscoder setting {name}={value!r}: {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    invalid("crosscoder", name, value, allowed)
 
 
 @dataclass
-class CrosscoderConfig:
+class CrosscoderConfig(JsonConfig):
     """Shape and behaviour of a crosscoder.
 
     Positions are ``X = (models, hookpoints)`` in model-major order: for two models and hookpoints
@@ -86,7 +76,7 @@ class CrosscoderConfig:
         self.models = self._names("models", self.models)
         for name in ("d_model", "n_features", "k"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 _fail(name, value, "must be a positive integer")
         if self.activation not in ACTIVATIONS:
             _fail("activation", self.activation, f"valid activations are {', '.join(ACTIVATIONS)}")
@@ -98,24 +88,27 @@ class CrosscoderConfig:
             )
         for name in ("jumprelu_bandwidth", "init_decoder_norm"):
             value = getattr(self, name)
-            if not _is_number(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 _fail(name, value, "must be a positive number")
         for name in ("jumprelu_init_threshold", "l1_coefficient", "l0_coefficient"):
             value = getattr(self, name)
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 _fail(name, value, "must be a number >= 0")
         for name in ("aux_k", "dead_tokens"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 _fail(name, value, "must be a positive integer or null (automatic)")
-        if not _is_number(self.threshold_momentum) or not 0 <= self.threshold_momentum < 1:
+        if not is_number(self.threshold_momentum) or not 0 <= self.threshold_momentum < 1:
             _fail("threshold_momentum", self.threshold_momentum, "must be in [0, 1)")
         for name in ("train_decoder_bias", "center_inputs", "folded"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "must be true or false")
         if self.init_encoder_bias not in ENCODER_BIAS_INITS:
-            _fail("init_encoder_bias", self.init_encoder_bias,
-                  f"valid choices are {', '.join(ENCODER_BIAS_INITS)}")
+            _fail(
+                "init_encoder_bias",
+                self.init_encoder_bias,
+                f"valid choices are {', '.join(ENCODER_BIAS_INITS)}",
+            )
         if self.trained_activation is not None and self.trained_activation not in ACTIVATIONS:
             _fail(
                 "trained_activation",
@@ -155,23 +148,6 @@ class CrosscoderConfig:
             return self.aux_k
         return max(1, self.n_positions * self.d_model // 2)
 
-    # --- serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: Any, where: str = "crosscoder config") -> CrosscoderConfig:
-        if not isinstance(data, dict):
-            raise CrossintError(f"{where} must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CrossintError(
-                f"{where} has unknown settings {unknown}; known settings are {sorted(known)}"
-            )
-        if "hookpoints" not in data:
-            raise CrossintError(f"{where} has no 'hookpoints'")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> CrosscoderConfig:
-        return dataclasses.replace(self, **changes)
+        return super().from_dict(data, where)

@@ -15,7 +15,6 @@ exactly the weights an uninterrupted run would have.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import queue
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from crossint.config import JsonConfig, invalid, is_int, is_number
 from crossint.crosscoder.activations import decoder_weighted_l1, jumprelu_l0
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.losses import (
@@ -71,7 +71,7 @@ class ActivationSource(Protocol):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Optimisation settings (SPEC §3.3).
 
     ``lr`` defaults to 1e-3, not the paper's 1e-4, which is tuned for far longer runs: on sparse
@@ -98,53 +98,38 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
-            raise CrossintError(
-                f"invalid training setting {name}={getattr(self, name)!r}: {allowed}"
-            )
+            invalid("training", name, getattr(self, name), allowed)
 
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_num(value: Any) -> bool:
-            return is_int(value) or (isinstance(value, float) and math.isfinite(value))
-
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every",
-                     "normalisation_tokens"):
+        for name in (
+            "steps",
+            "batch_size",
+            "checkpoint_every",
+            "log_every",
+            "normalisation_tokens",
+        ):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
         if not is_int(self.seed) or self.seed < 0:
             fail("seed", "must be an integer >= 0")
         for name in ("lr", "adam_eps", "grad_clip"):
-            if not is_num(getattr(self, name)) or getattr(self, name) <= 0:
+            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 fail(name, "must be a positive number")
         for name in ("adam_beta1", "adam_beta2"):
-            if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+            if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, "must be in [0, 1)")
         for name in ("warmup_fraction", "decay_fraction"):
-            if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+            if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 fail(name, "must be in [0, 1]")
         if self.warmup_fraction + self.decay_fraction > 1:
             fail("decay_fraction", "warmup_fraction + decay_fraction must be at most 1")
-        if not is_num(self.aux_alpha) or self.aux_alpha < 0:
+        if not is_number(self.aux_alpha) or self.aux_alpha < 0:
             fail("aux_alpha", "must be a number >= 0")
         if not isinstance(self.device, str):
             fail("device", "must be a device name such as cpu or cuda")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: Any, where: str = "training config") -> TrainConfig:
-        if not isinstance(data, dict):
-            raise CrossintError(f"{where} must be a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CrossintError(f"{where} has unknown settings {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        return super().from_dict(data, where)
 
 
 # --- activation sources ------------------------------------------------------------------------
@@ -319,8 +304,12 @@ def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
 def _has_run(out_dir: Path) -> bool:
     return any(
         p.exists()
-        for p in (out_dir / CONFIG_NAME, out_dir / WEIGHTS_NAME, checkpoint_path(out_dir),
-                  out_dir / METRICS_NAME)
+        for p in (
+            out_dir / CONFIG_NAME,
+            out_dir / WEIGHTS_NAME,
+            checkpoint_path(out_dir),
+            out_dir / METRICS_NAME,
+        )
     )
 
 
@@ -362,8 +351,7 @@ def train(
         if ckpt_file.is_file():
             state = _load_checkpoint(ckpt_file)
             _check_resume_source(state["source"], source, out_dir)
-            _check_resume_settings("crosscoder", state["crosscoder_config"], cc.to_dict(),
-                                   out_dir)
+            _check_resume_settings("crosscoder", state["crosscoder_config"], cc.to_dict(), out_dir)
             _check_resume_settings("training", state["train_config"], tc.to_dict(), out_dir)
     elif _has_run(out_dir):
         raise CrossintError(
@@ -446,8 +434,14 @@ def train(
     batches = _device_batches(
         iter(source.batches(tc.batch_size, seed=tc.seed, start_batch=start_step)), device
     )
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, desc="train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.steps,
+        initial=start_step,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     last_flush = started
     try:
@@ -466,7 +460,11 @@ def train(
             if tc.aux_alpha > 0 and dead_U.numel() > 0:
                 residual_BXD = (out.acts_norm_BXD - out.recon_norm_BXD).detach()
                 terms["aux_loss"] = auxk_loss(
-                    out.pre_BH, model.W_dec_HXD, dead_U, residual_BXD, out.acts_norm_BXD,
+                    out.pre_BH,
+                    model.W_dec_HXD,
+                    dead_U,
+                    residual_BXD,
+                    out.acts_norm_BXD,
                     min(k_aux, dead_U.numel()),
                 )
                 # SPEC §3.3's L_aux is normalised by the batch variance while L_rec is not; weight
@@ -515,7 +513,9 @@ def train(
                         **{name: value.item() for name, value in terms.items()},
                         "l0": (out.f_BH != 0).sum(dim=1).double().mean().item(),
                         "dead_fraction": (tokens_since_fired_H >= dead_after)
-                        .double().mean().item(),
+                        .double()
+                        .mean()
+                        .item(),
                         "fvu": fvu_X(out.acts_norm_BXD, out.recon_norm_BXD).mean().item(),
                         "variance": token_variance(out.acts_norm_BXD).item(),
                         "lr": lr,
@@ -530,10 +530,15 @@ def train(
                         f"training diverged at step {completed} (loss {record['loss']}); "
                         "try a lower learning rate"
                     )
-                records.append({k: _round(v) if isinstance(v, float) else v
-                                for k, v in record.items()})
-                bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}",
-                                fvu=f"{record['fvu']:.3f}", refresh=False)
+                records.append(
+                    {k: _round(v) if isinstance(v, float) else v for k, v in record.items()}
+                )
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4g}",
+                    l0=f"{record['l0']:.1f}",
+                    fvu=f"{record['fvu']:.3f}",
+                    refresh=False,
+                )
                 now = time.perf_counter()
                 if now - last_flush > _METRICS_FLUSH_SECONDS:
                     _write_metrics(metrics_file, records)
