@@ -1,0 +1,450 @@
+"""MLP feature interactions (SPEC §4.2–§4.4, §9.2): dominant share, the keep-dominant bound and its
+measured gap, the interaction penalty and its training plug-in, and the per-token score.
+
+Every statistic comes from :func:`crossint.interactions.contributions.magnitude_stats`, so the
+penalty that trains a crosscoder and the metric that evaluates it are the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from crossint.errors import CrossintError
+from crossint.interactions.contributions import (
+    ActiveFeatures,
+    Contributions,
+    MLPFeatureBlock,
+    NeuronStats,
+    active_features,
+    distinct_virtual_weights,
+    feature_blocks,
+    iter_contributions,
+    magnitude_stats,
+    mlp_on,
+    neuron_stats,
+    reconstructed_mlp_in,
+    resolve_chunk,
+)
+
+if TYPE_CHECKING:
+    from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
+    from crossint.interactions.pairwise import PairwiseAccumulator, PairwiseResult
+    from crossint.models.adapter import MLPWeights
+
+WEIGHTINGS: tuple[str, ...] = ("uniform", "w_out")
+
+
+# --- SPEC §4.2 averages ------------------------------------------------------------------------
+class ShareSummary:
+    """Running SPEC §4.2 averages over tokens × neurons × blocks, overall and per block.
+
+    ``dominant_share`` is the plain mean (the paper's mean_max_ratio_mlp); ``dominant_share_active``
+    averages only (token, neuron) pairs with at least one non-zero contribution;
+    ``mean_nondominant`` (mean S − Mx) is exactly the uniform, un-normalised penalty."""
+
+    _KEYS = ("n", "share", "n_active", "share_active", "S", "nondominant")
+
+    def __init__(self) -> None:
+        self._sums: dict[int, dict[str, float]] = {}
+
+    def update(self, block: int, stats: NeuronStats) -> None:
+        share_BN = stats.share_BN.double()
+        active_BN = stats.active_BN
+        sums = self._sums.setdefault(block, dict.fromkeys(self._KEYS, 0.0))
+        sums["n"] += share_BN.numel()
+        sums["share"] += share_BN.sum().item()
+        sums["n_active"] += active_BN.sum().item()
+        sums["share_active"] += share_BN[active_BN].sum().item()
+        sums["S"] += stats.S_BN.double().sum().item()
+        sums["nondominant"] += stats.nondominant_BN.double().sum().item()
+
+    @staticmethod
+    def _means(sums: dict[str, float]) -> dict[str, float]:
+        n, n_active = sums["n"], sums["n_active"]
+        nan = float("nan")
+        return {
+            "dominant_share": sums["share"] / n if n else nan,
+            "dominant_share_active": sums["share_active"] / n_active if n_active else nan,
+            "active_fraction": n_active / n if n else nan,
+            "mean_S": sums["S"] / n if n else nan,
+            "mean_nondominant": sums["nondominant"] / n if n else nan,
+            "nondominant_fraction": sums["nondominant"] / sums["S"] if sums["S"] else nan,
+        }
+
+    def result(self) -> dict[str, Any]:
+        total = dict.fromkeys(self._KEYS, 0.0)
+        for sums in self._sums.values():
+            for key in self._KEYS:
+                total[key] += sums[key]
+        return {
+            **self._means(total),
+            "blocks": {block: self._means(self._sums[block]) for block in sorted(self._sums)},
+        }
+
+
+# --- SPEC §4.3 the keep-dominant gap and its bound ---------------------------------------------
+@dataclass(frozen=True)
+class KeepDominantGap:
+    """Per token: the measured ‖MLP_full − MLP_keep‖ and the SPEC §4.3 bound on it."""
+
+    gap_B: Tensor
+    bound_B: Tensor
+
+
+def keep_dominant_gap(
+    contrib: Contributions, stats: NeuronStats, block: MLPFeatureBlock
+) -> KeepDominantGap:
+    """SPEC §4.3 on the crosscoder's reconstruction of ``mlp_in``.
+
+    MLP_full uses z = Σ_h p_h + c, MLP_keep uses z_keep = p_dom + c at every neuron (the bias
+    term c is kept). gap = ‖(φ(z) − φ(z_keep))·W_out‖ (b_out cancels); bound =
+    Lip(φ)·Σ_n ‖W_out[n]‖·(S_n − Mx_n), valid because |z − z_keep| ≤ S − Mx.
+
+    Gated MLPs: only the gate pre-activation is decomposed; the up projection keeps its full value
+    up = u·W_up + b_up (u = reconstructed mlp_in) in both terms. The neuron's change is then
+    (φ(z) − φ(z_keep))·up, so the bound carries the extra factor |up_n|:
+    Lip(φ)·Σ_n ‖W_out[n]‖·|up_n|·(S_n − Mx_n) (the plain SPEC form is not a bound there).
+    """
+    mlp = block.mlp
+    c_N = block.c_N
+    z_BN = contrib.z_BN + c_N
+    p_dom_BN = contrib.p_BKN.gather(1, stats.slot_BN[:, None, :]).squeeze(1)
+    z_keep_BN = p_dom_BN + c_N
+    delta_BN = mlp.act(z_BN) - mlp.act(z_keep_BN)
+    weight_BN = block.w_out_N.expand_as(delta_BN)
+    if mlp.gated:
+        u_BD = reconstructed_mlp_in(contrib, block)
+        up_BN = u_BD @ mlp.W_up_DN + mlp.b_up_N
+        delta_BN = delta_BN * up_BN
+        weight_BN = weight_BN * up_BN.abs()
+    gap_B = (delta_BN @ mlp.W_out_ND).norm(dim=-1)
+    bound_B = mlp.lipschitz * (weight_BN * stats.nondominant_BN).sum(dim=-1)
+    return KeepDominantGap(gap_B, bound_B)
+
+
+def additivity_gap(p_BNK: Tensor, c_N: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Sum of single-feature effects minus the joint effect, per token and neuron:
+    ``Σ_h [φ(c + p_h) − φ(c)] + φ(c) − φ(c + Σ_h p_h)``.
+
+    Zero exactly when the features act additively at that neuron. For ReLU with c = 0 it is
+    Σ_h ReLU(p_h) − ReLU(Σ_h p_h) = min(P⁺, P⁻) (SPEC §4.3). Padding slots (p = 0) add nothing.
+    """
+    c_BN1 = c_N[:, None]
+    phi_c_N1 = act(c_BN1)
+    single_BN = (act(c_BN1 + p_BNK) - phi_c_N1).sum(dim=-1)
+    return single_BN + phi_c_N1[:, 0] - act(c_N + p_BNK.sum(dim=-1))
+
+
+# --- SPEC §9.2 per-token score -----------------------------------------------------------------
+def interaction_score(stats: NeuronStats, w_out_N: Tensor) -> Tensor:
+    """One block's share of score(t) = Σ_n ‖W_out[n]‖·(S − Mx) (SPEC §9.2)."""
+    return (stats.nondominant_BN * w_out_N).sum(dim=-1)
+
+
+def token_interaction_scores(
+    f_BH: Tensor,
+    blocks: Sequence[MLPFeatureBlock],
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """SPEC §9.2 score(t) = Σ_blocks Σ_n ‖W_out[n]‖·(S[t,n] − Mx[t,n]), per token (B,)."""
+    active = active_features(f_BH)
+    score_B = None
+    for block in blocks:
+        w_out_N = block.w_out_N
+        for start, contrib in iter_contributions(active, block.d_HD, block.mlp.W_in_DN,
+                                                 chunk_tokens):
+            part_B = interaction_score(neuron_stats(contrib), w_out_N)
+            if score_B is None:
+                score_B = part_B.new_zeros(active.n_tokens)
+            score_B[start:start + part_B.shape[0]] += part_B
+    if score_B is None:
+        return f_BH.new_zeros(f_BH.shape[0])
+    return score_B
+
+
+# --- SPEC §4.4 the interaction penalty ---------------------------------------------------------
+class _NondominantSum(torch.autograd.Function):
+    """Σ_{b,n} w_n·(S − Mx) and Σ_{b,n} w_n·S for one block, chunked over tokens, with an
+    analytic backward that never touches a B×K×N tensor.
+
+    |p_k| = |f_k|·|V_kn|, so the forward reduces |f|·|V[row]| chunk by chunk (O(chunk·K·N)
+    memory) and keeps only Mx and the dominant slot of every (token, neuron) (B×N). With
+    a_n = ∂L/∂(S−Mx)·w_n and t_n = ∂L/∂S·w_n, and |V_dom,n| = Mx_bn/|f_dom|:
+
+        ∂L/∂f_bk = sign(f_bk)·Σ_n |V_kn|·(a_n + t_n) − (1/f_bk)·Σ_{n: dom(b,n)=k} Mx_bn·a_n
+        ∂L/∂V_un = sign(V_un)·( (a_n + t_n)·Σ_{(b,k): row=u} |f_bk|
+                                − Σ_{b: dom row(b,n)=u} |f_dom(b,n)|·a_n )
+
+    The first terms are per feature (one U×N product), the dominant terms are B×N gathers and
+    scatters: the backward costs O(U·N + B·N), not O(B·K·N). Subgradient convention as
+    autograd's: sign(0) = 0 and the maximum's gradient goes to its first argmax slot.
+    """
+
+    @staticmethod
+    def forward(ctx, f_BK, V_UN, row_BK, w_N, chunk_tokens):  # noqa: ANN001
+        n_tokens, n_slots = f_BK.shape
+        n_neurons = V_UN.shape[1]
+        abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
+        Mx_BN = V_UN.new_empty((n_tokens, n_neurons))
+        slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
+        S_sum_N = V_UN.new_zeros(n_neurons)
+        for start in range(0, n_tokens, chunk_tokens):
+            stop = min(start + chunk_tokens, n_tokens)
+            abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop].reshape(-1))
+            abs_BKN = abs_BKN.view(stop - start, n_slots, n_neurons)
+            abs_BKN.mul_(abs_f_BK[start:stop, :, None])  # |p| = |f|·|V|
+            S_BN, Mx_BN[start:stop], slot_BN[start:stop] = magnitude_stats(abs_BKN)
+            S_sum_N += S_BN.sum(dim=0)
+        Mx_sum_N = Mx_BN.sum(dim=0)
+        if w_N is None:
+            nondominant, total = (S_sum_N - Mx_sum_N).sum(), S_sum_N.sum()
+        else:
+            nondominant, total = (S_sum_N - Mx_sum_N) @ w_N, S_sum_N @ w_N
+        ctx.save_for_backward(f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN)
+        return nondominant, total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_nondominant, grad_total):  # noqa: ANN001
+        f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN = ctx.saved_tensors
+        n_rows, n_neurons = V_UN.shape
+        if w_N is None:
+            w_N = torch.ones(n_neurons, dtype=V_UN.dtype, device=V_UN.device)
+        a_N = grad_nondominant * w_N  # on every non-dominant |p|
+        both_N = a_N + grad_total * w_N  # on every |p|
+        f_V_BK = f_BK.to(V_UN.dtype)
+        abs_f_BK = f_V_BK.abs()
+        grad_f_BK = grad_V_UN = None
+        if ctx.needs_input_grad[0]:
+            dominant_BK = torch.zeros_like(f_V_BK).scatter_add_(1, slot_BN, Mx_BN * a_N)
+            safe_f_BK = torch.where(f_V_BK != 0, f_V_BK, torch.ones_like(f_V_BK))
+            grad_f_BK = torch.sign(f_V_BK) * (V_UN.abs() @ both_N)[row_BK] - dominant_BK / safe_f_BK
+            grad_f_BK = grad_f_BK.to(f_BK.dtype)
+        if ctx.needs_input_grad[1]:
+            mass_U = torch.zeros(n_rows, dtype=V_UN.dtype, device=V_UN.device)
+            mass_U.index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
+            unsigned_UN = mass_U[:, None] * both_N
+            neuron_N = torch.arange(n_neurons, device=V_UN.device)
+            flat_BN = row_BK.gather(1, slot_BN) * n_neurons + neuron_N  # (dominant row, n)
+            dominant_BN = abs_f_BK.gather(1, slot_BN) * a_N
+            unsigned_UN.view(-1).index_add_(0, flat_BN.view(-1), -dominant_BN.view(-1))
+            grad_V_UN = torch.sign(V_UN) * unsigned_UN
+        return grad_f_BK, grad_V_UN, None, None, None
+
+
+def _check_options(weighting: str, normalise: bool) -> None:
+    if weighting not in WEIGHTINGS:
+        raise CrossintError(
+            f"unknown interaction weighting {weighting!r}: valid choices are "
+            f"{', '.join(WEIGHTINGS)}"
+        )
+    if not isinstance(normalise, bool):
+        raise CrossintError(f"normalise must be true or false, got {normalise!r}")
+
+
+def interaction_penalty(
+    f_BH: Tensor | ActiveFeatures,
+    blocks: Sequence[MLPFeatureBlock],
+    weighting: str = "uniform",
+    normalise: bool = False,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """SPEC §4.4 L_int = mean over blocks, tokens, neurons of w_n·(S − Mx).
+
+    Gradients reach the encoder through ``f_BH`` and the decoder through each block's ``d_HD``
+    (via V = d·W_in); any number of blocks. ``weighting``: ``"uniform"`` (w = 1; then the value
+    is ShareSummary's mean_nondominant) or ``"w_out"`` (w_n = ‖W_out[n]‖, so the value is the
+    SPEC §4.3 bound averaged over neurons, divided by Lip(φ)). ``normalise``: divide by the
+    equally weighted mean S, i.e. return Σ w(S − Mx) / Σ w·S ∈ [0, 1) (one minus the
+    mass-weighted dominant share), comparable across models. The denominator is NOT detached:
+    the ratio is invariant to scaling all contributions, so its gradient only moves mass towards
+    the dominant features. A detached denominator keeps the un-normalised gradient's "shrink
+    every contribution" direction, which fights reconstruction and, with a large weight, kills
+    the features. Memory: O(chunk_tokens·K·N) transient, O(B·N) kept for the backward, which
+    costs O(U·N + B·N) (see ``_NondominantSum``).
+    """
+    _check_options(weighting, normalise)
+    if not blocks:
+        raise CrossintError("the interaction penalty needs at least one MLP block")
+    active = f_BH if isinstance(f_BH, ActiveFeatures) else active_features(f_BH)
+    per_token = active.features_BK.shape[1] * max(block.n_neurons for block in blocks)
+    chunk_tokens = resolve_chunk(chunk_tokens, active.f_BK.device, per_token)
+    nondominant: Tensor | None = None
+    total: Tensor | None = None
+    count = 0
+    for block in blocks:
+        V_UN, row_BK = distinct_virtual_weights(active, block.d_HD, block.mlp.W_in_DN)
+        w_N = block.w_out_N.to(V_UN.dtype) if weighting == "w_out" else None
+        part, part_total = _NondominantSum.apply(
+            active.f_BK.to(V_UN.dtype), V_UN, row_BK, w_N, chunk_tokens
+        )
+        nondominant = part if nondominant is None else nondominant + part
+        total = part_total if total is None else total + part_total
+        count += active.n_tokens * block.n_neurons
+    assert nondominant is not None and total is not None
+    if normalise:
+        return nondominant / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return nondominant / max(count, 1)
+
+
+def mlp_interaction_loss(
+    mlp_weights_by_block: dict[int, MLPWeights],
+    weight: float,
+    weighting: str = "uniform",
+    normalise: bool = False,
+    chunk_tokens: int | None = None,
+    model: str | None = None,
+) -> Callable[[Crosscoder, Tensor, CrosscoderOutput], dict[str, Tensor]]:
+    """The SPEC §4.4 penalty as a training ``extra_losses`` callable.
+
+    Returns ``fn(crosscoder, acts_BXD, output) -> {"interaction": weight · L_int}`` where L_int is
+    :func:`interaction_penalty` of ``output.f_BH`` with the crosscoder's current decoder at every
+    given block's ``mlp_in`` (the trainer adds the value to its loss and logs it). ``model``
+    selects the model of a multi-model crosscoder.
+    """
+    _check_options(weighting, normalise)
+    if chunk_tokens is not None:
+        resolve_chunk(chunk_tokens, torch.device("cpu"))
+    if not mlp_weights_by_block:
+        raise CrossintError("no MLP blocks given: pass {block: adapter.mlp_weights(block)}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise CrossintError(f"interaction weight must be a number >= 0, got {weight!r}")
+    weight = float(weight)
+    # The MLP weights moved to the crosscoder's device and dtype once, not at every step.
+    placed: dict[tuple[torch.device, torch.dtype], dict[int, MLPWeights]] = {}
+
+    def interaction_loss(
+        crosscoder: Crosscoder, acts_BXD: Tensor, output: CrosscoderOutput
+    ) -> dict[str, Tensor]:
+        key = (crosscoder.W_dec_HXD.device, crosscoder.W_dec_HXD.dtype)
+        if key not in placed:
+            placed.clear()
+            placed[key] = {b: mlp_on(m, *key) for b, m in mlp_weights_by_block.items()}
+        blocks = feature_blocks(crosscoder, placed[key], model=model)
+        penalty = interaction_penalty(output.f_BH, blocks, weighting, normalise, chunk_tokens)
+        return {"interaction": weight * penalty}
+
+    return interaction_loss
+
+
+# --- one pass over data: all of the above at once ----------------------------------------------
+class MLPInteractionMeter:
+    """Accumulates SPEC §4.2 shares, the §4.3 gap and bound, and (optionally) the §4.5 pairwise
+    matrix over batches of feature activations; ``update`` returns the §9.2 per-token scores.
+
+    ``blocks`` from :func:`feature_blocks` (use ``dtype=torch.float64`` for exact analysis).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[MLPFeatureBlock],
+        chunk_tokens: int | None = None,
+        pairwise: PairwiseAccumulator | None = None,
+    ) -> None:
+        if not blocks:
+            raise CrossintError("MLP interaction analysis needs at least one MLP block")
+        resolve_chunk(chunk_tokens, blocks[0].d_HD.device)
+        self.blocks = list(blocks)
+        self.chunk_tokens = chunk_tokens
+        self.pairwise = pairwise
+        self.shares = ShareSummary()
+        self._gap: dict[int, list[float]] = {b.block: [0.0, 0.0, 0.0, 0.0] for b in self.blocks}
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, f_BH: Tensor) -> Tensor:
+        """Add a batch; returns score_B (SPEC §9.2) for its tokens."""
+        active = active_features(f_BH)
+        dtype = self.blocks[0].d_HD.dtype
+        score_B = torch.zeros(active.n_tokens, dtype=dtype, device=f_BH.device)
+        # one chunk size for every block, so the blocks' chunks cover the same tokens
+        per_token = active.features_BK.shape[1] * max(b.n_neurons for b in self.blocks)
+        chunk_tokens = resolve_chunk(self.chunk_tokens, f_BH.device, per_token)
+        per_block = [
+            iter_contributions(active, b.d_HD, b.mlp.W_in_DN, chunk_tokens)
+            for b in self.blocks
+        ]
+        for chunk in zip(*per_block, strict=True):
+            records = []
+            for block, (start, contrib) in zip(self.blocks, chunk, strict=True):
+                stats = neuron_stats(contrib)
+                self.shares.update(block.block, stats)
+                gap = keep_dominant_gap(contrib, stats, block)
+                sums = self._gap[block.block]
+                sums[0] += gap.gap_B.double().sum().item()
+                sums[1] += gap.bound_B.double().sum().item()
+                sums[2] += gap.gap_B.shape[0]
+                sums[3] += (gap.bound_B < gap.gap_B).sum().item()
+                stop = start + contrib.p_BKN.shape[0]
+                score_B[start:stop] += interaction_score(stats, block.w_out_N).to(dtype)
+                records.append((block, contrib, stats))
+            if self.pairwise is not None:
+                self.pairwise.update(records)
+        self.n_tokens += active.n_tokens
+        return score_B
+
+    def result(self) -> dict[str, Any]:
+        """Shares (overall and per block) and mean gap / bound per block and over blocks."""
+        summary = self.shares.result()
+        gaps = {}
+        for block, (gap, bound, n, violations) in self._gap.items():
+            gaps[block] = {
+                "mean_gap": gap / n if n else float("nan"),
+                "mean_bound": bound / n if n else float("nan"),
+                "bound_violations": int(violations),
+            }
+            summary["blocks"].setdefault(block, {}).update(gaps[block])
+        n_blocks = len(gaps)
+        summary["mean_gap"] = sum(g["mean_gap"] for g in gaps.values()) / n_blocks
+        summary["mean_bound"] = sum(g["mean_bound"] for g in gaps.values()) / n_blocks
+        summary["n_tokens"] = self.n_tokens
+        return summary
+
+
+@dataclass
+class MLPInteractionReport:
+    """What :func:`analyse_mlp_interactions` found: ``summary`` (SPEC §4.2 shares overall and
+    per block, §4.3 mean gap and bound) and the §4.5 ``pairwise`` result (or None)."""
+
+    summary: dict[str, Any]
+    pairwise: PairwiseResult | None
+
+
+def analyse_mlp_interactions(
+    crosscoder: Crosscoder,
+    mlp_weights_by_block: dict[int, MLPWeights],
+    batches: Iterable[Tensor],
+    *,
+    model: str | None = None,
+    dtype: torch.dtype = torch.float64,
+    pairwise: bool = True,
+    storage: str = "auto",
+    chunk_tokens: int | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> MLPInteractionReport:
+    """Encode every batch of activations (B, X, D) with the crosscoder and accumulate the MLP
+    interaction statistics of the given blocks, in ``dtype`` (float64 by default)."""
+    from tqdm.auto import tqdm
+
+    from crossint.interactions.pairwise import PairwiseAccumulator
+
+    blocks = feature_blocks(crosscoder, mlp_weights_by_block, model=model, dtype=dtype)
+    accumulator = None
+    if pairwise:
+        accumulator = PairwiseAccumulator(crosscoder.config.n_features,
+                                          [b.block for b in blocks], storage)
+    meter = MLPInteractionMeter(blocks, chunk_tokens, accumulator)
+    device = blocks[0].d_HD.device
+    with torch.no_grad():
+        for acts_BXD in tqdm(batches, total=total, disable=not progress, desc="interactions",
+                             unit="batch", dynamic_ncols=True):
+            meter.update(crosscoder.encode(acts_BXD.to(device)))
+    return MLPInteractionReport(meter.result(),
+                                accumulator.result() if accumulator is not None else None)
