@@ -13,7 +13,7 @@ import sys
 
 from crossint.errors import CrossintError
 
-COMMAND_MODULES = ("storylm", "harvest", "train", "eval", "demo")
+COMMAND_MODULES = ("storylm", "harvest", "train", "eval", "interactions", "sweep", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
