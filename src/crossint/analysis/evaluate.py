@@ -24,7 +24,7 @@ HELDOUT_SEED = 12345  # default text seed for evaluation; harvests default to se
 
 
 @dataclass
-class _ReconstructionStats:
+class ReconstructionStats:
     """Running sums for FVU (SPEC §3.6) per hookpoint and feature firing counts."""
 
     n_positions: int
@@ -61,20 +61,21 @@ class _ReconstructionStats:
         return self.sq_error_X / variance_X
 
 
-def _load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path, command: str = "eval"):
+    """The saved crosscoder of a run (eval mode) and the name of its single subject model."""
     from crossint.crosscoder.model import Crosscoder
 
     crosscoder = Crosscoder.from_pretrained(run_dir)
     models = list(crosscoder.config.models)
     if len(models) != 1:
         raise CrossintError(
-            f"{run_dir} is a {len(models)}-model crosscoder; `crossint eval` evaluates "
+            f"{run_dir} is a {len(models)}-model crosscoder; `crossint {command}` works on "
             "single-model crosscoders"
         )
     return crosscoder.eval(), models[0]
 
 
-def _heldout_batches(
+def heldout_batches(
     adapter, corpus: str, seed: int, context_length: int, n_tokens: int, batch_size: int
 ) -> list[Tensor]:
     """Contexts of held-out text holding at least ``n_tokens`` non-special tokens."""
@@ -91,7 +92,7 @@ def _heldout_batches(
     contexts, n_usable = [], 0
     for ids_S in iter_contexts(iter_texts(corpus, seed=seed), adapter.tokenizer, context_length):
         contexts.append(ids_S)
-        n_usable += int(_non_special_BS(ids_S, special_ids).sum())
+        n_usable += int(non_special_BS(ids_S, special_ids).sum())
         if n_usable >= n_tokens:
             break
     if not contexts:
@@ -99,7 +100,7 @@ def _heldout_batches(
     return list(torch.stack(contexts).split(batch_size))
 
 
-def _training_text_settings(run_dir: str | Path) -> dict:
+def training_text_settings(run_dir: str | Path) -> dict:
     """Corpus and context length of the cache a run was trained on (empty if unknown)."""
     from crossint.io import read_json
 
@@ -111,7 +112,8 @@ def _training_text_settings(run_dir: str | Path) -> dict:
     return {k: manifest[k] for k in ("corpus", "context_length") if k in manifest}
 
 
-def _non_special_BS(ids_BS: Tensor, special_ids: set[int]) -> Tensor:
+def non_special_BS(ids_BS: Tensor, special_ids: set[int]) -> Tensor:
+    """True at every token that is not a special token (BOS/EOS/PAD)."""
     if not special_ids:
         return torch.ones_like(ids_BS, dtype=torch.bool)
     return ~torch.isin(ids_BS, torch.tensor(sorted(special_ids), device=ids_BS.device))
@@ -121,7 +123,7 @@ def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], spe
     """Clean activations, the non-special mask, stacked activations and the crosscoder output."""
     with torch.no_grad():
         acts = adapter.capture(ids_BS, hookpoints)
-        keep_BS = _non_special_BS(ids_BS, special_ids)
+        keep_BS = non_special_BS(ids_BS, special_ids)
         acts_NXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
         n_bad = int((~torch.isfinite(acts_NXD)).sum())
         if n_bad:
@@ -156,8 +158,8 @@ def evaluate(
     """
     from crossint.models.adapter import load_model
 
-    crosscoder, model_name = _load_run(run_dir)
-    trained_on = _training_text_settings(run_dir)
+    crosscoder, model_name = load_run(run_dir)
+    trained_on = training_text_settings(run_dir)
     corpus = corpus or trained_on.get("corpus", "stories")
     context_length = context_length or trained_on.get("context_length", 128)
     crosscoder.to(device)
@@ -166,9 +168,9 @@ def evaluate(
     for name in hookpoints:
         parse_hookpoint(name, adapter.n_blocks)
     special_ids = adapter.special_token_ids()
-    batches = _heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
+    batches = heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
 
-    stats = _ReconstructionStats(len(hookpoints), crosscoder.config.n_features)
+    stats = ReconstructionStats(len(hookpoints), crosscoder.config.n_features)
     resid_hookpoints = [
         h for h in hookpoints if parse_hookpoint(h, adapter.n_blocks)[1] in RESID_SITES
     ]

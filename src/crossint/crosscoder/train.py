@@ -54,6 +54,8 @@ _SAMPLE_BYTES = 1 << 30  # normalisation sample cap (float32)
 _CALIBRATION_TOKENS = 16384  # enough for a k/H quantile per feature at k/H >= 0.1%
 
 ExtraLoss = Callable[[Crosscoder, Tensor, CrosscoderOutput], dict[str, Tensor]]
+# Logged only (every log_every steps, without gradients), never added to the loss.
+ExtraMetric = Callable[[Crosscoder, Tensor, CrosscoderOutput], dict[str, float]]
 
 
 class ActivationSource(Protocol):
@@ -211,6 +213,21 @@ def _check_resume_settings(kind: str, saved: dict, given: dict, run: Path) -> No
         )
 
 
+def _check_resume_extra(saved: dict, given: dict, run: Path) -> None:
+    if saved != given:
+        raise CrossintError(
+            f"cannot resume {run}: it was started with {json.dumps(saved, sort_keys=True)}, "
+            f"not {json.dumps(given, sort_keys=True)}; resume with the same settings or use a "
+            "new run directory"
+        )
+
+
+_RESERVED_CONFIG_KEYS = frozenset(
+    {"format", "version", "status", "crosscoder", "training_crosscoder", "train", "source",
+     "final_metrics"}
+)
+
+
 def _device_batches(batches: Iterator[Tensor], device: torch.device) -> Iterator[Tensor]:
     """Move batches to the device. On CUDA a thread reads the next batches (pinned) while the
     GPU trains, so data loading overlaps compute; the order never changes."""
@@ -333,17 +350,25 @@ def train(
     resume: bool = False,
     extra_losses: Sequence[ExtraLoss] = (),
     progress: bool = True,
+    extra_metrics: Sequence[ExtraMetric] = (),
+    extra_config: dict[str, Any] | None = None,
 ) -> Crosscoder:
     """Train a crosscoder on ``source`` and save the folded result in ``out_dir``.
 
     ``extra_losses`` are callables ``(crosscoder, acts_BXD, output) -> {name: scalar}`` whose
-    values are added to the loss and logged (the interaction penalty plugs in here). Returns the
-    saved (folded, eval-mode) crosscoder.
+    values are added to the loss and logged (the interaction penalty plugs in here).
+    ``extra_metrics`` have the same signature but are only logged (at logging steps, without
+    gradients). ``extra_config`` (JSON-able) adds top-level entries to the run's config.json
+    describing what the extra losses do; a resume must pass the same. Returns the saved (folded,
+    eval-mode) crosscoder.
     """
     from tqdm.auto import tqdm
 
     cc, tc = crosscoder_config, train_config
     out_dir = Path(out_dir)
+    clashes = sorted(_RESERVED_CONFIG_KEYS & set(extra_config or {}))
+    if clashes:
+        raise CrossintError(f"extra_config keys {clashes} clash with the run's own entries")
     check_source(cc, source)
     ckpt_file = checkpoint_path(out_dir)
     state: dict[str, Any] | None = None
@@ -353,6 +378,8 @@ def train(
             _check_resume_source(state["source"], source, out_dir)
             _check_resume_settings("crosscoder", state["crosscoder_config"], cc.to_dict(), out_dir)
             _check_resume_settings("training", state["train_config"], tc.to_dict(), out_dir)
+            if "extra_config" in state:  # older checkpoints did not record one
+                _check_resume_extra(state["extra_config"], extra_config or {}, out_dir)
     elif _has_run(out_dir):
         raise CrossintError(
             f"{out_dir} already holds a training run; resume it (--resume) or choose a new "
@@ -407,6 +434,7 @@ def train(
         "training_crosscoder": cc.to_dict(),
         "train": tc.to_dict(),
         "source": description,
+        **(extra_config or {}),
     }
     if start_step == 0:
         atomic_write_json(out_dir / CONFIG_NAME, run_document)
@@ -428,6 +456,7 @@ def train(
             "crosscoder_config": cc.to_dict(),
             "train_config": tc.to_dict(),
             "source": source_signature(source),
+            "extra_config": extra_config or {},
         }
         atomic_write(ckpt_file, lambda tmp: torch.save(checkpoint, tmp))
 
@@ -487,6 +516,14 @@ def train(
                     terms[name] = value
                     loss = loss + value
 
+            # Logged-only metrics see the same weights as this step's output (before the update).
+            logged_metrics: dict[str, float] = {}
+            if extra_metrics and ((step + 1) % tc.log_every == 0 or step + 1 == tc.steps):
+                with torch.no_grad():
+                    for metric in extra_metrics:
+                        for name, value in metric(model, acts_BXD, out).items():
+                            logged_metrics[name] = float(value)
+
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
@@ -524,6 +561,12 @@ def train(
                     }
                     if out.batch_threshold is not None:
                         record["threshold"] = model.threshold_H[0].item()
+                    for name, value in logged_metrics.items():
+                        if name in record:
+                            raise CrossintError(
+                                f"extra metric name {name!r} clashes with a logged value"
+                            )
+                        record[name] = value
                 record.setdefault("aux_loss", 0.0)
                 if not math.isfinite(record["loss"]):
                     raise CrossintError(
@@ -565,6 +608,7 @@ def train(
             "training_crosscoder": cc.to_dict(),
             "train": tc.to_dict(),
             "source": description,
+            **(extra_config or {}),
             "final_metrics": final_metrics,
         },
     )

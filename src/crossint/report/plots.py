@@ -1,0 +1,188 @@
+"""Plots of the MLP interaction analysis and the λ sweep (PNG, matplotlib's Agg canvas).
+
+One function per plot; each takes plain data (lists, arrays, dicts) and a path and writes the PNG
+atomically. Figures are built without pyplot, so nothing touches a display or global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from crossint.errors import CrossintError
+from crossint.io import atomic_write
+
+DPI = 120
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: str | Path) -> Path:
+    figure.tight_layout()
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+    return [float(v) if v is not None and math.isfinite(float(v)) else math.nan for v in values]
+
+
+def plot_share_histograms(
+    bin_edges: Sequence[float],
+    counts_by_block: Mapping[Any, Sequence[float]],
+    path: str | Path,
+    title: str = "Dominant share per block (SPEC §4.2)",
+) -> Path:
+    """Histogram of the dominant share (Mx + ε)/(S + ε) per block, one panel per block.
+
+    ``counts_by_block[block]`` has ``len(bin_edges) - 1`` counts; bars show the fraction of
+    (token, neuron) pairs in each bin."""
+    if not counts_by_block:
+        raise CrossintError("no blocks to plot a dominant-share histogram for")
+    n_bins = len(bin_edges) - 1
+    for block, counts in counts_by_block.items():
+        if len(counts) != n_bins:
+            raise CrossintError(
+                f"block {block}: {len(counts)} histogram counts for {n_bins} bins"
+            )
+    n = len(counts_by_block)
+    columns = min(n, 4)
+    rows = math.ceil(n / columns)
+    figure = _figure(3.2 * columns, 2.6 * rows + 0.4)
+    widths = [bin_edges[b + 1] - bin_edges[b] for b in range(n_bins)]
+    for index, (block, counts) in enumerate(counts_by_block.items()):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        total = sum(counts)
+        fractions = [c / total if total else 0.0 for c in counts]
+        axes.bar(list(bin_edges[:-1]), fractions, width=widths, align="edge",
+                 color="tab:blue", edgecolor="white", linewidth=0.4)
+        mean = (sum(f * (bin_edges[b] + widths[b] / 2) for b, f in enumerate(fractions))
+                if total else math.nan)
+        axes.set_title(f"block {block}" + (f"  (mean ≈ {mean:.2f})" if total else ""),
+                       fontsize=9)
+        axes.set_xlim(bin_edges[0], bin_edges[-1])
+        axes.set_xlabel("dominant share", fontsize=8)
+        if index % columns == 0:
+            axes.set_ylabel("fraction of (token, neuron)", fontsize=8)
+        axes.tick_params(labelsize=7)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_interaction_location(
+    strength_LG: Sequence[Sequence[float]],
+    blocks: Sequence[Any],
+    path: str | Path,
+    neuron_ranges: Sequence[Sequence[int]] | None = None,
+    title: str = "Interaction strength by location",
+) -> Path:
+    """Heatmap of interaction strength, one row per block and one column per neuron group.
+
+    ``strength_LG[l][g]``: mean over the group's neurons of ‖W_out[n]‖·(S − Mx) per token."""
+    import numpy as np
+
+    values_LG = np.asarray(strength_LG, dtype=float)
+    if values_LG.ndim != 2 or values_LG.shape[0] != len(blocks) or values_LG.shape[1] == 0:
+        raise CrossintError(
+            f"location heatmap needs one row of group values per block: got shape "
+            f"{values_LG.shape} for {len(blocks)} blocks"
+        )
+    figure = _figure(9.0, 1.8 + 0.5 * len(blocks))
+    axes = figure.add_subplot(1, 1, 1)
+    image = axes.imshow(values_LG, aspect="auto", cmap="viridis", interpolation="nearest")
+    colorbar = figure.colorbar(image, ax=axes)
+    colorbar.set_label("‖W_out‖·(S−Mx) per token", fontsize=8)
+    colorbar.ax.tick_params(labelsize=7)
+    axes.set_yticks(range(len(blocks)), [f"block {b}" for b in blocks], fontsize=8)
+    n_groups = values_LG.shape[1]
+    ticks = sorted(set(np.linspace(0, n_groups - 1, min(n_groups, 8)).round().astype(int)))
+    labels = ([f"{neuron_ranges[g][0]}" for g in ticks] if neuron_ranges is not None
+              else [str(g) for g in ticks])
+    axes.set_xticks(ticks, labels, fontsize=8)
+    axes.set_xlabel("neuron group (first neuron index)" if neuron_ranges is not None
+                    else "neuron group", fontsize=8)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_top_pairs(
+    labels: Sequence[str],
+    values: Sequence[float],
+    path: str | Path,
+    xlabel: str = "interaction mass per token (I[i, j], SPEC §4.5)",
+    title: str = "Top interacting feature pairs",
+) -> Path:
+    """Horizontal bar chart of the strongest pairs, the first label at the top."""
+    if len(labels) != len(values):
+        raise CrossintError(f"{len(labels)} pair labels for {len(values)} values")
+    figure = _figure(7.0, 1.2 + 0.22 * max(len(labels), 3))
+    axes = figure.add_subplot(1, 1, 1)
+    if labels:
+        positions = list(range(len(labels)))[::-1]
+        axes.barh(positions, _finite(values), color="tab:orange")
+        axes.set_yticks(positions, list(labels), fontsize=7)
+    else:
+        axes.text(0.5, 0.5, "no co-active feature pairs", ha="center", va="center",
+                  transform=axes.transAxes)
+        axes.set_yticks([])
+    axes.set_xlabel(xlabel, fontsize=8)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_sweep(
+    lambdas: Sequence[float],
+    dominant_share: Sequence[float],
+    recon_loss: Sequence[float],
+    pairwise_interaction: Sequence[float],
+    path: str | Path,
+    title: str = "Interaction penalty sweep",
+) -> Path:
+    """Two panels as in the paper's Figure 1: dominant share and reconstruction loss against λ
+    (twin axes), and average pairwise interaction against λ. λ = 0 is shown on a symlog axis."""
+    n = len(lambdas)
+    if n == 0 or not (len(dominant_share) == len(recon_loss) == len(pairwise_interaction) == n):
+        raise CrossintError(
+            f"sweep plot needs one value per λ: {n} λ, {len(dominant_share)} shares, "
+            f"{len(recon_loss)} losses, {len(pairwise_interaction)} interactions"
+        )
+    order = sorted(range(n), key=lambda i: lambdas[i])
+    x = [float(lambdas[i]) for i in order]
+    share = _finite([dominant_share[i] for i in order])
+    loss = _finite([recon_loss[i] for i in order])
+    pairwise = _finite([pairwise_interaction[i] for i in order])
+    positive = [v for v in x if v > 0]
+    figure = _figure(10.0, 3.8)
+
+    def lambda_axis(axes: Any) -> None:
+        if positive:
+            axes.set_xscale("symlog", linthresh=min(positive))
+        axes.set_xlabel("interaction penalty λ")
+        axes.grid(alpha=0.3)
+
+    left = figure.add_subplot(1, 2, 1)
+    left.plot(x, share, "o-", color="tab:blue", label="dominant share")
+    left.set_ylabel("dominant share (SPEC §4.2)", color="tab:blue")
+    left.tick_params(axis="y", labelcolor="tab:blue")
+    lambda_axis(left)
+    twin = left.twinx()
+    twin.plot(x, loss, "s--", color="tab:red", label="reconstruction loss")
+    twin.set_ylabel("reconstruction loss L_rec (SPEC §3.3)", color="tab:red")
+    twin.tick_params(axis="y", labelcolor="tab:red")
+    left.set_title("share and reconstruction vs λ", fontsize=10)
+
+    right = figure.add_subplot(1, 2, 2)
+    right.plot(x, pairwise, "o-", color="tab:purple")
+    right.set_ylabel("pairwise interaction per token (SPEC §4.5)")
+    lambda_axis(right)
+    right.set_title("average pairwise interaction vs λ", fontsize=10)
+    figure.suptitle(title, fontsize=11)
+    return _save(figure, path)
