@@ -7,7 +7,7 @@ import argparse
 # The settings that produced the packaged weights (crossint/assets/storylm); keep in sync with
 # docs/storylm.md.
 TRAIN_DEFAULTS = {
-    "steps": 1000, "batch_size": 16, "context_length": 256, "lr": 3e-3, "seed": 0,
+    "steps": 2000, "batch_size": 16, "context_length": 256, "lr": 3e-3, "seed": 0,
     "vocab_size": 2048, "threads": 1,
 }
 
