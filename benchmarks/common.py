@@ -26,6 +26,23 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of each function, timed in turns so that slow drift of a shared machine
+    affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def machine() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),

@@ -102,13 +102,16 @@ def random_mlps(n_blocks: int, D: int, N: int, device: torch.device) -> dict[int
             b_in_N=(0.1 * torch.randn(N, generator=g)).to(device),
             W_out_ND=(torch.randn(N, D, generator=g) / N**0.5).to(device),
             b_out_D=torch.zeros(D, device=device),
-            act=F.gelu, act_name="gelu", lipschitz=1.13,
+            act=F.gelu,
+            act_name="gelu",
+            lipschitz=1.13,
         )
     return mlps
 
 
-def topk_codes(B: int, H: int, K: int, seed: int, device: torch.device,
-               zipf: float = 0.0) -> torch.Tensor:
+def topk_codes(
+    B: int, H: int, K: int, seed: int, device: torch.device, zipf: float = 0.0
+) -> torch.Tensor:
     """f_BH with exactly K active features per token; ``zipf`` > 0 makes some features common
     (as in trained crosscoders), so feature pairs recur."""
     g = torch.Generator().manual_seed(seed)
@@ -154,6 +157,7 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
         return run
 
     with torch.no_grad():
@@ -165,12 +169,20 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
     times = {}
     for penalty in ("off", "analytic", "autograd"):
         times[penalty] = sync_time(step(penalty), device, repeats)
-        rows.append({
-            "bench": "train_step", "penalty": penalty, "B": batch, "H": H, "N": N, "K": K,
-            "threads": torch.get_num_threads(),
-            "ms": 1e3 * times[penalty], "vs_off": times[penalty] / times["off"],
-            "peak_MB": peak_memory(step(penalty), device),
-        })
+        rows.append(
+            {
+                "bench": "train_step",
+                "penalty": penalty,
+                "B": batch,
+                "H": H,
+                "N": N,
+                "K": K,
+                "threads": torch.get_num_threads(),
+                "ms": 1e3 * times[penalty],
+                "vs_off": times[penalty] / times["off"],
+                "peak_MB": peak_memory(step(penalty), device),
+            }
+        )
     # Analytic sizes: autograd keeps p_BKN (and |p|) per block; the analytic backward keeps one
     # chunk's p at a time; both keep V_UN per block.
     for row in rows:
@@ -182,8 +194,10 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
 def bench_contributions(device: torch.device, repeats: int, batch: int = 1024) -> list[dict]:
     D, N, H, K = 128, 512, 4096, 20
     block = MLPFeatureBlock(
-        0, (torch.randn(H, D, generator=torch.Generator().manual_seed(2)) / 10).to(device),
-        torch.zeros(D, device=device), random_mlps(1, D, N, device)[0],
+        0,
+        (torch.randn(H, D, generator=torch.Generator().manual_seed(2)) / 10).to(device),
+        torch.zeros(D, device=device),
+        random_mlps(1, D, N, device)[0],
     )
     f_BH = topk_codes(batch, H, K, seed=3, device=device)
     dense_chunk = 32  # B×N×H for the whole batch would be 8.6 GB in float32
@@ -191,15 +205,17 @@ def bench_contributions(device: torch.device, repeats: int, batch: int = 1024) -
     distinct = int((f_BH != 0).any(dim=0).sum())  # rows of V_UN
 
     def sparse() -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [abs_stats(c.p_BKN)[:2] for _, c in
-                 iter_contributions(f_BH, block.d_HD, block.mlp.W_in_DN)]
+        parts = [
+            abs_stats(c.p_BKN)[:2]
+            for _, c in iter_contributions(f_BH, block.d_HD, block.mlp.W_in_DN)
+        ]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def dense() -> tuple[torch.Tensor, torch.Tensor]:
         V_HN = block.d_HD @ block.mlp.W_in_DN
         S, Mx = [], []
         for start in range(0, batch, dense_chunk):
-            abs_BNH = (f_BH[start:start + dense_chunk, None, :] * V_HN.T[None]).abs_()
+            abs_BNH = (f_BH[start : start + dense_chunk, None, :] * V_HN.T[None]).abs_()
             S.append(abs_BNH.sum(-1))
             Mx.append(abs_BNH.amax(-1))
         return torch.cat(S), torch.cat(Mx)
@@ -213,14 +229,32 @@ def bench_contributions(device: torch.device, repeats: int, batch: int = 1024) -
         m_sparse = peak_memory(sparse, device)
         m_dense = peak_memory(dense, device)
     return [
-        {"bench": "contributions", "method": f"active slots (chunks of {chunk})", "B": batch,
-         "H": H, "N": N, "K": K, "ms": 1e3 * t_sparse, "speedup": t_dense / t_sparse,
-         "peak_MB": m_sparse, "largest_tensor_MB": max(distinct, chunk * K) * N * 4 / MB,
-         "unchunked_MB": batch * K * N * 4 / MB},
-        {"bench": "contributions", "method": f"dense B×N×H (chunks of {dense_chunk})",
-         "B": batch, "H": H, "N": N, "K": K, "ms": 1e3 * t_dense, "speedup": 1.0,
-         "peak_MB": m_dense, "largest_tensor_MB": dense_chunk * N * H * 4 / MB,
-         "unchunked_MB": batch * N * H * 4 / MB},
+        {
+            "bench": "contributions",
+            "method": f"active slots (chunks of {chunk})",
+            "B": batch,
+            "H": H,
+            "N": N,
+            "K": K,
+            "ms": 1e3 * t_sparse,
+            "speedup": t_dense / t_sparse,
+            "peak_MB": m_sparse,
+            "largest_tensor_MB": max(distinct, chunk * K) * N * 4 / MB,
+            "unchunked_MB": batch * K * N * 4 / MB,
+        },
+        {
+            "bench": "contributions",
+            "method": f"dense B×N×H (chunks of {dense_chunk})",
+            "B": batch,
+            "H": H,
+            "N": N,
+            "K": K,
+            "ms": 1e3 * t_dense,
+            "speedup": 1.0,
+            "peak_MB": m_dense,
+            "largest_tensor_MB": dense_chunk * N * H * 4 / MB,
+            "unchunked_MB": batch * N * H * 4 / MB,
+        },
     ]
 
 
@@ -229,10 +263,18 @@ def bench_pairwise(device: torch.device, n_batches: int, batch: int = 1024) -> l
     n_blocks, D, N, H, K = 4, 128, 512, 16384, 20
     mlps = random_mlps(n_blocks, D, N, device)
     g = torch.Generator().manual_seed(4)
-    blocks = [MLPFeatureBlock(l, (torch.randn(H, D, generator=g) / 10).to(device),
-                              torch.zeros(D, device=device), mlps[l]) for l in range(n_blocks)]
-    batches = [topk_codes(batch, H, K, seed=10 + i, device=device, zipf=0.8)
-               for i in range(n_batches)]
+    blocks = [
+        MLPFeatureBlock(
+            l,
+            (torch.randn(H, D, generator=g) / 10).to(device),
+            torch.zeros(D, device=device),
+            mlps[l],
+        )
+        for l in range(n_blocks)
+    ]
+    batches = [
+        topk_codes(batch, H, K, seed=10 + i, device=device, zipf=0.8) for i in range(n_batches)
+    ]
 
     def run() -> PairwiseAccumulator:
         accumulator = PairwiseAccumulator(H, range(n_blocks), storage="sparse")
@@ -240,8 +282,9 @@ def bench_pairwise(device: torch.device, n_batches: int, batch: int = 1024) -> l
             for f_BH in batches:
                 iterators = [iter_contributions(f_BH, b.d_HD, b.mlp.W_in_DN, 256) for b in blocks]
                 for chunk in zip(*iterators, strict=True):
-                    accumulator.update([(b, c, neuron_stats(c))
-                                        for b, (_, c) in zip(blocks, chunk, strict=True)])
+                    accumulator.update(
+                        [(b, c, neuron_stats(c)) for b, (_, c) in zip(blocks, chunk, strict=True)]
+                    )
         return accumulator
 
     start = time.perf_counter()
@@ -250,13 +293,23 @@ def bench_pairwise(device: torch.device, n_batches: int, batch: int = 1024) -> l
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     stored_bytes = (result.mass_keys_E.numel() + result.count_keys_E.numel()) * 16
-    return [{
-        "bench": "pairwise", "storage": "sparse", "blocks": n_blocks, "H": H, "N": N, "K": K,
-        "tokens": n_batches * batch, "tokens_per_s": n_batches * batch / seconds,
-        "triplets": result.mass_keys_E.numel(), "pairs": result.count_keys_E.numel(),
-        "stored_MB": stored_bytes / MB, "peak_MB": peak_memory(run, device),
-        "dense_would_be_MB": (n_blocks + 1) * H * H * 8 / MB,
-    }]
+    return [
+        {
+            "bench": "pairwise",
+            "storage": "sparse",
+            "blocks": n_blocks,
+            "H": H,
+            "N": N,
+            "K": K,
+            "tokens": n_batches * batch,
+            "tokens_per_s": n_batches * batch / seconds,
+            "triplets": result.mass_keys_E.numel(),
+            "pairs": result.count_keys_E.numel(),
+            "stored_MB": stored_bytes / MB,
+            "peak_MB": peak_memory(run, device),
+            "dense_would_be_MB": (n_blocks + 1) * H * H * 8 / MB,
+        }
+    ]
 
 
 def main() -> None:
