@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossint.analysis.evaluate import heldout_batches, non_special_BS
+from crossint.analysis.heldout import heldout_batches, non_special_BS
 from crossint.analysis.interactions import analyse_run
 from crossint.cli import main
 from crossint.crosscoder.model import Crosscoder

@@ -15,12 +15,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossint.analysis.heldout import (
+    HELDOUT_SEED,
+    capture_tokens,
+    heldout_batches,
+    load_run,
+    training_text_settings,
+)
 from crossint.analysis.splicing import loss_recovered, replace_where
-from crossint.errors import CrossintError
 from crossint.models.hookpoints import RESID_SITES, parse_hookpoint
 
 DENSE_FIRING_RATE = 0.1  # SPEC §3.6: a feature firing on more than 10% of tokens is "dense"
-HELDOUT_SEED = 12345  # default text seed for evaluation; harvests default to seed 0
 
 
 @dataclass
@@ -61,73 +66,10 @@ class ReconstructionStats:
         return self.sq_error_X / variance_X
 
 
-def load_run(run_dir: str | Path, command: str = "eval"):
-    """The saved crosscoder of a run (eval mode) and the name of its single subject model."""
-    from crossint.crosscoder.model import Crosscoder
-
-    crosscoder = Crosscoder.from_pretrained(run_dir)
-    models = list(crosscoder.config.models)
-    if len(models) != 1:
-        raise CrossintError(
-            f"{run_dir} is a {len(models)}-model crosscoder; `crossint {command}` works on "
-            "single-model crosscoders"
-        )
-    return crosscoder.eval(), models[0]
-
-
-def heldout_batches(
-    adapter, corpus: str, seed: int, context_length: int, n_tokens: int, batch_size: int
-) -> list[Tensor]:
-    """Contexts of held-out text holding at least ``n_tokens`` non-special tokens."""
-    from crossint.data.corpus import iter_contexts, iter_texts
-
-    if adapter.tokenizer is None:
-        raise CrossintError(f"model {adapter.name!r} has no tokenizer; cannot tokenize {corpus!r}")
-    if context_length > adapter.max_context:
-        raise CrossintError(
-            f"context length {context_length} is longer than the model's maximum "
-            f"{adapter.max_context}"
-        )
-    special_ids = adapter.special_token_ids()
-    contexts, n_usable = [], 0
-    for ids_S in iter_contexts(iter_texts(corpus, seed=seed), adapter.tokenizer, context_length):
-        contexts.append(ids_S)
-        n_usable += int(non_special_BS(ids_S, special_ids).sum())
-        if n_usable >= n_tokens:
-            break
-    if not contexts:
-        raise CrossintError(f"corpus {corpus!r} gave no text to evaluate on")
-    return list(torch.stack(contexts).split(batch_size))
-
-
-def training_text_settings(run_dir: str | Path) -> dict:
-    """Corpus and context length of the cache a run was trained on (empty if unknown)."""
-    from crossint.io import read_json
-
-    source = read_json(Path(run_dir) / "config.json", "crosscoder config").get("source") or {}
-    manifest_path = Path(source.get("path", "")) / "manifest.json"
-    if not source.get("path") or not manifest_path.is_file():
-        return {}
-    manifest = read_json(manifest_path, "activation cache manifest")
-    return {k: manifest[k] for k in ("corpus", "context_length") if k in manifest}
-
-
-def non_special_BS(ids_BS: Tensor, special_ids: set[int]) -> Tensor:
-    """True at every token that is not a special token (BOS/EOS/PAD)."""
-    if not special_ids:
-        return torch.ones_like(ids_BS, dtype=torch.bool)
-    return ~torch.isin(ids_BS, torch.tensor(sorted(special_ids), device=ids_BS.device))
-
-
 def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int]):
     """Clean activations, the non-special mask, stacked activations and the crosscoder output."""
+    acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
     with torch.no_grad():
-        acts = adapter.capture(ids_BS, hookpoints)
-        keep_BS = non_special_BS(ids_BS, special_ids)
-        acts_NXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
-        n_bad = int((~torch.isfinite(acts_NXD)).sum())
-        if n_bad:
-            raise CrossintError(f"model {adapter.name!r} produced {n_bad} NaN/Inf activations")
         out = crosscoder(acts_NXD)
     return acts, keep_BS, acts_NXD, out
 

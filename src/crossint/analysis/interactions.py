@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossint.analysis.evaluate import (
+from crossint.analysis.evaluate import ReconstructionStats
+from crossint.analysis.heldout import (
     HELDOUT_SEED,
-    ReconstructionStats,
+    capture_tokens,
     heldout_batches,
     load_run,
-    non_special_BS,
+    training_manifest,
 )
 from crossint.errors import CrossintError
 from crossint.interactions import (
@@ -45,7 +46,7 @@ from crossint.interactions import (
     mlp_in_blocks,
 )
 from crossint.interactions.contributions import NeuronStats
-from crossint.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from crossint.io import atomic_write_json, atomic_write_text, sha256_file
 from crossint.models.hookpoints import parse_hookpoint
 
 SHARE_BINS = 20
@@ -83,16 +84,6 @@ class LocatedShareSummary(ShareSummary):
             self.nondominant_N[block] += nondominant_N
         else:
             self.histograms[block], self.nondominant_N[block] = counts, nondominant_N
-
-
-def training_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """The manifest of the activation cache a run was trained on ({} if unknown or gone)."""
-    document = read_json(Path(run_dir) / "config.json", "crosscoder config")
-    source = document.get("source") or {} if isinstance(document, dict) else {}
-    path = source.get("path")
-    if not path or not (Path(path) / "manifest.json").is_file():
-        return {}
-    return read_json(Path(path) / "manifest.json", "activation cache manifest")
 
 
 def select_blocks(crosscoder: Any, blocks: Sequence[int] | None, run_dir: str | Path) -> list[int]:
@@ -143,19 +134,6 @@ def check_model(crosscoder: Any, adapter: Any, manifest: dict[str, Any], run_dir
                         f"the crosscoder in {run_dir}")
     for name in crosscoder.config.hookpoints:
         parse_hookpoint(name, adapter.n_blocks)
-
-
-def _capture(adapter: Any, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int],
-             ) -> Tensor:
-    """Activations (N, X, D) of the non-special tokens of a batch of contexts."""
-    with torch.no_grad():
-        acts = adapter.capture(ids_BS, hookpoints)
-    keep_BS = non_special_BS(ids_BS, special_ids)
-    acts_NXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
-    n_bad = int((~torch.isfinite(acts_NXD)).sum())
-    if n_bad:
-        raise CrossintError(f"model {adapter.name!r} produced {n_bad} NaN/Inf activations")
-    return acts_NXD
 
 
 def _clean(value: Any) -> Any:
@@ -245,7 +223,7 @@ def analyse_run(
     with torch.no_grad():
         for ids_BS in tqdm(batches, desc="interactions", unit="batch", disable=not progress,
                            dynamic_ncols=True):
-            acts_NXD = _capture(adapter, ids_BS.to(device), hookpoints, special_ids)
+            acts_NXD = capture_tokens(adapter, ids_BS.to(device), hookpoints, special_ids)[2]
             f_NH = crosscoder.encode(acts_NXD)
             recon.update(acts_NXD.cpu(), crosscoder.decode(f_NH).cpu(), f_NH.cpu())
             norm_sum_X += acts_NXD.double().norm(dim=-1).sum(dim=0).cpu()
