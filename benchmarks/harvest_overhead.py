@@ -20,8 +20,8 @@ import time
 import torch
 
 from common import print_table, time_interleaved, write_results
-from crossint.data.activations import _Capture, harvest
 from crossint.data.corpus import iter_contexts, iter_texts
+from crossint.data.harvest import _Capture, harvest
 from crossint.models.adapter import load_model
 
 

@@ -18,7 +18,7 @@ import torch
 from common import print_table, write_results
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.train import TrainConfig, train
-from crossint.data.activations import TensorActivations
+from crossint.data.cache import TensorActivations
 from crossint.models.hookpoints import resolve_layout
 
 SHAPES = [  # (blocks → paper-layout positions, d_model, features, K, batch)

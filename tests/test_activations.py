@@ -1,4 +1,4 @@
-"""The activation harvest and cache (crossint.data.activations) on a tiny real GPT-2."""
+"""The activation harvest (crossint.data.harvest) and cache (crossint.data.cache), tiny GPT-2."""
 
 from __future__ import annotations
 
@@ -16,13 +16,9 @@ from safetensors.torch import save_file
 from scipy.optimize import linear_sum_assignment
 
 from conftest import TINY_TEXT
-from crossint.data.activations import (
-    ActivationCache,
-    TensorActivations,
-    canonical_dtype,
-    harvest,
-)
+from crossint.data.cache import ActivationCache, TensorActivations, canonical_dtype
 from crossint.data.corpus import iter_contexts, iter_texts
+from crossint.data.harvest import harvest
 from crossint.errors import CrossintError
 from crossint.models.adapter import load_model
 

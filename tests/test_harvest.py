@@ -1,4 +1,4 @@
-"""`crossint harvest`: the command line over crossint.data.activations."""
+"""`crossint harvest`: the command line over crossint.data.harvest."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from crossint.cli import main
-from crossint.data.activations import ActivationCache, harvest
+from crossint.data.cache import ActivationCache
+from crossint.data.harvest import harvest
 
 
 def args(model_dir, out, corpus, *extra):

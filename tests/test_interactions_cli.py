@@ -16,7 +16,7 @@ from crossint.analysis.heldout import heldout_batches, non_special_BS
 from crossint.analysis.interactions import analyse_run
 from crossint.cli import main
 from crossint.crosscoder.model import Crosscoder
-from crossint.data.activations import harvest
+from crossint.data.harvest import harvest
 from crossint.models.adapter import load_model
 
 TRAIN = ["--features", "64", "--k", "4", "--steps", "60", "--batch-size", "128",

@@ -487,7 +487,7 @@ def test_analyse_mlp_interactions_over_batches():
 @pytest.mark.slow
 def test_training_with_the_penalty_raises_the_dominant_share(tiny_model_dir, tmp_path):
     from crossint.crosscoder.train import TrainConfig, train
-    from crossint.data.activations import TensorActivations
+    from crossint.data.cache import TensorActivations
     from crossint.models.adapter import load_model
 
     adapter = load_model(str(tiny_model_dir))

@@ -10,7 +10,7 @@ import pytest
 
 from crossint.analysis.sweep import lambda_name, parse_lambdas
 from crossint.cli import main
-from crossint.data.activations import harvest
+from crossint.data.harvest import harvest
 from crossint.errors import CrossintError
 
 SWEEP = ["--features", "64", "--k", "4", "--steps", "40", "--batch-size", "128",

@@ -23,7 +23,7 @@ from crossint.crosscoder.losses import (
 )
 from crossint.crosscoder.model import Crosscoder
 from crossint.crosscoder.train import TrainConfig, train
-from crossint.data.activations import TensorActivations
+from crossint.data.cache import TensorActivations
 from crossint.errors import CrossintError
 
 HOOKS = ["blocks.0.resid_pre", "blocks.1.resid_pre", "blocks.1.resid_post"]
@@ -385,7 +385,7 @@ def test_training_reduces_fvu_on_sparse_synthetic_data(activation, source, tmp_p
 # --- the command line --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def caches(tiny_model_dir, tiny_text_file, tmp_path_factory) -> dict[str, Path]:
-    from crossint.data.activations import harvest
+    from crossint.data.harvest import harvest
 
     root = tmp_path_factory.mktemp("caches")
     out = {}
@@ -424,7 +424,7 @@ def test_cli_resume_continues_exactly(caches, tmp_path):
     assert cli("--activations", caches["resid"], "--out", full, *SMALL) == 0
     run = tmp_path / "run"
     # Interrupt the same run through the library, then let the command resume it.
-    from crossint.data.activations import ActivationCache
+    from crossint.data.cache import ActivationCache
 
     cache = ActivationCache(caches["resid"])
     cc = CrosscoderConfig(hookpoints=cache.hookpoints, models=[cache.model], d_model=32,

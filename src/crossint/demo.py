@@ -38,7 +38,7 @@ def run_demo(
     from crossint.analysis.evaluate import evaluate
     from crossint.crosscoder.config import CrosscoderConfig
     from crossint.crosscoder.train import TrainConfig, train
-    from crossint.data.activations import harvest
+    from crossint.data.harvest import harvest
     from crossint.models.adapter import load_model
 
     out_dir = Path(out_dir)

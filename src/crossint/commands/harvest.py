@@ -78,12 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from crossint.data.activations import (
-        MANIFEST_NAME,
-        cache_size_bytes,
-        canonical_dtype,
-        harvest,
-    )
+    from crossint.data.cache import MANIFEST_NAME, cache_size_bytes, canonical_dtype
+    from crossint.data.harvest import harvest
     from crossint.models.adapter import load_model
 
     dtype = canonical_dtype(args.dtype)

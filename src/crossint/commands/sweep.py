@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         penalty_settings,
     )
     from crossint.crosscoder.train import train
-    from crossint.data.activations import ActivationCache
+    from crossint.data.cache import ActivationCache
     from crossint.errors import CrossintError
     from crossint.io import atomic_write_json
 

@@ -17,7 +17,7 @@ from crossint.errors import CrossintError
 if TYPE_CHECKING:
     from crossint.crosscoder.config import CrosscoderConfig
     from crossint.crosscoder.train import ExtraLoss, ExtraMetric, TrainConfig
-    from crossint.data.activations import ActivationCache
+    from crossint.data.cache import ActivationCache
 
 # CLI flag -> (config object, field). Flags default to None so a resume can tell which ones the
 # user actually gave (those must agree with the run being resumed).
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         read_run_configs,
         train,
     )
-    from crossint.data.activations import ActivationCache
+    from crossint.data.cache import ActivationCache
 
     if args.interaction_penalty is not None and not args.interaction_penalty >= 0:
         raise CrossintError(f"--interaction-penalty must be >= 0, got {args.interaction_penalty}")

@@ -59,7 +59,7 @@ ExtraMetric = Callable[[Crosscoder, Tensor, CrosscoderOutput], dict[str, float]]
 
 
 class ActivationSource(Protocol):
-    """What ``train`` reads activations from (``crossint.data.activations.ActivationCache`` and
+    """What ``train`` reads activations from (``crossint.data.cache.ActivationCache`` and
     the in-memory ``TensorActivations``). A source for a multi-model crosscoder also exposes
     ``models`` and yields positions model-major."""
 

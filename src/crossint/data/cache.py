@@ -1,0 +1,437 @@
+"""The on-disk activation cache (written by ``crossint.data.harvest``) and in-memory sources.
+
+A cache is a directory::
+
+    manifest.json                 what was harvested, how, and a checksum per shard
+    shard_00000.safetensors       one [n, dim] tensor per hookpoint, token-shuffled
+    shard_00001.safetensors
+    ...
+
+Reading (``ActivationCache``): the manifest and shard files are validated (a checksum mismatch
+names the file); ``batches`` is an infinite, deterministic stream over epochs that permutes the
+shard order each epoch and shuffles tokens across a window of several shards.
+``TensorActivations`` offers the same reading interface for activations already in memory.
+"""
+
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossint.errors import CrossintError
+from crossint.io import read_json
+
+FORMAT = "crossint.activations"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+                  "bf16": "bfloat16"}
+# Settings that decide the bytes of every shard: a resumed harvest must match all of them.
+SETTING_KEYS: tuple[str, ...] = (
+    "model", "model_info", "hookpoints", "dims", "dtype", "context_length", "corpus",
+    "corpus_sha256", "text_field", "seed", "include_special", "batch_size", "shard_tokens",
+    "n_tokens_target",
+)
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of shard data a cache keeps in memory across epochs
+DEFAULT_WINDOW_SHARDS = 4  # shards whose tokens are mixed together by ``batches``
+
+# Distinct first words for every random stream, so no two streams share a seed sequence.
+RNG_SHARD, RNG_EPOCH, RNG_WINDOW, RNG_SAMPLE = 1, 2, 3, 4
+
+
+def shard_file_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def canonical_dtype(dtype: str | torch.dtype) -> str:
+    """'float32' | 'float16' | 'bfloat16' from a name, an alias (fp16, bf16...) or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        for name, value in DTYPES.items():
+            if value == dtype:
+                return name
+        name = str(dtype)
+    else:
+        name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise CrossintError(
+            f"unsupported activation dtype {dtype!r}: use one of {', '.join(DTYPES)}"
+        )
+    return name
+
+
+def _rng(*words: int) -> np.random.Generator:
+    return np.random.default_rng(list(words))
+
+
+def permutation(n: int, *words: int) -> torch.Tensor:
+    return torch.from_numpy(_rng(*words).permutation(n))
+
+
+# --------------------------------------------------------------------------------------------
+# Harvest
+# --------------------------------------------------------------------------------------------
+
+
+def validate_manifest(manifest: Any, path: Path, require_settings: bool = False) -> None:
+    def bad(what: str) -> CrossintError:
+        return CrossintError(f"activation cache manifest {path} is invalid: {what}; "
+                             f"re-run the harvest into a new directory")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise bad(f"it is not a {FORMAT} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise bad(f"format version {version!r} is not supported (this crossint reads up to "
+                  f"{FORMAT_VERSION})")
+    hookpoints = manifest.get("hookpoints")
+    if not (isinstance(hookpoints, list) and hookpoints
+            and all(isinstance(h, str) for h in hookpoints)):
+        raise bad("'hookpoints' must be a non-empty list of names")
+    dims = manifest.get("dims")
+    if not (isinstance(dims, dict) and set(dims) == set(hookpoints)
+            and all(isinstance(d, int) and d > 0 for d in dims.values())):
+        raise bad("'dims' must give a positive width for every hookpoint")
+    if manifest.get("dtype") not in DTYPES:
+        raise bad(f"'dtype' must be one of {', '.join(DTYPES)}")
+    for key, kind in (("n_tokens", int), ("complete", bool), ("shards", list),
+                      ("model", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"'{key}' is missing or not a {kind.__name__}")
+    for i, entry in enumerate(manifest["shards"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("n_tokens"), int) and entry["n_tokens"] > 0
+                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            raise bad(f"shard entry {i} needs file, n_tokens, bytes and sha256")
+        if Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
+            raise bad(f"shard entry {i} names {entry['file']!r}, not a file in the cache")
+    if sum(e["n_tokens"] for e in manifest["shards"]) != manifest["n_tokens"]:
+        raise bad("'n_tokens' differs from the sum of the shard token counts")
+    if require_settings:
+        missing = [k for k in (*SETTING_KEYS, "corpus_exhausted") if k not in manifest]
+        if missing:
+            raise bad(f"missing {', '.join(missing)}")
+
+
+class _ShuffledStream:
+    """The batch stream shared by both activation sources.
+
+    The data is one infinite token stream, epoch after epoch; each epoch is a list of windows
+    (groups of rows) and each window is read through its own random permutation. Batches are
+    consecutive runs of ``batch_size`` tokens of that stream, so batch k starts at token
+    ``k * batch_size`` and can be located without reading anything before it.
+    """
+
+    def __init__(self, n_per_epoch: int, windows: Callable[[int], list[tuple[Any, int]]],
+                 load: Callable[[Any], torch.Tensor], seed: int) -> None:
+        self.n_per_epoch = n_per_epoch
+        self.windows = windows
+        self.load = load
+        self.seed = seed
+
+    def batches(self, batch_size: int, start_batch: int,
+                device: str | torch.device | None) -> Iterator[torch.Tensor]:
+        epoch, offset = divmod(start_batch * batch_size, self.n_per_epoch)
+        windows = self.windows(epoch)
+        w = 0
+        while offset >= windows[w][1]:
+            offset -= windows[w][1]
+            w += 1
+        pieces: list[torch.Tensor] = []
+        need = batch_size
+        while True:
+            key, size = windows[w]
+            data_NXD = self.load(key)
+            perm_N = permutation(size, self.seed, RNG_WINDOW, epoch, w).to(data_NXD.device)
+            while offset < size:
+                take = min(need, size - offset)
+                pieces.append(data_NXD[perm_N[offset : offset + take]])
+                offset += take
+                need -= take
+                if need == 0:
+                    batch = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                    if device is not None:
+                        batch = batch.to(device, non_blocking=True)  # move in storage dtype
+                    yield batch.float()
+                    pieces, need = [], batch_size
+            del data_NXD
+            offset, w = 0, w + 1
+            if w == len(windows):
+                epoch, w = epoch + 1, 0
+                windows = self.windows(epoch)
+
+
+def _check_stream_args(batch_size: int, seed: int, start_batch: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise CrossintError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise CrossintError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(start_batch, int) or start_batch < 0:
+        raise CrossintError(f"start_batch must be a non-negative integer, got {start_batch!r}")
+
+
+class ActivationCache:
+    """A harvested activation cache on disk (see the module docstring).
+
+    ``memory_budget`` (bytes): when all shards fit, each is kept in memory after its first read so
+    later epochs do not touch the disk. Each shard's checksum is verified the first time this
+    object reads it.
+    """
+
+    def __init__(self, path: str | Path, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CrossintError(
+                f"activation cache not found: {self.path} (create it with crossint harvest "
+                f"--out {self.path})"
+            )
+        manifest_path = self.path / MANIFEST_NAME
+        manifest = read_json(manifest_path, "activation cache manifest")
+        validate_manifest(manifest, manifest_path)
+        if not manifest["complete"]:
+            target = manifest.get("n_tokens_target", "?")
+            raise CrossintError(
+                f"activation cache {self.path} is incomplete ({manifest['n_tokens']} of {target} "
+                f"tokens, {len(manifest['shards'])} shards): resume it by running the same "
+                f"harvest again (crossint harvest --model {manifest['model']} --tokens {target} "
+                f"--out {self.path} with the settings in its {MANIFEST_NAME})"
+            )
+        self.manifest: dict = manifest
+        self.hookpoints: list[str] = list(manifest["hookpoints"])
+        self.dims: dict[str, int] = {h: int(manifest["dims"][h]) for h in self.hookpoints}
+        self.n_tokens: int = int(manifest["n_tokens"])
+        self.dtype: str = manifest["dtype"]
+        self.model: str = manifest["model"]
+        self.shard_sizes: list[int] = [int(s["n_tokens"]) for s in manifest["shards"]]
+        if self.n_tokens < 1:
+            raise CrossintError(f"activation cache {self.path} holds no tokens")
+        for entry in manifest["shards"]:
+            shard_path = self.path / entry["file"]
+            if not shard_path.is_file():
+                raise CrossintError(
+                    f"shard {shard_path} listed in the manifest is missing; re-run the harvest"
+                )
+            if shard_path.stat().st_size != entry["bytes"]:
+                raise self._checksum_error(shard_path)
+        item_bytes = DTYPES[self.dtype].itemsize
+        total_bytes = self.n_tokens * sum(self.dims.values()) * item_bytes
+        self._keep_in_memory = total_bytes <= memory_budget
+        self._memory: dict[int, dict[str, torch.Tensor]] = {}
+        self._verified: set[int] = set()
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shard_sizes)
+
+    def __repr__(self) -> str:
+        return (f"ActivationCache({str(self.path)!r}, model={self.model!r}, "
+                f"hookpoints={len(self.hookpoints)}, n_tokens={self.n_tokens}, "
+                f"dtype={self.dtype})")
+
+    @staticmethod
+    def _checksum_error(path: Path) -> CrossintError:
+        return CrossintError(
+            f"checksum mismatch in {path}: the file is corrupt or truncated; re-run the harvest"
+        )
+
+    def _raw_shard(self, index: int) -> dict[str, torch.Tensor]:
+        """Shard tensors in storage dtype, verified on first read (checksum, shapes, finite)."""
+        if not 0 <= index < self.n_shards:
+            raise IndexError(f"shard index {index} out of range (cache has {self.n_shards})")
+        if index in self._memory:
+            return self._memory[index]
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_bytes
+
+        entry = self.manifest["shards"][index]
+        path = self.path / entry["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CrossintError(
+                f"shard {path} listed in the manifest is missing; re-run the harvest"
+            ) from None
+        if index not in self._verified and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise self._checksum_error(path)
+        try:
+            tensors = load_bytes(data)
+        except (SafetensorError, ValueError) as e:
+            raise CrossintError(f"shard {path} cannot be read ({e}); re-run the harvest") from None
+        if index not in self._verified:
+            self._verify(path, tensors, entry["n_tokens"])
+            self._verified.add(index)
+        if self._keep_in_memory:
+            self._memory[index] = tensors
+        return tensors
+
+    def _verify(self, path: Path, tensors: dict[str, torch.Tensor], n: int) -> None:
+        if set(tensors) != set(self.hookpoints):
+            raise CrossintError(
+                f"shard {path} holds hookpoints {sorted(tensors)}, the manifest lists "
+                f"{sorted(self.hookpoints)}; the cache is corrupt; re-run the harvest"
+            )
+        for name in self.hookpoints:
+            t = tensors[name]
+            expected = (n, self.dims[name])
+            if tuple(t.shape) != expected or t.dtype != DTYPES[self.dtype]:
+                raise CrossintError(
+                    f"shard {path} holds {name} as {str(t.dtype).removeprefix('torch.')} "
+                    f"{tuple(t.shape)}, the manifest says {self.dtype} {expected}; the cache is "
+                    f"corrupt; re-run the harvest"
+                )
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CrossintError(
+                    f"shard {path} holds {bad} non-finite values at hookpoint {name}; "
+                    f"re-run the harvest"
+                )
+
+    def _common_dim(self, what: str) -> int:
+        widths = sorted(set(self.dims.values()))
+        if len(widths) > 1:
+            detail = ", ".join(f"{h}: {d}" for h, d in self.dims.items())
+            raise CrossintError(
+                f"{what} stacks hookpoints into [n, X, D] and needs one width, but the widths "
+                f"differ ({detail}); use read_shard_dict for per-hookpoint access"
+            )
+        return widths[0]
+
+    def read_shard_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Shard ``index`` as {hookpoint: float32 [n, dim]}."""
+        return {h: t.float() for h, t in self._raw_shard(index).items()}
+
+    def read_shard(self, index: int) -> torch.Tensor:
+        """Shard ``index`` as float32 [n, X, D] (X in manifest hookpoint order)."""
+        return self._stacked([index]).float()
+
+    def _stacked(self, indices: Sequence[int]) -> torch.Tensor:
+        """Shards concatenated as [n, X, D] in storage dtype."""
+        D = self._common_dim("reading")
+        n = sum(self.shard_sizes[i] for i in indices)
+        out_NXD = torch.empty(n, len(self.hookpoints), D, dtype=DTYPES[self.dtype])
+        row = 0
+        for i in indices:
+            raw = self._raw_shard(i)
+            size = self.shard_sizes[i]
+            for x, name in enumerate(self.hookpoints):
+                out_NXD[row : row + size, x] = raw[name]
+            row += size
+        return out_NXD
+
+    def batches(self, batch_size: int, seed: int, start_batch: int = 0, *,
+                window_shards: int = DEFAULT_WINDOW_SHARDS,
+                device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Infinite, deterministic float32 [B, X, D] batches.
+
+        Each epoch visits the shards in a fresh random order, in windows of ``window_shards``
+        shards whose tokens are shuffled together. ``start_batch=k`` yields exactly what a fresh
+        iterator yields after k batches, reading only the window where batch k starts.
+        """
+        _check_stream_args(batch_size, seed, start_batch)
+        self._common_dim("batches")
+        if window_shards < 1:
+            raise CrossintError(f"window_shards must be at least 1, got {window_shards}")
+
+        def windows(epoch: int) -> list[tuple[Any, int]]:
+            order = _rng(seed, RNG_EPOCH, epoch).permutation(self.n_shards).tolist()
+            groups = [tuple(order[i : i + window_shards])
+                      for i in range(0, len(order), window_shards)]
+            return [(g, sum(self.shard_sizes[i] for i in g)) for g in groups]
+
+        stream = _ShuffledStream(self.n_tokens, windows, self._stacked, seed)
+        return stream.batches(batch_size, start_batch, device)
+
+    def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
+        """``n_tokens`` random tokens as float32 [n, X, D] (all tokens if the cache holds fewer).
+
+        Reads whole shards in a random order until enough tokens are in hand (shards are already
+        token-shuffled), then draws the tokens from those shards without replacement.
+        """
+        _check_stream_args(1, seed, 0)
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+        n = min(n_tokens, self.n_tokens)
+        order = _rng(seed, RNG_SAMPLE, 0).permutation(self.n_shards).tolist()
+        chosen, have = [], 0
+        for i in order:
+            chosen.append(i)
+            have += self.shard_sizes[i]
+            if have >= n:
+                break
+        data_NXD = self._stacked(chosen)
+        rows = torch.from_numpy(_rng(seed, RNG_SAMPLE, 1).choice(have, size=n, replace=False))
+        return data_NXD[rows].float()
+
+
+class TensorActivations:
+    """Activations already in memory, with the reading interface of ``ActivationCache``.
+
+    ``acts_NXD``: [N tokens, X hookpoints, D]; any float dtype, any device (batches come out on
+    the same device unless ``device`` is given).
+    """
+
+    def __init__(self, acts_NXD: torch.Tensor, hookpoints: Sequence[str]) -> None:
+        if not isinstance(acts_NXD, torch.Tensor) or acts_NXD.dim() != 3:
+            shape = tuple(acts_NXD.shape) if isinstance(acts_NXD, torch.Tensor) else type(acts_NXD)
+            raise CrossintError(f"activations must be a 3-d tensor [N, X, D], got {shape}")
+        if not acts_NXD.is_floating_point():
+            raise CrossintError(f"activations must be floating point, got {acts_NXD.dtype}")
+        names = list(hookpoints)
+        if len(names) != acts_NXD.shape[1] or len(set(names)) != len(names):
+            raise CrossintError(
+                f"need {acts_NXD.shape[1]} distinct hookpoint names for activations of shape "
+                f"{tuple(acts_NXD.shape)}, got {names}"
+            )
+        if acts_NXD.shape[0] < 1:
+            raise CrossintError("activations hold no tokens")
+        self.acts_NXD = acts_NXD
+        self.hookpoints: list[str] = names
+        self.dims: dict[str, int] = {h: int(acts_NXD.shape[2]) for h in names}
+        self.n_tokens: int = int(acts_NXD.shape[0])
+        self.dtype: str = str(acts_NXD.dtype).removeprefix("torch.")
+        self.model: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TensorActivations(shape={tuple(self.acts_NXD.shape)}, dtype={self.dtype})"
+
+    def batches(self, batch_size: int, seed: int, start_batch: int = 0, *,
+                device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Infinite, deterministic float32 [B, X, D] batches; a fresh permutation every epoch."""
+        _check_stream_args(batch_size, seed, start_batch)
+        stream = _ShuffledStream(self.n_tokens, lambda epoch: [(None, self.n_tokens)],
+                                 lambda key: self.acts_NXD, seed)
+        return stream.batches(batch_size, start_batch, device)
+
+    def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
+        """``n_tokens`` random tokens as float32 [n, X, D] (all tokens if there are fewer)."""
+        _check_stream_args(1, seed, 0)
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+        n = min(n_tokens, self.n_tokens)
+        rows = _rng(seed, RNG_SAMPLE, 1).choice(self.n_tokens, size=n, replace=False)
+        return self.acts_NXD[torch.from_numpy(rows).to(self.acts_NXD.device)].float()
+
+
+def cache_size_bytes(path: str | Path) -> int:
+    """Bytes on disk of a cache directory's manifest and shards."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
+
+
+__all__ = [
+    "ActivationCache",
+    "TensorActivations",
+    "canonical_dtype",
+    "shard_file_name",
+    "cache_size_bytes",
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
