@@ -45,6 +45,9 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, capsys):
     } | {"blocks.3.resid_post"}
     assert (out / "crosscoder" / "model.safetensors").is_file()
     assert (out / "crosscoder" / "eval" / "eval.json").is_file()
+    assert 0 < summary["dominant_share"] <= 1
+    assert summary["keep_dominant_gap"] <= summary["keep_dominant_bound"]  # SPEC §4.3
+    assert (out / "crosscoder" / "interactions" / "interaction_location.png").is_file()
     assert "CE recovered" in capsys.readouterr().out
 
     # Re-running the finished demo reuses the cache and the trained crosscoder.

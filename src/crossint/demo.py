@@ -1,4 +1,5 @@
-"""The end-to-end demo on the embedded story model: harvest → train → eval, in minutes on a CPU.
+"""The end-to-end demo on the embedded story model: harvest → train → eval → MLP interactions,
+in minutes on a CPU.
 
 Every stage writes into one directory and is resumable: re-running the same command after an
 interruption continues the harvest and the training where they stopped.
@@ -36,6 +37,7 @@ def run_demo(
 ) -> dict:
     """Run the demo into ``out_dir`` and return (and write) ``summary.json``."""
     from crossint.analysis.evaluate import evaluate
+    from crossint.analysis.interactions import analyse_run, write_outputs
     from crossint.crosscoder.config import CrosscoderConfig
     from crossint.crosscoder.train import TrainConfig, train
     from crossint.data.harvest import harvest
@@ -86,6 +88,17 @@ def run_demo(
     )
     atomic_write_json(run_dir / "eval" / "eval.json", result)
     timings["eval_s"] = time.perf_counter() - stage
+
+    # The point of crossint: how far each MLP neuron is from one feature (SPEC §4).
+    stage = time.perf_counter()
+    interactions = analyse_run(
+        run_dir,
+        n_tokens=settings.eval_tokens // 2,
+        context_length=settings.context_length,
+        progress=progress,
+    )
+    write_outputs(interactions, run_dir / "interactions")
+    timings["interactions_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start
 
     ce = list(result["ce_recovered"].values())
@@ -110,6 +123,10 @@ def run_demo(
         "ce_model": result["ce_model"],
         "ce_recovered_mean": sum(ce) / len(ce) if ce else None,
         "ce_recovered": result["ce_recovered"],
+        "dominant_share": interactions["dominant_share"],
+        "keep_dominant_gap": interactions["measured_gap"],
+        "keep_dominant_bound": interactions["bound"],
+        "interactions": str(run_dir / "interactions" / "interactions.json"),
         "timings": {key: round(value, 1) for key, value in timings.items()},
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -129,8 +146,11 @@ def format_summary(summary: dict) -> str:
     ]
     if summary["ce_recovered_mean"] is not None:
         lines.append(f"  CE recovered (mean resid)   {summary['ce_recovered_mean']:.3f}")
-    lines.append(
+    lines += [
+        f"  MLP dominant share (SPEC §4) {summary['dominant_share']:.3f}",
+        f"  keep-dominant error / bound {summary['keep_dominant_gap']:.3g} / "
+        f"{summary['keep_dominant_bound']:.3g}",
         f"  time: harvest {t['harvest_s']}s, train {t['train_s']}s, eval {t['eval_s']}s, "
-        f"total {t['total_s']}s"
-    )
+        f"interactions {t['interactions_s']}s, total {t['total_s']}s",
+    ]
     return "\n".join(lines)

@@ -11,10 +11,12 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="end to end on the embedded story model: harvest, train a crosscoder, evaluate",
+        help="end to end on the embedded story model: harvest, train, evaluate, interactions",
         description=(
             "Harvest paper-layout activations from the embedded story model, train a BatchTopK "
-            "crosscoder on them, evaluate it on held-out stories, and write DIR/summary.json. "
+            "crosscoder on them, evaluate it on held-out stories, measure its features' "
+            "interactions at the MLP neurons (DIR/crosscoder/interactions/), and write "
+            "DIR/summary.json. "
             "Re-running the same command resumes an interrupted demo."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
