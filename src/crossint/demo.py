@@ -147,7 +147,7 @@ def format_summary(summary: dict) -> str:
     if summary["ce_recovered_mean"] is not None:
         lines.append(f"  CE recovered (mean resid)   {summary['ce_recovered_mean']:.3f}")
     lines += [
-        f"  MLP dominant share (SPEC §4) {summary['dominant_share']:.3f}",
+        f"  MLP dominant share          {summary['dominant_share']:.3f}",
         f"  keep-dominant error / bound {summary['keep_dominant_gap']:.3g} / "
         f"{summary['keep_dominant_bound']:.3g}",
         f"  time: harvest {t['harvest_s']}s, train {t['train_s']}s, eval {t['eval_s']}s, "
