@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from crossint.commands.common import add_heldout_text_arguments
 
 
 def register(subparsers) -> None:
@@ -17,24 +18,14 @@ def register(subparsers) -> None:
             "ce_recovered (per resid hookpoint, zero-ablation baseline) and "
             "ce_recovered_mean_ablation, and prints a table."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "run_dir", metavar="RUN", help="run directory with model.safetensors + config.json"
     )
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
-    parser.add_argument("--tokens", type=int, default=20_000, help="held-out tokens to use")
-    parser.add_argument(
-        "--corpus",
-        help="stories | FILE.txt | FILE.jsonl | hf:NAME (default: the training cache's corpus)",
-    )
-    parser.add_argument("--seed", type=int, default=12345, help="text seed (harvests use 0)")
-    parser.add_argument(
-        "--context-length", type=int, help="default: the training cache's context length"
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="contexts per forward pass")
+    add_heldout_text_arguments(parser, tokens=20_000)
     parser.add_argument("--model", help="override the subject model recorded in the run")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -50,9 +41,9 @@ def run(args) -> int:
         args.run_dir,
         n_tokens=args.tokens,
         corpus=args.corpus,
-        seed=args.seed,
+        seed=args.text_seed,
         context_length=args.context_length,
-        batch_size=args.batch_size,
+        batch_size=args.text_batch_size,
         model=args.model,
         device=args.device,
         progress=not args.quiet,

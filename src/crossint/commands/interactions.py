@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crossint.commands.common import add_heldout_text_arguments
+
 
 def parse_blocks(text: str | None) -> list[int] | None:
     """``"0,2"`` -> [0, 2]; None stays None (all mlp_in blocks)."""
@@ -29,18 +31,7 @@ def add_measurement_arguments(parser: argparse.ArgumentParser, seed_flag: str = 
     """Held-out text and pair settings, shared with `crossint sweep` (which names the seed and
     batch-size flags differently: its own --seed and --batch-size are the training ones)."""
     group = parser.add_argument_group("interaction measurement")
-    group.add_argument("--tokens", type=int, default=50_000,
-                       help="held-out (non-special) tokens to analyse (default %(default)s)")
-    group.add_argument("--corpus",
-                       help="stories | FILE.txt | FILE.jsonl | hf:NAME (default: the training "
-                            "cache's corpus)")
-    group.add_argument(seed_flag, dest="text_seed", type=int, default=12345,
-                       help="held-out text seed (default %(default)s; harvests use 0)")
-    group.add_argument("--context-length", type=int,
-                       help="default: the training cache's context length")
-    group.add_argument(batch_flag, dest="text_batch_size", type=int, default=16,
-                       help="contexts per forward pass of the subject model "
-                            "(default %(default)s)")
+    add_heldout_text_arguments(group, tokens=50_000, seed_flag=seed_flag, batch_flag=batch_flag)
     group.add_argument("--top-pairs", type=int, default=50,
                        help="pairs listed in interactions.json and top_pairs.csv "
                             "(default %(default)s)")
