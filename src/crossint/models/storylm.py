@@ -449,7 +449,7 @@ def default_model_path() -> Path:
     from importlib.resources import files
 
     path = Path(str(files("crossint") / "assets" / "storylm"))
-    missing = [f for f in _REQUIRED_FILES if not (path / f).is_file()]
+    missing = _missing_files(path)
     if missing:
         raise CrossintError(
             f"the packaged storylm model is missing ({', '.join(missing)} not found in {path}); "
@@ -458,12 +458,16 @@ def default_model_path() -> Path:
     return path
 
 
+def _missing_files(path: Path) -> list[str]:
+    return [f for f in _REQUIRED_FILES if not (path / f).is_file()]
+
+
 def resolve_model_dir(model_dir: str | Path | None) -> Path:
     """``None`` or "default"/"storylm" -> the packaged model; otherwise a checked directory."""
     if model_dir is None or str(model_dir) in ("default", "storylm"):
         return default_model_path()
     path = Path(model_dir)
-    missing = [f for f in _REQUIRED_FILES if not (path / f).is_file()]
+    missing = _missing_files(path)
     if missing:
         raise CrossintError(
             f"{path} is not a storylm model directory (missing {', '.join(missing)}); pass a "
