@@ -23,6 +23,7 @@ from crossint.interactions import (
     analyse_mlp_interactions,
     contributions,
     distinct_virtual_weights,
+    dominant_slot,
     feature_blocks,
     interaction_penalty,
     iter_contributions,
@@ -200,6 +201,34 @@ def test_neuron_stats_match_naive_loops():
     torch.testing.assert_close(stats.nondominant_BN, S - Mx)
     assert (stats.dominant_BN[0] == -1).all()  # token 0 has no active feature
     assert torch.allclose(stats.share_BN[0], torch.ones(N, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_slots", [1, 2, 7, 64, 300])
+def test_dominant_slot_is_the_first_argmax(dtype, n_slots):
+    g = torch.Generator().manual_seed(n_slots)
+    abs_BKN = torch.rand(6, n_slots, 33, generator=g, dtype=torch.float64)
+    abs_BKN[0] = 0.0  # all zero: slot 0
+    abs_BKN[1, :, :] = 0.5  # exact ties everywhere: the first slot
+    abs_BKN[2, -1] = 10.0  # the last slot dominates
+    abs_BKN = abs_BKN.to(dtype)
+    before = abs_BKN.clone()
+    slot_BN = dominant_slot(abs_BKN)
+    assert torch.equal(abs_BKN, before)  # not in place by default
+    expected = torch.stack([abs_BKN.double()[b].max(dim=0).indices for b in range(6)])
+    if dtype != torch.float64:  # near-ties within the slot-code bits may pick either slot
+        picked = abs_BKN.double().gather(1, slot_BN[:, None]).squeeze(1)
+        best = abs_BKN.double().amax(dim=1)
+        bits = max((n_slots - 1).bit_length(), 1)
+        mantissa = {torch.float32: 23, torch.bfloat16: 23}[dtype]  # bf16 is widened to float32
+        assert (picked >= best * (1 - 2.0 ** (bits - mantissa))).all()
+        expected = torch.where(picked == best, expected, slot_BN)
+    assert torch.equal(slot_BN, expected)
+    assert (slot_BN[0] == 0).all() and (slot_BN[1] == 0).all()
+    assert (slot_BN[2] == n_slots - 1).all()
+    if dtype in (torch.float32, torch.float64):
+        in_place = dominant_slot(abs_BKN, in_place=True)
+        assert torch.equal(in_place, slot_BN)
 
 
 def test_share_summary_plain_and_active_means():

@@ -25,7 +25,7 @@ from crossint.interactions.contributions import (
     distinct_virtual_weights,
     feature_blocks,
     iter_contributions,
-    magnitude_stats,
+    dominant_slot,
     mlp_on,
     neuron_stats,
     reconstructed_mlp_in,
@@ -187,32 +187,37 @@ class _NondominantSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, f_BK, V_UN, row_BK, w_N, chunk_tokens):  # noqa: ANN001
-        n_tokens, n_slots = f_BK.shape
-        n_neurons = V_UN.shape[1]
+    def forward(ctx, f_BK, V_UN, row_BK, counts_B, w_N, chunk_tokens):  # noqa: ANN001
+        n_tokens = f_BK.shape[0]
+        n_rows, n_neurons = V_UN.shape
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
-        Mx_BN = V_UN.new_empty((n_tokens, n_neurons))
         slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
-        S_sum_N = V_UN.new_zeros(n_neurons)
-        for start in range(0, n_tokens, chunk_tokens):
+        # Tokens come sorted by descending count: a chunk's first count is its width.
+        widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
+        for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
             stop = min(start + chunk_tokens, n_tokens)
-            abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop].reshape(-1))
-            abs_BKN = abs_BKN.view(stop - start, n_slots, n_neurons)
-            abs_BKN.mul_(abs_f_BK[start:stop, :, None])  # |p| = |f|·|V|
-            S_BN, Mx_BN[start:stop], slot_BN[start:stop] = magnitude_stats(abs_BKN)
-            S_sum_N += S_BN.sum(dim=0)
+            abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop, :width].reshape(-1))
+            abs_BKN = abs_BKN.view(stop - start, width, n_neurons)
+            abs_BKN.mul_(abs_f_BK[start:stop, :width, None])  # |p| = |f|·|V|
+            slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
+        # Mx read back at the dominant slot; Σ_b S = (Σ_b |f| per row)·|V|, no B·K·N pass.
+        Mx_BN = abs_f_BK.gather(1, slot_BN) * abs_V_UN.view(-1)[
+            row_BK.gather(1, slot_BN) * n_neurons + torch.arange(n_neurons, device=f_BK.device)
+        ]
+        mass_U = abs_f_BK.new_zeros(n_rows).index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
+        S_sum_N = mass_U @ abs_V_UN
         Mx_sum_N = Mx_BN.sum(dim=0)
         if w_N is None:
             nondominant, total = (S_sum_N - Mx_sum_N).sum(), S_sum_N.sum()
         else:
             nondominant, total = (S_sum_N - Mx_sum_N) @ w_N, S_sum_N @ w_N
-        ctx.save_for_backward(f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN)
+        ctx.save_for_backward(f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, mass_U)
         return nondominant, total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_nondominant, grad_total):  # noqa: ANN001
-        f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN = ctx.saved_tensors
+        f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, mass_U = ctx.saved_tensors
         n_rows, n_neurons = V_UN.shape
         if w_N is None:
             w_N = torch.ones(n_neurons, dtype=V_UN.dtype, device=V_UN.device)
@@ -227,15 +232,13 @@ class _NondominantSum(torch.autograd.Function):
             grad_f_BK = torch.sign(f_V_BK) * (V_UN.abs() @ both_N)[row_BK] - dominant_BK / safe_f_BK
             grad_f_BK = grad_f_BK.to(f_BK.dtype)
         if ctx.needs_input_grad[1]:
-            mass_U = torch.zeros(n_rows, dtype=V_UN.dtype, device=V_UN.device)
-            mass_U.index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
             unsigned_UN = mass_U[:, None] * both_N
             neuron_N = torch.arange(n_neurons, device=V_UN.device)
             flat_BN = row_BK.gather(1, slot_BN) * n_neurons + neuron_N  # (dominant row, n)
             dominant_BN = abs_f_BK.gather(1, slot_BN) * a_N
             unsigned_UN.view(-1).index_add_(0, flat_BN.view(-1), -dominant_BN.view(-1))
             grad_V_UN = torch.sign(V_UN) * unsigned_UN
-        return grad_f_BK, grad_V_UN, None, None, None
+        return grad_f_BK, grad_V_UN, None, None, None, None
 
 
 def _check_options(weighting: str, normalise: bool) -> None:
@@ -273,6 +276,7 @@ def interaction_penalty(
     if not blocks:
         raise CrossintError("the interaction penalty needs at least one MLP block")
     active = f_BH if isinstance(f_BH, ActiveFeatures) else active_features(f_BH)
+    active = active.by_count()  # the sum is order-free; sorted chunks carry little padding
     per_token = active.features_BK.shape[1] * max(block.n_neurons for block in blocks)
     chunk_tokens = resolve_chunk(chunk_tokens, active.f_BK.device, per_token)
     nondominant: Tensor | None = None
@@ -282,7 +286,7 @@ def interaction_penalty(
         V_UN, row_BK = distinct_virtual_weights(active, block.d_HD, block.mlp.W_in_DN)
         w_N = block.w_out_N.to(V_UN.dtype) if weighting == "w_out" else None
         part, part_total = _NondominantSum.apply(
-            active.f_BK.to(V_UN.dtype), V_UN, row_BK, w_N, chunk_tokens
+            active.f_BK.to(V_UN.dtype), V_UN, row_BK, active.counts_B, w_N, chunk_tokens
         )
         nondominant = part if nondominant is None else nondominant + part
         total = part_total if total is None else total + part_total
