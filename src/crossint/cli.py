@@ -13,7 +13,9 @@ import sys
 
 from crossint.errors import CrossintError
 
-COMMAND_MODULES = ("storylm", "harvest", "train", "eval", "interactions", "sweep", "demo")
+COMMAND_MODULES = (
+    "storylm", "harvest", "train", "eval", "interactions", "fidelity", "sweep", "demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

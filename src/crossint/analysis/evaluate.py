@@ -22,10 +22,11 @@ from crossint.analysis.heldout import (
     load_run,
     training_text_settings,
 )
-from crossint.analysis.splicing import loss_recovered, replace_where
+from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
 from crossint.models.hookpoints import RESID_SITES, parse_hookpoint
 
 DENSE_FIRING_RATE = 0.1  # SPEC §3.6: a feature firing on more than 10% of tokens is "dense"
+BOOTSTRAP_RESAMPLES = 1000  # text resamples behind every confidence interval
 
 
 @dataclass
@@ -74,11 +75,9 @@ def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], spe
     return acts, keep_BS, acts_NXD, out
 
 
-def _summed_loss(adapter, ids_BS: Tensor, mask_BS: Tensor, patches=None) -> float:
-    """Sum of next-token losses over ``mask`` (so batches combine as a ratio of means)."""
+def _token_losses(adapter, ids_BS: Tensor, patches=None) -> Tensor:
     with torch.no_grad():
-        loss_BS = adapter.token_losses(ids_BS, patches=patches)
-    return float(loss_BS[mask_BS].double().sum())
+        return adapter.token_losses(ids_BS, patches=patches)
 
 
 def evaluate(
@@ -128,14 +127,12 @@ def evaluate(
     mean_XD = stats.mean_XD().float().to(device)
 
     # Pass 2: splice each residual hookpoint's reconstruction (and its ablations) into the model.
-    loss_sums = {"model": 0.0}
-    n_loss_positions = 0
+    losses = TextLosses()
     for ids_BS in batches:
         ids_BS = ids_BS.to(device)
         acts, keep_BS, _, out = _reconstruct(adapter, crosscoder, ids_BS, hookpoints, special_ids)
-        loss_mask_BS = keep_BS[:, :-1]
-        n_loss_positions += int(loss_mask_BS.sum())
-        loss_sums["model"] += _summed_loss(adapter, ids_BS, loss_mask_BS)
+        losses.new_batch(keep_BS[:, :-1])
+        losses.add("model", _token_losses(adapter, ids_BS))
         for x, name in enumerate(hookpoints):
             if name not in resid_hookpoints:
                 continue
@@ -147,14 +144,12 @@ def evaluate(
                 "mean": mean_XD[x].expand_as(recon_BSD),
             }
             for variant, replacement_BSD in variants.items():
-                key = f"{name}/{variant}"
                 patches = {name: replace_where(replacement_BSD, ~keep_BS)}
-                loss = _summed_loss(adapter, ids_BS, loss_mask_BS, patches)
-                loss_sums[key] = loss_sums.get(key, 0.0) + loss
+                losses.add(f"{name}/{variant}", _token_losses(adapter, ids_BS, patches))
         bar.update()
     bar.close()
 
-    mean_loss = {key: value / n_loss_positions for key, value in loss_sums.items()}
+    weights_RT = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=0)
     fvu_X = stats.fvu_X()
     firing_rate_H = stats.fires_H.double() / stats.n_tokens
     result = {
@@ -168,18 +163,21 @@ def evaluate(
         "l0": stats.l0_sum / stats.n_tokens,
         "dead_fraction": float((stats.fires_H == 0).double().mean()),
         "dense_fraction": float((firing_rate_H > DENSE_FIRING_RATE).double().mean()),
-        "ce_model": mean_loss["model"],
-        "ce_splice": {h: mean_loss[f"{h}/splice"] for h in resid_hookpoints},
-        "ce_zero": {h: mean_loss[f"{h}/zero"] for h in resid_hookpoints},
-        "ce_mean_ablation": {h: mean_loss[f"{h}/mean"] for h in resid_hookpoints},
+        "ce_model": losses.mean("model"),
+        "ce_splice": {h: losses.mean(f"{h}/splice") for h in resid_hookpoints},
+        "ce_zero": {h: losses.mean(f"{h}/zero") for h in resid_hookpoints},
+        "ce_mean_ablation": {h: losses.mean(f"{h}/mean") for h in resid_hookpoints},
         "ce_recovered": {
-            h: loss_recovered(mean_loss["model"], mean_loss[f"{h}/splice"], mean_loss[f"{h}/zero"])
+            h: losses.recovered(f"{h}/splice", f"{h}/zero") for h in resid_hookpoints
+        },
+        "ce_recovered_ci": {
+            h: percentile_interval(losses.recovered_samples(f"{h}/splice", f"{h}/zero", weights_RT))
             for h in resid_hookpoints
         },
         "ce_recovered_mean_ablation": {
-            h: loss_recovered(mean_loss["model"], mean_loss[f"{h}/splice"], mean_loss[f"{h}/mean"])
-            for h in resid_hookpoints
+            h: losses.recovered(f"{h}/splice", f"{h}/mean") for h in resid_hookpoints
         },
+        "n_texts": losses.n_texts,
     }
     return result
 

@@ -51,9 +51,18 @@ def training_text_settings(run_dir: str | Path) -> dict[str, Any]:
 
 
 def heldout_batches(
-    adapter, corpus: str, seed: int, context_length: int, n_tokens: int, batch_size: int
+    adapter,
+    corpus: str,
+    seed: int,
+    context_length: int,
+    n_tokens: int | None,
+    batch_size: int,
+    n_contexts: int | None = None,
 ) -> list[Tensor]:
-    """Contexts of held-out text holding at least ``n_tokens`` non-special tokens."""
+    """Contexts of held-out text holding at least ``n_tokens`` non-special tokens, or exactly
+    ``n_contexts`` contexts (fewer if the corpus runs out), in batches of ``batch_size``."""
+    if (n_tokens is None) == (n_contexts is None):
+        raise ValueError("give exactly one of n_tokens and n_contexts")
     from crossint.data.corpus import iter_contexts, iter_texts
 
     if adapter.tokenizer is None:
@@ -68,7 +77,7 @@ def heldout_batches(
     for ids_S in iter_contexts(iter_texts(corpus, seed=seed), adapter.tokenizer, context_length):
         contexts.append(ids_S)
         n_usable += int(non_special_BS(ids_S, special_ids).sum())
-        if n_usable >= n_tokens:
+        if len(contexts) == n_contexts or (n_tokens is not None and n_usable >= n_tokens):
             break
     if not contexts:
         raise CrossintError(f"corpus {corpus!r} gave no text to evaluate on")

@@ -37,3 +37,81 @@ def replace_where(replacement_BSD: Tensor, keep_BS: Tensor) -> Callable[[Tensor]
         return torch.where(keep_BS[..., None].to(original_BSD.device), original_BSD, new_BSD)
 
     return patch
+
+
+class TextLosses:
+    """Next-token losses summed per held-out text under named variants ("model", a splice, an
+    ablation, a scheme), so that every SPEC §6 ratio is a ratio of means and can be bootstrapped
+    over texts. Call :meth:`new_batch` with the batch's loss mask, then :meth:`add` once per
+    variant with that batch's (B, S−1) losses."""
+
+    def __init__(self) -> None:
+        self._counts: list[Tensor] = []
+        self._sums: dict[str, list[Tensor]] = {}
+        self._mask_BS: Tensor | None = None
+
+    def new_batch(self, mask_BS: Tensor) -> None:
+        self._mask_BS = mask_BS.bool()
+        self._counts.append(self._mask_BS.sum(dim=1).double().cpu())
+
+    def add(self, key: str, loss_BS: Tensor) -> None:
+        if self._mask_BS is None:
+            raise RuntimeError("TextLosses.add before new_batch")
+        parts = self._sums.setdefault(key, [])
+        if len(parts) != len(self._counts) - 1:
+            raise RuntimeError(f"variant {key!r} missed a batch or was added twice")
+        mask_BS = self._mask_BS.to(loss_BS.device)
+        per_text_B = torch.where(mask_BS, loss_BS.double(), 0.0).sum(dim=1)
+        parts.append(per_text_B.cpu())
+
+    @property
+    def n_texts(self) -> int:
+        return sum(len(c) for c in self._counts)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(float(c.sum()) for c in self._counts))
+
+    def sums(self, key: str) -> Tensor:
+        """Per-text loss sums (T,) of one variant."""
+        parts = self._sums.get(key)
+        if parts is None or len(parts) != len(self._counts):
+            raise RuntimeError(f"variant {key!r} was not added for every batch")
+        return torch.cat(parts)
+
+    def mean(self, key: str) -> float:
+        """Mean loss per token of one variant (ratio of means over texts)."""
+        return float(self.sums(key).sum()) / max(self.n_tokens, 1)
+
+    def recovered(self, patched: str, ablated: str, model: str = "model") -> float:
+        """:func:`loss_recovered` of ``patched`` against ``ablated`` (SPEC §6.1/§6.2)."""
+        return loss_recovered(self.mean(model), self.mean(patched), self.mean(ablated))
+
+    def resample_weights(self, n_resamples: int, seed: int) -> Tensor:
+        """(R, T) multiplicities of a text bootstrap: row r counts how often resample r drew
+        each text. The same weights for every variant keep paired comparisons paired."""
+        n_texts = self.n_texts
+        g = torch.Generator().manual_seed(seed)
+        draws_RT = torch.randint(n_texts, (n_resamples, n_texts), generator=g)
+        weights_RT = torch.zeros(n_resamples, n_texts, dtype=torch.float64)
+        return weights_RT.scatter_add_(1, draws_RT, torch.ones_like(weights_RT))
+
+    def recovered_samples(
+        self, patched: str, ablated: str, weights_RT: Tensor, model: str = "model"
+    ) -> Tensor:
+        """Loss recovered under each bootstrap resample (R,). The token counts cancel: with
+        per-text sums, (ΣL_ablated − ΣL_patched) / (ΣL_ablated − ΣL_model)."""
+        model_R = weights_RT @ self.sums(model)
+        ablated_R = weights_RT @ self.sums(ablated)
+        patched_R = weights_RT @ self.sums(patched)
+        return (ablated_R - patched_R) / (ablated_R - model_R)
+
+
+def percentile_interval(samples_R: Tensor, level: float = 0.95) -> list[float]:
+    """The central ``level`` percentile interval of bootstrap samples (NaNs ignored)."""
+    finite_R = samples_R[torch.isfinite(samples_R)]
+    if finite_R.numel() == 0:
+        return [float("nan"), float("nan")]
+    tail = (1.0 - level) / 2.0
+    low, high = torch.quantile(finite_R, torch.tensor([tail, 1.0 - tail], dtype=finite_R.dtype))
+    return [float(low), float(high)]

@@ -10,7 +10,7 @@ HELDOUT_SEED = 12345
 
 def add_heldout_text_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    tokens: int,
+    tokens: int | None,
     seed_flag: str = "--seed",
     batch_flag: str = "--batch-size",
 ) -> None:
@@ -18,15 +18,17 @@ def add_heldout_text_arguments(
 
     Values land in ``tokens``, ``corpus``, ``text_seed``, ``context_length`` and
     ``text_batch_size``; `crossint sweep` renames the seed and batch flags because its own
-    ``--seed`` and ``--batch-size`` are the training ones.
+    ``--seed`` and ``--batch-size`` are the training ones. ``tokens=None``: no ``--tokens`` flag
+    (the command counts texts instead).
     """
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        default=tokens,
-        metavar="N",
-        help="held-out (non-special) tokens to use (default %(default)s)",
-    )
+    if tokens is not None:
+        parser.add_argument(
+            "--tokens",
+            type=int,
+            default=tokens,
+            metavar="N",
+            help="held-out (non-special) tokens to use (default %(default)s)",
+        )
     parser.add_argument(
         "--corpus",
         help="stories | FILE.txt | FILE.jsonl | hf:NAME (default: the training cache's corpus)",

@@ -186,3 +186,40 @@ def plot_sweep(
     right.set_title("average pairwise interaction vs λ", fontsize=10)
     figure.suptitle(title, fontsize=11)
     return _save(figure, path)
+
+
+def plot_fidelity(
+    schemes: Sequence[str],
+    phi_by_panel: Mapping[str, Mapping[str, Sequence[float]]],
+    ci_by_panel: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    path: str | Path,
+) -> Path:
+    """Grouped bars like the paper's Figure 2: one panel per block, schemes on the x axis, one
+    bar per run (``phi_by_panel[panel][run]`` aligned with ``schemes``) with its confidence
+    interval as an error bar."""
+    panels = list(phi_by_panel)
+    if not panels:
+        raise CrossintError("nothing to plot: no fidelity results")
+    figure = _figure(1.6 + 1.25 * len(schemes), 0.6 + 3.0 * len(panels))
+    for index, panel in enumerate(panels):
+        axes = figure.add_subplot(len(panels), 1, index + 1)
+        runs = list(phi_by_panel[panel])
+        width = 0.8 / max(len(runs), 1)
+        for r, run in enumerate(runs):
+            values = _finite(phi_by_panel[panel][run])
+            if len(values) != len(schemes):
+                raise CrossintError(f"{len(values)} fidelity values for {len(schemes)} schemes")
+            intervals = ci_by_panel[panel][run]
+            # A percentile interval need not contain the point estimate: clip the bars at it.
+            low = [max(v - lo, 0.0) if math.isfinite(v - lo) else 0.0
+                   for v, (lo, _) in zip(values, intervals, strict=True)]
+            high = [max(hi - v, 0.0) if math.isfinite(hi - v) else 0.0
+                    for v, (_, hi) in zip(values, intervals, strict=True)]
+            positions = [s + (r - (len(runs) - 1) / 2) * width for s in range(len(schemes))]
+            axes.bar(positions, values, width, label=run, yerr=[low, high], capsize=2)
+        axes.axhline(0.0, color="black", linewidth=0.6)
+        axes.set_xticks(range(len(schemes)), list(schemes), fontsize=8)
+        axes.set_ylabel("fidelity Φ", fontsize=8)
+        axes.set_title(panel, fontsize=10)
+        axes.legend(fontsize=7)
+    return _save(figure, path)

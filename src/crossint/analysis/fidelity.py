@@ -1,0 +1,334 @@
+"""Fidelity: one block's MLP rebuilt from features, spliced back into the model (SPEC §6.1).
+
+At block l the crosscoder's features give every neuron's pre-activation as a sum of per-feature
+contributions p (SPEC §4.1). A *scheme* keeps or drops some of them per token and neuron, the
+MLP is recomputed from what is kept, and
+
+    resid_post_l ← â(resid_mid_l) + φ(z_scheme)·W_out + b_out
+
+is written into the model, which finishes the forward pass. Fidelity is the loss recovered
+against the bias-only MLP (``zero``):  Φ = 1 − (L_scheme − L_model) / (L_zero − L_model).
+``keep_ratio`` = Φ_keep_largest / Φ_none is the paper's headline: the fraction of the rebuilt
+MLP's performance kept with a single feature per neuron.
+
+Schemes rank features by |p| per token and neuron; ties go to the first active slot. For gated
+MLPs a scheme acts on the gate pre-activation and the up projection reads the full reconstructed
+``mlp_in`` (as in the SPEC §4.3 gap). Confidence intervals come from a bootstrap over texts with
+the same resamples for every scheme and run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crossint.analysis.heldout import (
+    HELDOUT_SEED,
+    capture_tokens,
+    heldout_batches,
+    load_run,
+    training_text_settings,
+)
+from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
+from crossint.errors import CrossintError
+from crossint.interactions.contributions import (
+    Contributions,
+    MLPFeatureBlock,
+    dominant_slot,
+    feature_blocks,
+    iter_contributions,
+    reconstructed_mlp_in,
+)
+from crossint.models.hookpoints import hookpoint
+
+SCHEMES: tuple[str, ...] = (
+    "none", "drop_random", "drop_second", "drop_largest", "keep_largest", "zero",
+)
+BOOTSTRAP_RESAMPLES = 1000
+
+
+# --- the schemes (pure functions) --------------------------------------------------------------
+def random_active_slot(mask_BK: Tensor, n_neurons: int, generator: torch.Generator) -> Tensor:
+    """One uniformly drawn active slot per token and neuron (B×N); slot 0 for a token with none
+    (its contributions are all zero, so dropping it drops nothing)."""
+    n_tokens, n_slots = mask_BK.shape
+    draws_BKN = torch.rand((n_tokens, n_slots, n_neurons), generator=generator)
+    draws_BKN = draws_BKN.to(mask_BK.device) * mask_BK[:, :, None]
+    return draws_BKN.argmax(dim=1)
+
+
+def scheme_pre_activations(
+    p_BKN: Tensor, mask_BK: Tensor, scheme: str, generator: torch.Generator | None = None
+) -> Tensor:
+    """Σ of the contributions a scheme keeps, per token and neuron (B×N; add c for z).
+
+    ``mask_BK`` flags the active slots (padding slots hold p = 0). ``drop_random`` needs
+    ``generator`` (CPU)."""
+    if scheme not in SCHEMES:
+        raise CrossintError(f"unknown scheme {scheme!r}: valid schemes are {', '.join(SCHEMES)}")
+    total_BN = p_BKN.sum(dim=1)
+    if scheme == "none":
+        return total_BN
+    if scheme == "zero":
+        return torch.zeros_like(total_BN)
+    if scheme == "drop_random":
+        if generator is None:
+            raise CrossintError("the drop_random scheme needs a seeded torch.Generator")
+        slot_BN = random_active_slot(mask_BK, p_BKN.shape[2], generator)
+        return total_BN - p_BKN.gather(1, slot_BN[:, None]).squeeze(1)
+    abs_BKN = p_BKN.abs()
+    largest_BN = dominant_slot(abs_BKN)
+    p_largest_BN = p_BKN.gather(1, largest_BN[:, None]).squeeze(1)
+    if scheme == "keep_largest":
+        return p_largest_BN
+    if scheme == "drop_largest":
+        return total_BN - p_largest_BN
+    if p_BKN.shape[1] < 2:  # drop_second with one slot: there is no second feature
+        return total_BN
+    # A negative value ranks below every |p| ≥ 0, so the next dominant slot is the second.
+    abs_BKN.scatter_(1, largest_BN[:, None], -1.0)
+    second_BN = dominant_slot(abs_BKN, in_place=True)
+    return total_BN - p_BKN.gather(1, second_BN[:, None]).squeeze(1)
+
+
+def scheme_mlp_output(
+    contrib: Contributions,
+    block: MLPFeatureBlock,
+    scheme: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The MLP output (B×D) rebuilt from the contributions a scheme keeps."""
+    mlp = block.mlp
+    z_BN = scheme_pre_activations(contrib.p_BKN, contrib.features_BK >= 0, scheme, generator)
+    post_BN = mlp.act(z_BN + block.c_N)
+    if mlp.gated:
+        u_BD = reconstructed_mlp_in(contrib, block)
+        post_BN = post_BN * (u_BD @ mlp.W_up_DN + mlp.b_up_N)
+    return post_BN @ mlp.W_out_ND + mlp.b_out_D
+
+
+def spliced_resid_post(
+    f_NH: Tensor,
+    resid_mid_ND: Tensor,
+    block: MLPFeatureBlock,
+    schemes: Sequence[str],
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """SPEC §6.1 â(resid_mid) + MLP_scheme for every scheme, over all tokens (N×D each)."""
+    parts: dict[str, list[Tensor]] = {scheme: [] for scheme in schemes}
+    for _, contrib in iter_contributions(f_NH, block.d_HD, block.mlp.W_in_DN):
+        for scheme in schemes:
+            parts[scheme].append(scheme_mlp_output(contrib, block, scheme, generator))
+    empty_ND = resid_mid_ND.new_zeros((0, resid_mid_ND.shape[1]))
+    return {
+        scheme: resid_mid_ND + (torch.cat(chunks) if chunks else empty_ND).to(resid_mid_ND.dtype)
+        for scheme, chunks in parts.items()
+    }
+
+
+# --- the analysis -------------------------------------------------------------------------------
+def _run_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    names = [Path(run).name or str(run) for run in run_dirs]
+    if len(set(names)) < len(names):
+        names = [str(run) for run in run_dirs]
+    if len(set(names)) < len(names):
+        raise CrossintError(f"the same run was given twice: {', '.join(names)}")
+    return names
+
+
+def _rebuildable_blocks(crosscoder, n_blocks: int) -> list[int]:
+    hookpoints = set(crosscoder.config.hookpoints)
+    return [
+        l for l in range(n_blocks)
+        if {hookpoint(l, "resid_mid"), hookpoint(l, "mlp_in")} <= hookpoints
+    ]
+
+
+def _choose_blocks(
+    requested: Sequence[int] | None, crosscoders: dict[str, Any], n_blocks: int
+) -> list[int]:
+    """The blocks to rebuild: those requested (checked), or every block all runs can rebuild."""
+    rebuildable = {name: _rebuildable_blocks(cc, n_blocks) for name, cc in crosscoders.items()}
+    if requested is None:
+        common = sorted(set.intersection(*(set(b) for b in rebuildable.values())))
+        if not common:
+            raise CrossintError(
+                "no block can be rebuilt by every run: fidelity needs the blocks.{l}.resid_mid "
+                "and blocks.{l}.mlp_in hookpoints (the paper layout has both)"
+            )
+        return common
+    for block in requested:
+        if not 0 <= block < n_blocks:
+            raise CrossintError(f"block {block} is out of range: the model has {n_blocks} blocks")
+        for name, blocks in rebuildable.items():
+            if block not in blocks:
+                raise CrossintError(
+                    f"run {name!r} cannot rebuild block {block}: it needs the hookpoints "
+                    f"{hookpoint(block, 'resid_mid')} and {hookpoint(block, 'mlp_in')} "
+                    f"(it can rebuild blocks {blocks})"
+                )
+    return list(dict.fromkeys(requested))
+
+
+def block_summary(losses: TextLosses, prefix: str, weights_RT: Tensor) -> dict[str, Any]:
+    """Φ per scheme with bootstrap intervals and the keep ratio, from one run's losses at one
+    block (variant keys ``{prefix}/{scheme}``)."""
+    zero = f"{prefix}/zero"
+    phi, phi_ci, samples = {}, {}, {}
+    for scheme in SCHEMES:
+        key = f"{prefix}/{scheme}"
+        phi[scheme] = losses.recovered(key, zero)
+        samples[scheme] = losses.recovered_samples(key, zero, weights_RT)
+        phi_ci[scheme] = percentile_interval(samples[scheme])
+    keep_ratio = phi["keep_largest"] / phi["none"] if phi["none"] else float("nan")
+    return {
+        "phi": phi,
+        "phi_ci": phi_ci,
+        "keep_ratio": keep_ratio,
+        "keep_ratio_ci": percentile_interval(samples["keep_largest"] / samples["none"]),
+        "ce_model": losses.mean("model"),
+        "ce_zero": losses.mean(zero),
+        "ce_scheme": {scheme: losses.mean(f"{prefix}/{scheme}") for scheme in SCHEMES},
+    }
+
+
+def fidelity(
+    run_dirs: Sequence[str | Path],
+    blocks: Sequence[int] | None = None,
+    n_texts: int = 200,
+    corpus: str | None = None,
+    seed: int = HELDOUT_SEED,
+    context_length: int | None = None,
+    batch_size: int = 16,
+    scheme_seed: int = 0,
+    model: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """SPEC §6.1 for every run and block on the same held-out texts; the ``fidelity.json``
+    dictionary ``{run name: {"per_block": [...]}}`` (with one block, that block's entry is also
+    spread into the run's own dictionary).
+
+    ``blocks``: None = every block all runs can rebuild. A text is one held-out context of
+    ``context_length`` tokens; ``scheme_seed`` seeds ``drop_random`` and the bootstrap."""
+    from crossint.models.adapter import load_model
+
+    if not run_dirs:
+        raise CrossintError("give at least one run directory")
+    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
+        raise CrossintError(f"the number of texts must be a positive integer, got {n_texts!r}")
+    names = _run_names(run_dirs)
+    crosscoders, model_names = {}, set()
+    for name, run_dir in zip(names, run_dirs, strict=True):
+        crosscoder, model_name = load_run(run_dir, command="fidelity")
+        crosscoders[name] = crosscoder.to(device)
+        model_names.add(model_name)
+    if model is None and len(model_names) > 1:
+        raise CrossintError(
+            f"the runs have different subject models ({', '.join(sorted(model_names))}); "
+            "fidelity compares runs of one model on the same texts"
+        )
+    adapter = load_model(model or model_names.pop(), device=device)
+    for name, crosscoder in crosscoders.items():
+        if crosscoder.config.d_model != adapter.d_model:
+            raise CrossintError(
+                f"run {name!r} has d_model {crosscoder.config.d_model} but model "
+                f"{adapter.name!r} has {adapter.d_model}"
+            )
+    chosen = _choose_blocks(blocks, crosscoders, adapter.n_blocks)
+    mlp_by_block = {l: adapter.mlp_weights(l) for l in chosen}
+    blocks_by_run = {
+        name: {b.block: b for b in feature_blocks(cc, mlp_by_block)}
+        for name, cc in crosscoders.items()
+    }
+    trained_on = training_text_settings(run_dirs[0])
+    corpus = corpus or trained_on.get("corpus", "stories")
+    context_length = context_length or trained_on.get("context_length", 128)
+    batches = heldout_batches(
+        adapter, corpus, seed, context_length, n_tokens=None, batch_size=batch_size,
+        n_contexts=n_texts,
+    )
+    hookpoints = sorted({h for cc in crosscoders.values() for h in cc.config.hookpoints})
+    special_ids = adapter.special_token_ids()
+    generator = torch.Generator().manual_seed(scheme_seed)
+    losses = TextLosses()
+    n_passes = len(batches) * (1 + len(crosscoders) * len(chosen) * len(SCHEMES))
+    bar = tqdm(total=n_passes, desc="fidelity", unit="pass", disable=not progress)
+    with torch.no_grad():
+        for ids_BS in batches:
+            ids_BS = ids_BS.to(device)
+            acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
+            losses.new_batch(keep_BS[:, :-1])
+            losses.add("model", adapter.token_losses(ids_BS))
+            bar.update()
+            for name, crosscoder in crosscoders.items():
+                positions = [hookpoints.index(h) for h in crosscoder.config.hookpoints]
+                out = crosscoder(acts_NXD[:, positions])
+                for l in chosen:
+                    mid = crosscoder.config.hookpoints.index(hookpoint(l, "resid_mid"))
+                    resid_post = spliced_resid_post(
+                        out.f_BH, out.recon_BXD[:, mid], blocks_by_run[name][l], SCHEMES,
+                        generator,
+                    )
+                    target = hookpoint(l, "resid_post")
+                    shape_BSD = acts[hookpoint(l, "resid_mid")].shape
+                    for scheme, resid_post_ND in resid_post.items():
+                        new_BSD = acts_NXD.new_zeros(shape_BSD)
+                        new_BSD[keep_BS] = resid_post_ND.to(new_BSD.dtype)
+                        patches = {target: replace_where(new_BSD, ~keep_BS)}
+                        loss_BS = adapter.token_losses(ids_BS, patches=patches)
+                        losses.add(f"{name}/{l}/{scheme}", loss_BS)
+                        bar.update()
+    bar.close()
+
+    weights_RT = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=scheme_seed)
+    result: dict[str, Any] = {}
+    for name, run_dir in zip(names, run_dirs, strict=True):
+        per_block = [
+            {"block": l, **block_summary(losses, f"{name}/{l}", weights_RT)} for l in chosen
+        ]
+        entry: dict[str, Any] = {"run": str(run_dir)}
+        if len(per_block) == 1:
+            entry.update(per_block[0])
+        entry.update({
+            "per_block": per_block,
+            "model": adapter.name,
+            "corpus": corpus,
+            "seed": seed,
+            "scheme_seed": scheme_seed,
+            "context_length": context_length,
+            "n_texts": losses.n_texts,
+            "n_tokens": losses.n_tokens,
+        })
+        result[name] = entry
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Φ per scheme (rows) for every run and block (columns), then the keep ratios."""
+    columns = [(name, b) for name, entry in result.items() for b in entry["per_block"]]
+    heads = [f"{name}@{b['block']}" for name, b in columns]
+    width = max(16, *(len(h) + 2 for h in heads))
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"{label:<14}" + "".join(f"{cell:>{width}}" for cell in cells)
+
+    lines = [row("scheme", heads)]
+    for scheme in SCHEMES:
+        lines.append(row(scheme, [f"{b['phi'][scheme]:.3f}" for _, b in columns]))
+    lines.append(row("keep ratio", [f"{b['keep_ratio']:.3f}" for _, b in columns]))
+    lines.append(row("  95% CI", [
+        "[{:.2f}, {:.2f}]".format(*b["keep_ratio_ci"]) for _, b in columns
+    ]))
+    first = next(iter(result.values()))
+    lines.append(
+        "Φ = 1 − (L_scheme − L_model)/(L_zero − L_model); "
+        f"CE(model) {first['per_block'][0]['ce_model']:.4f}; "
+        f"{first['n_texts']} texts, {first['n_tokens']} tokens"
+    )
+    return "\n".join(lines)
