@@ -305,6 +305,21 @@ def test_decoder_is_in_raw_units_before_and_after_folding():
     torch.testing.assert_close(cc.decoder("blocks.0.mlp_in"), cc.W_dec_HXD[:, 1])
 
 
+
+def test_decoders_gather_several_positions_with_the_same_values_and_gradients():
+    cc = randomise(make())
+    names = list(cc.config.hookpoints)[::-1]
+    weights = [torch.randn_like(cc.decoder(name)) for name in names]
+    together = cc.decoders(names)
+    sum((w * d).sum() for w, d in zip(weights, together, strict=True)).backward()
+    grad_together = cc.W_dec_HXD.grad.clone()
+    cc.W_dec_HXD.grad = None
+    one_by_one = [cc.decoder(name) for name in names]
+    sum((w * d).sum() for w, d in zip(weights, one_by_one, strict=True)).backward()
+    for a, b in zip(together, one_by_one, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(grad_together, cc.W_dec_HXD.grad)
+
 # --- save / load -------------------------------------------------------------------------------
 @pytest.mark.parametrize("activation", ["topk", "jumprelu", "relu"])
 def test_save_load_round_trip(activation, tmp_path):

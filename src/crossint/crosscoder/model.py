@@ -100,6 +100,16 @@ class Crosscoder(nn.Module):
         x = self.position_index(hookpoint, model)
         return self.W_dec_HXD[:, x, :] / self.scale_X[x]
 
+    def decoders(self, hookpoints: list[str], model: str | None = None) -> list[Tensor]:
+        """:meth:`decoder` for several positions from one gather: the backward then writes
+        ``W_dec_HXD``'s gradient once, not once per position (an H×X×D buffer each time)."""
+        index_L = torch.tensor(
+            [self.position_index(name, model) for name in hookpoints],
+            device=self.W_dec_HXD.device,
+        )
+        rows_HLD = self.W_dec_HXD.index_select(1, index_L) / self.scale_X[index_L][None, :, None]
+        return list(rows_HLD.unbind(1))
+
     def decoder_bias(self, hookpoint: str, model: str | None = None) -> Tensor:
         """Decoder bias at one position, (D,), in raw activation units."""
         x = self.position_index(hookpoint, model)

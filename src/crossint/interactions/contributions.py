@@ -359,15 +359,16 @@ def feature_blocks(
     if not mlp_weights_by_block:
         raise CrossintError("no MLP blocks given: pass {block: adapter.mlp_weights(block)}")
     available = mlp_in_blocks(crosscoder)
-    blocks = []
-    for block in sorted(mlp_weights_by_block):
-        name = hookpoint(block, "mlp_in")
+    chosen = sorted(mlp_weights_by_block)
+    for block in chosen:
         if block not in available:
             raise CrossintError(
-                f"the crosscoder does not read {name}; MLP interactions need the mlp_in "
-                f"hookpoint of each block (it reads mlp_in of blocks {available})"
+                f"the crosscoder does not read {hookpoint(block, 'mlp_in')}; MLP interactions "
+                f"need the mlp_in hookpoint of each block (it reads mlp_in of blocks {available})"
             )
-        d_HD = crosscoder.decoder(name, model)
+    names = [hookpoint(block, "mlp_in") for block in chosen]
+    blocks = []
+    for block, name, d_HD in zip(chosen, names, crosscoder.decoders(names, model), strict=True):
         b_dec_D = crosscoder.decoder_bias(name, model)
         target = dtype or d_HD.dtype
         mlp = mlp_on(mlp_weights_by_block[block], d_HD.device, target)
