@@ -55,3 +55,10 @@ def add_heldout_text_arguments(
         metavar="N",
         help="contexts per forward pass of the subject model (default %(default)s)",
     )
+
+
+def add_analysis_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device`` and ``--quiet`` of the commands that analyse saved runs."""
+    parser.add_argument("--model", help="override the subject model recorded in the run(s)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")

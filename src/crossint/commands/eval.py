@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crossint.commands.common import add_heldout_text_arguments
+from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
 
 
 def register(subparsers) -> None:
@@ -24,9 +24,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", help="output directory (default: RUN/eval)")
     add_heldout_text_arguments(parser, tokens=20_000)
-    parser.add_argument("--model", help="override the subject model recorded in the run")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crossint.commands.common import add_heldout_text_arguments
+from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
 
 
 def register(subparsers) -> None:
@@ -41,9 +41,7 @@ def register(subparsers) -> None:
     add_heldout_text_arguments(parser, tokens=None)
     parser.add_argument("--scheme-seed", type=int, default=0,
                         help="seed of drop_random and of the bootstrap (default %(default)s)")
-    parser.add_argument("--model", help="override the subject model recorded in the runs")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crossint.commands.common import add_heldout_text_arguments
+from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
 
 
 def parse_blocks(text: str | None) -> list[int] | None:
@@ -65,9 +65,7 @@ def register(subparsers) -> None:
     add_measurement_arguments(parser)
     parser.add_argument("--blocks", help="comma-separated blocks to analyse (default: every "
                                          "block whose mlp_in the crosscoder reads)")
-    parser.add_argument("--model", help="override the subject model recorded in the run")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
