@@ -4,9 +4,9 @@
     python benchmarks/interactions.py --only penalty --device cuda
 
 (a) ``penalty``: one crosscoder training step (forward, reconstruction loss, backward, Adam) with
-    the interaction penalty off, on (analytic chunked backward, the library's), and on through
-    plain autograd (for comparison), 4-block paper layout (17 positions), D 128, N 512, H 2048,
-    BatchTopK K 20, batch 1024. Target: on/off ≤ 1.5×.
+    the interaction penalty off, on (analytic chunked backward, the library's; unnormalised and
+    per-neuron normalised), and on through plain autograd (for comparison), 4-block paper layout
+    (17 positions), D 128, N 512, H 2048, BatchTopK K 20, batch 1024. Target: on/off ≤ 1.5×.
 (b) ``contributions``: SPEC §4.1–§4.2 statistics (S, Mx, dominant) over the active features vs a
     naive dense B×N×H computation (chunked over tokens so it fits), H 4096. Target ≥ 10×.
 (c) ``pairwise``: the SPEC §4.5 matrix accumulated (sparse storage) at H 16384 over 4 blocks:
@@ -152,6 +152,8 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
                 blocks = feature_blocks(model, mlps)
                 if penalty == "analytic":
                     loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks)
+                elif penalty == "analytic_neuron":
+                    loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks, normalise="neuron")
                 else:
                     loss = loss + 100.0 * autograd_penalty(out.f_BH, blocks)
             optimizer.zero_grad(set_to_none=True)
@@ -167,7 +169,7 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
         distinct = int((f_BH != 0).any(dim=0).sum())
     rows = []
     times = {}
-    for penalty in ("off", "analytic", "autograd"):
+    for penalty in ("off", "analytic", "analytic_neuron", "autograd"):
         times[penalty] = sync_time(step(penalty), device, repeats)
         rows.append(
             {

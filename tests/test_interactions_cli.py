@@ -22,6 +22,7 @@ from crossint.models.adapter import load_model
 TRAIN = ["--features", "64", "--k", "4", "--steps", "60", "--batch-size", "128",
          "--checkpoint-every", "30", "--log-every", "10", "--quiet"]
 PENALTY = ["--interaction-penalty", "100", "--penalty-normalise"]
+SHARE_PENALTY = ["--interaction-penalty", "1000", "--penalty-normalise", "neuron"]
 MEASURE = ["--tokens", "600", "--context-length", "32", "--top-pairs", "12",
            "--delta2-pairs", "12", "--quiet"]
 TOP_KEYS = ("dominant_share", "nondominant", "bound", "measured_gap", "per_block", "top_pairs",
@@ -55,7 +56,8 @@ def runs(caches, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("interaction_runs")
     made = {}
     for name, extra in (("plain", ["--log-interactions", "--penalty-normalise"]),
-                        ("penalised", PENALTY)):
+                        ("penalised", PENALTY),
+                        ("share", SHARE_PENALTY)):
         made[name] = root / name
         code = main(["train", "--activations", str(caches["paper"]), "--out", str(made[name]),
                      *TRAIN, *extra])
@@ -70,7 +72,7 @@ def metrics(run: Path) -> list[dict]:
 def test_penalty_is_recorded_logged_and_raises_the_share(runs):
     config = json.loads((runs["penalised"] / "config.json").read_text())
     assert config["interaction_penalty"] == {"lambda": 100.0, "weighting": "uniform",
-                                             "normalise": True, "blocks": [0, 1]}
+                                             "normalise": "total", "blocks": [0, 1]}
     assert config["status"] == "finished"
     plain = json.loads((runs["plain"] / "config.json").read_text())["interaction_penalty"]
     assert plain["lambda"] == 0.0
@@ -84,6 +86,16 @@ def test_penalty_is_recorded_logged_and_raises_the_share(runs):
     # normalised L_int = 1 − mass-weighted share, so it falls as the share rises
     assert penalised[-1]["dominant_share"] > unpenalised[-1]["dominant_share"] + 0.1
     assert penalised[-1]["interaction_penalty"] < unpenalised[-1]["interaction_penalty"]
+
+
+def test_per_neuron_penalty_is_one_minus_the_share_and_raises_it(runs):
+    config = json.loads((runs["share"] / "config.json").read_text())
+    assert config["interaction_penalty"]["normalise"] == "neuron"
+    share, plain = metrics(runs["share"]), metrics(runs["plain"])
+    for record in share:
+        assert record["interaction_penalty"] == pytest.approx(1 - record["dominant_share"],
+                                                              rel=1e-4)
+    assert share[-1]["dominant_share"] > plain[-1]["dominant_share"] + 0.1
 
 
 @pytest.mark.slow

@@ -340,10 +340,14 @@ def naive_penalty(f_BH, blocks, weighting="uniform", normalise=False):
     for block in blocks:
         S, Mx, _ = naive_stats(naive_p_BNH(f_BH, block.d_HD, block.mlp.W_in_DN))
         w = block.w_out_N if weighting == "w_out" else torch.ones(N, dtype=torch.float64)
+        if normalise == "neuron":  # weighted mean of 1 − share over tokens and neurons
+            numerator += float((((S - Mx) / (S + 1e-8)) * w).sum())
+            count += S.shape[0] * float(w.sum())
+            continue
         numerator += float(((S - Mx) * w).sum())
         denominator += float((S * w).sum())
         count += S.numel()
-    return numerator / denominator if normalise else numerator / count
+    return numerator / denominator if normalise is True else numerator / count
 
 
 def torch_penalty(f_BH, d_by_block, blocks, weighting, normalise):
@@ -352,14 +356,19 @@ def torch_penalty(f_BH, d_by_block, blocks, weighting, normalise):
     for block, d_HD in zip(blocks, d_by_block, strict=True):
         abs_BNH = (f_BH[:, None, :] * (d_HD @ block.mlp.W_in_DN).T[None]).abs()
         w = block.w_out_N if weighting == "w_out" else torch.ones(N, dtype=torch.float64)
-        numerator = numerator + ((abs_BNH.sum(-1) - abs_BNH.amax(-1)) * w).sum()
-        denominator = denominator + (abs_BNH.sum(-1) * w).sum()
+        S_BN, Mx_BN = abs_BNH.sum(-1), abs_BNH.amax(-1)
+        if normalise == "neuron":
+            numerator = numerator + ((S_BN - Mx_BN) / (S_BN + 1e-8) * w).sum()
+            count += abs_BNH.shape[0] * float(w.sum())
+            continue
+        numerator = numerator + ((S_BN - Mx_BN) * w).sum()
+        denominator = denominator + (S_BN * w).sum()
         count += abs_BNH.shape[0] * abs_BNH.shape[1]
-    return numerator / denominator if normalise else numerator / count
+    return numerator / denominator if normalise is True else numerator / count
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "w_out"])
-@pytest.mark.parametrize("normalise", [False, True])
+@pytest.mark.parametrize("normalise", [False, True, "neuron"])
 def test_penalty_value_and_gradients_match_references(weighting, normalise):
     blocks = [random_block(20, block=0), random_block(21, block=1)]
     f_BH = random_f(9, H, seed=20)
@@ -385,7 +394,7 @@ def test_penalty_value_and_gradients_match_references(weighting, normalise):
         assert a.abs().sum() > 0
 
 
-@pytest.mark.parametrize("normalise", [False, True])
+@pytest.mark.parametrize("normalise", [False, True, "neuron"])
 def test_penalty_gradcheck(normalise):
     blocks = [random_block(30, block=0, n_features=6)]
     f_BH = random_f(5, 6, seed=30, max_active=3)
@@ -400,14 +409,15 @@ def test_penalty_gradcheck(normalise):
     assert torch.autograd.gradcheck(penalty, inputs, eps=1e-6, atol=1e-6)
 
 
-def test_penalty_does_not_depend_on_chunk_size():
+@pytest.mark.parametrize("normalise", ["none", "neuron"])
+def test_penalty_does_not_depend_on_chunk_size(normalise):
     blocks = [random_block(40, block=0), random_block(41, block=2)]
     f_BH = random_f(13, H, seed=40)
     grads = []
     values = []
     for chunk in (1, 5, 100):
         f = f_BH.clone().requires_grad_()
-        value = interaction_penalty(f, blocks, "w_out", chunk_tokens=chunk)
+        value = interaction_penalty(f, blocks, "w_out", normalise, chunk_tokens=chunk)
         value.backward()
         values.append(value.item())
         grads.append(f.grad)
@@ -421,6 +431,8 @@ def test_penalty_options_are_validated():
     f_BH = random_f(3, H, seed=0)
     with pytest.raises(CrossintError, match="weighting"):
         interaction_penalty(f_BH, blocks, weighting="l2")
+    with pytest.raises(CrossintError, match="normalisation 'token'"):
+        interaction_penalty(f_BH, blocks, normalise="token")
     with pytest.raises(CrossintError, match="at least one"):
         interaction_penalty(f_BH, [])
     with pytest.raises(CrossintError, match="weight"):
@@ -467,6 +479,9 @@ def test_loss_is_the_weighted_analysis_metric():
         meter.update(output.f_BH)
     assert term["interaction"].item() == pytest.approx(3.0 * penalty.item(), rel=1e-6)
     assert meter.result()["mean_nondominant"] == pytest.approx(penalty.item(), rel=1e-5)
+    # The per-neuron normalisation is one minus the reported dominant share itself.
+    share_penalty = interaction_penalty(output.f_BH, blocks, normalise="neuron")
+    assert 1 - meter.result()["dominant_share"] == pytest.approx(share_penalty.item(), rel=1e-5)
 
 
 def test_feature_blocks_needs_mlp_in_hookpoints():

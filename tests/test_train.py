@@ -22,7 +22,7 @@ from crossint.crosscoder.losses import (
     update_dead_counter,
 )
 from crossint.crosscoder.model import Crosscoder
-from crossint.crosscoder.train import TrainConfig, train
+from crossint.crosscoder.train import TrainConfig, extra_loss_ramp, train
 from crossint.data.cache import TensorActivations
 from crossint.errors import CrossintError
 
@@ -272,6 +272,22 @@ def test_source_must_match_the_crosscoder(source, tmp_path):
 
 
 # --- run directory, extra losses, training quality -----------------------------------------
+def test_extra_losses_ramp_in_over_the_warmup(source, tmp_path):
+    assert [extra_loss_ramp(step, 20, 0.25) for step in (0, 1, 4, 5, 19)] == [0.2, 0.4, 1.0, 1.0,
+                                                                                1.0]
+    assert extra_loss_ramp(0, 20, 0.0) == 1.0
+
+    def constant(crosscoder, acts_BXD, output):
+        return {"constant": crosscoder.W_enc_XDH.sum() * 0 + 2.0}
+
+    run = tmp_path / "run"
+    train(cc_config(), tc_config(extra_loss_warmup=0.5), source, run, extra_losses=[constant],
+          progress=False)
+    assert [r["constant"] for r in metrics(run)] == pytest.approx([1.0, 2.0, 2.0, 2.0])
+    with pytest.raises(CrossintError, match="extra_loss_warmup"):
+        tc_config(extra_loss_warmup=1.5)
+
+
 def test_run_directory_contents_and_saved_model(source, tmp_path):
     run = tmp_path / "run"
     calls = []

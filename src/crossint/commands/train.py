@@ -42,6 +42,7 @@ TRAIN_FLAGS = {
     "seed": "seed",
     "grad_clip": "grad_clip",
     "aux_alpha": "aux_alpha",
+    "penalty_warmup": "extra_loss_warmup",
     "checkpoint_every": "checkpoint_every",
     "log_every": "log_every",
     "normalisation_tokens": "normalisation_tokens",
@@ -110,9 +111,15 @@ def add_penalty_arguments(parser: argparse.ArgumentParser, with_lambda: bool = T
     group.add_argument("--penalty-weighting", choices=("uniform", "w_out"),
                        help="weight each neuron's S - Mx by 1 (uniform, default) or by "
                             "||W_out[n]|| (the compact-proof bound of SPEC §4.3)")
-    group.add_argument("--penalty-normalise", action="store_const", const=True, default=None,
-                       help="divide L_int by the mean total contribution S, so λ is comparable "
-                            "across models (L_int is then 1 - the mass-weighted dominant share)")
+    group.add_argument("--penalty-normalise", nargs="?", const="total", default=None,
+                       choices=("none", "total", "neuron"), metavar="{total,neuron}",
+                       help="make L_int scale-free so λ is comparable across models: 'total' "
+                            "(the flag alone) divides by the total contribution ΣS (L_int = 1 - "
+                            "the mass-weighted dominant share); 'neuron' averages (S - Mx)/S over "
+                            "tokens and neurons (L_int = 1 - the dominant share)")
+    group.add_argument("--penalty-warmup", type=float, metavar="FRACTION",
+                       help="ramp λ linearly from 0 over this fraction of the steps (default 0: "
+                            "full λ from the first step)")
     if with_lambda:
         group.add_argument("--log-interactions", action="store_true",
                            help="log the dominant share and the unweighted L_int even when λ = 0 "
@@ -155,7 +162,7 @@ class PenaltySettings:
 
     weight: float = 0.0
     weighting: str = "uniform"
-    normalise: bool = False
+    normalise: str = "none"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight)
@@ -167,16 +174,23 @@ class PenaltySettings:
             raise CrossintError(
                 f"--penalty-weighting must be uniform or w_out, got {self.weighting!r}"
             )
+        if self.normalise not in ("none", "total", "neuron"):
+            raise CrossintError(
+                f"--penalty-normalise must be none, total or neuron, got {self.normalise!r}"
+            )
 
     def record(self, blocks: list[int]) -> dict[str, Any]:
         return {"lambda": float(self.weight), "weighting": self.weighting,
-                "normalise": bool(self.normalise), "blocks": list(blocks)}
+                "normalise": self.normalise, "blocks": list(blocks)}
 
     @classmethod
     def from_record(cls, record: dict[str, Any] | None) -> PenaltySettings:
         record = record or {}
+        normalise = record.get("normalise", "none")
+        if isinstance(normalise, bool):  # records before the per-neuron normalisation existed
+            normalise = "total" if normalise else "none"
         return cls(float(record.get("lambda", 0.0)), record.get("weighting", "uniform"),
-                   bool(record.get("normalise", False)))
+                   normalise)
 
 
 def penalty_settings(args: argparse.Namespace, recorded: dict[str, Any] | None = None,
@@ -189,7 +203,7 @@ def penalty_settings(args: argparse.Namespace, recorded: dict[str, Any] | None =
     return PenaltySettings(
         base.weight if weight is None else float(weight),
         args.penalty_weighting or base.weighting,
-        base.normalise if args.penalty_normalise is None else bool(args.penalty_normalise),
+        base.normalise if args.penalty_normalise is None else args.penalty_normalise,
     )
 
 

@@ -93,6 +93,9 @@ class TrainConfig(JsonConfig):
     decay_fraction: float = 0.25
     seed: int = 0
     aux_alpha: float = 1 / 32
+    # Fraction of the steps over which the extra losses (the interaction penalty) ramp linearly
+    # from 0 to their full weight, so features form before the penalty reshapes them.
+    extra_loss_warmup: float = 0.0
     checkpoint_every: int = 500
     log_every: int = 10
     normalisation_tokens: int = 200_000
@@ -119,7 +122,7 @@ class TrainConfig(JsonConfig):
         for name in ("adam_beta1", "adam_beta2"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, "must be in [0, 1)")
-        for name in ("warmup_fraction", "decay_fraction"):
+        for name in ("warmup_fraction", "decay_fraction", "extra_loss_warmup"):
             if not is_number(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 fail(name, "must be in [0, 1]")
         if self.warmup_fraction + self.decay_fraction > 1:
@@ -338,6 +341,13 @@ def _dead_threshold(config: CrosscoderConfig, train_config: TrainConfig) -> int:
     return max(1, min(2_000_000, train_config.steps * train_config.batch_size // 10))
 
 
+def extra_loss_ramp(step: int, steps: int, warmup_fraction: float) -> float:
+    """The weight of the extra losses at ``step`` (0-based): linear from 1/n to 1 over the first
+    n = warmup_fraction·steps steps, then 1."""
+    ramp_steps = int(round(warmup_fraction * steps))
+    return 1.0 if step >= ramp_steps else (step + 1) / ramp_steps
+
+
 def _round(value: float) -> float:
     return float(f"{value:.6g}") if math.isfinite(value) else value
 
@@ -509,10 +519,12 @@ def train(
                     out.pre_BH, model.threshold_H, cc.jumprelu_bandwidth
                 )
                 loss = loss + cc.l0_coefficient * terms["sparsity_loss"]
+            ramp = extra_loss_ramp(step, tc.steps, tc.extra_loss_warmup)
             for extra in extra_losses:
                 for name, value in extra(model, acts_BXD, out).items():
                     if name in terms or name == "loss":
                         raise CrossintError(f"extra loss name {name!r} clashes with a built-in")
+                    value = value if ramp == 1.0 else ramp * value
                     terms[name] = value
                     loss = loss + value
 

@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from crossint.errors import CrossintError
 from crossint.interactions.contributions import (
+    SHARE_EPS,
     ActiveFeatures,
     Contributions,
     MLPFeatureBlock,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from crossint.models.adapter import MLPWeights
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "w_out")
+NORMALISATIONS: tuple[str, ...] = ("none", "total", "neuron")
 
 
 # --- SPEC §4.2 averages ------------------------------------------------------------------------
@@ -196,14 +198,10 @@ class _NondominantSum(torch.autograd.Function):
         widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
         for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
             stop = min(start + chunk_tokens, n_tokens)
-            abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop, :width].reshape(-1))
-            abs_BKN = abs_BKN.view(stop - start, width, n_neurons)
-            abs_BKN.mul_(abs_f_BK[start:stop, :width, None])  # |p| = |f|·|V|
+            abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
             slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
-        # Mx read back at the dominant slot; Σ_b S = (Σ_b |f| per row)·|V|, no B·K·N pass.
-        Mx_BN = abs_f_BK.gather(1, slot_BN) * abs_V_UN.view(-1)[
-            row_BK.gather(1, slot_BN) * n_neurons + torch.arange(n_neurons, device=f_BK.device)
-        ]
+        # Σ_b S = (Σ_b |f| per row)·|V|: no B·K·N pass for S.
+        Mx_BN = _dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, slot_BN)
         mass_U = abs_f_BK.new_zeros(n_rows).index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
         S_sum_N = mass_U @ abs_V_UN
         Mx_sum_N = Mx_BN.sum(dim=0)
@@ -227,35 +225,147 @@ class _NondominantSum(torch.autograd.Function):
         abs_f_BK = f_V_BK.abs()
         grad_f_BK = grad_V_UN = None
         if ctx.needs_input_grad[0]:
-            dominant_BK = torch.zeros_like(f_V_BK).scatter_add_(1, slot_BN, Mx_BN * a_N)
-            safe_f_BK = torch.where(f_V_BK != 0, f_V_BK, torch.ones_like(f_V_BK))
-            grad_f_BK = torch.sign(f_V_BK) * (V_UN.abs() @ both_N)[row_BK] - dominant_BK / safe_f_BK
-            grad_f_BK = grad_f_BK.to(f_BK.dtype)
+            spread_BK = (V_UN.abs() @ both_N)[row_BK]
+            grad_f_BK = _f_gradient(f_V_BK, spread_BK, slot_BN, Mx_BN * a_N).to(f_BK.dtype)
         if ctx.needs_input_grad[1]:
-            unsigned_UN = mass_U[:, None] * both_N
-            neuron_N = torch.arange(n_neurons, device=V_UN.device)
-            flat_BN = row_BK.gather(1, slot_BN) * n_neurons + neuron_N  # (dominant row, n)
-            dominant_BN = abs_f_BK.gather(1, slot_BN) * a_N
-            unsigned_UN.view(-1).index_add_(0, flat_BN.view(-1), -dominant_BN.view(-1))
-            grad_V_UN = torch.sign(V_UN) * unsigned_UN
+            grad_V_UN = _V_gradient(V_UN, mass_U[:, None] * both_N, abs_f_BK, row_BK, slot_BN,
+                                    a_N.expand_as(Mx_BN))
         return grad_f_BK, grad_V_UN, None, None, None, None
 
 
-def _check_options(weighting: str, normalise: bool) -> None:
+def _f_gradient(f_BK: Tensor, spread_BK: Tensor, slot_BN: Tensor, dominant_BN: Tensor) -> Tensor:
+    """∂L/∂f_bk = sign(f_bk)·spread_bk − (1/f_bk)·Σ_{n: dom(b,n)=k} dominant_bn, where spread
+    is Σ_n |V_kn|·(gradient on every |p|) and dominant = Mx·(extra gradient on the maximum);
+    |V_dom,n| = Mx_bn/|f_dom| turns the dominant term into a B×N scatter."""
+    dominant_BK = torch.zeros_like(f_BK).scatter_add_(1, slot_BN, dominant_BN)
+    safe_f_BK = torch.where(f_BK != 0, f_BK, torch.ones_like(f_BK))
+    return torch.sign(f_BK) * spread_BK - dominant_BK / safe_f_BK
+
+
+def _V_gradient(V_UN: Tensor, unsigned_UN: Tensor, abs_f_BK: Tensor, row_BK: Tensor,
+                slot_BN: Tensor, dominant_BN: Tensor) -> Tensor:
+    """∂L/∂V_un = sign(V_un)·(unsigned_un − Σ_{b: dom row(b,n)=u} |f_dom(b,n)|·dominant_bn):
+    ``unsigned`` holds the gradient on every |p| summed over the row's slots; the correction at
+    the dominant slots is one B×N scatter. Overwrites ``unsigned_UN``."""
+    n_neurons = V_UN.shape[1]
+    neuron_N = torch.arange(n_neurons, device=V_UN.device)
+    flat_BN = row_BK.gather(1, slot_BN) * n_neurons + neuron_N  # (dominant row, n)
+    correction_BN = abs_f_BK.gather(1, slot_BN) * dominant_BN
+    unsigned_UN.view(-1).index_add_(0, flat_BN.reshape(-1), -correction_BN.reshape(-1))
+    return torch.sign(V_UN) * unsigned_UN
+
+
+class _NondominantShare(torch.autograd.Function):
+    """Σ_{b,n} w_n·(S − Mx)/(S + ε) for one block (one minus the SPEC §4.2 share, per token
+    and neuron), chunked over tokens; the analytic backward costs two chunked B·K·N passes.
+
+    With G_bn = g·w_n/(S + ε) and A_bn = G_bn·(Mx + ε)/(S + ε) (g the incoming gradient),
+    ∂L/∂|p_bkn| = A_bn − 1[k = dom(b,n)]·G_bn, so
+
+        ∂L/∂f_bk = sign(f_bk)·Σ_n |V_kn|·A_bn − (1/f_bk)·Σ_{n: dom(b,n)=k} Mx_bn·G_bn
+        ∂L/∂V_un = sign(V_un)·( Σ_{(b,k): row=u} |f_bk|·A_bn − Σ_{b: dom row(b,n)=u} |f_dom|·G_bn )
+
+    The ratio is invariant to scaling a neuron's contributions, so this penalty cannot be
+    lowered by shrinking features: it only moves each neuron's mass towards its dominant feature.
+    """
+
+    @staticmethod
+    def forward(ctx, f_BK, V_UN, row_BK, counts_B, w_N, chunk_tokens):  # noqa: ANN001
+        n_tokens, n_neurons = f_BK.shape[0], V_UN.shape[1]
+        abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
+        slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
+        S_BN = V_UN.new_empty(n_tokens, n_neurons)
+        widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
+        for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
+            stop = min(start + chunk_tokens, n_tokens)
+            abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
+            S_BN[start:stop] = abs_BKN.sum(dim=1)
+            slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
+        Mx_BN = _dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, slot_BN)
+        ratio_BN = (S_BN - Mx_BN) / (S_BN + SHARE_EPS)
+        value = ratio_BN.sum() if w_N is None else (ratio_BN @ w_N).sum()
+        ctx.save_for_backward(f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN)
+        ctx.chunk_tokens = chunk_tokens
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001
+        f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN = ctx.saved_tensors
+        chunk_tokens = ctx.chunk_tokens
+        n_tokens, n_neurons = f_BK.shape[0], V_UN.shape[1]
+        f_V_BK = f_BK.to(V_UN.dtype)
+        abs_f_BK, abs_V_UN = f_V_BK.abs(), V_UN.abs()
+        G_BN = grad / (S_BN + SHARE_EPS)
+        if w_N is not None:
+            G_BN = G_BN * w_N
+        A_BN = G_BN * (Mx_BN + SHARE_EPS) / (S_BN + SHARE_EPS)
+        grad_f_BK = grad_V_UN = None
+        if ctx.needs_input_grad[0]:
+            spread_BK = torch.zeros_like(f_V_BK)
+        if ctx.needs_input_grad[1]:
+            unsigned_UN = torch.zeros_like(V_UN)
+        widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
+        for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
+            stop = min(start + chunk_tokens, n_tokens)
+            rows = row_BK[start:stop, :width]
+            if ctx.needs_input_grad[0]:  # Σ_n |V_kn|·A_bn
+                abs_BKN = abs_V_UN.index_select(0, rows.reshape(-1)).view(-1, width, n_neurons)
+                A_BN1 = A_BN[start:stop, :, None]
+                spread_BK[start:stop, :width] = torch.bmm(abs_BKN, A_BN1).squeeze(2)
+            if ctx.needs_input_grad[1]:  # Σ_{(b,k): row=u} |f_bk|·A_bn
+                outer_BKN = abs_f_BK[start:stop, :width, None] * A_BN[start:stop, None, :]
+                unsigned_UN.index_add_(0, rows.reshape(-1), outer_BKN.view(-1, n_neurons))
+        if ctx.needs_input_grad[0]:
+            grad_f_BK = _f_gradient(f_V_BK, spread_BK, slot_BN, Mx_BN * G_BN).to(f_BK.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_V_UN = _V_gradient(V_UN, unsigned_UN, abs_f_BK, row_BK, slot_BN, G_BN)
+        return grad_f_BK, grad_V_UN, None, None, None, None
+
+
+def _chunk_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, start: int, stop: int,
+                      width: int) -> Tensor:
+    """|p| = |f|·|V[row]| for tokens start:stop and their first ``width`` slots (B×K×N)."""
+    abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop, :width].reshape(-1))
+    abs_BKN = abs_BKN.view(stop - start, width, abs_V_UN.shape[1])
+    return abs_BKN.mul_(abs_f_BK[start:stop, :width, None])
+
+
+def _dominant_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor,
+                         slot_BN: Tensor) -> Tensor:
+    """Mx read back at the dominant slot of every (token, neuron)."""
+    n_neurons = abs_V_UN.shape[1]
+    neuron_N = torch.arange(n_neurons, device=abs_V_UN.device)
+    return abs_f_BK.gather(1, slot_BN) * abs_V_UN.view(-1)[
+        row_BK.gather(1, slot_BN) * n_neurons + neuron_N]
+
+
+def normalisation_mode(normalise: str | bool) -> str:
+    """``normalise`` as one of NORMALISATIONS (``False``/``True`` mean "none"/"total")."""
+    if isinstance(normalise, bool):
+        return "total" if normalise else "none"
+    if normalise not in NORMALISATIONS:
+        raise CrossintError(
+            f"unknown penalty normalisation {normalise!r}: valid choices are "
+            f"{', '.join(NORMALISATIONS)}"
+        )
+    return normalise
+
+
+def _check_options(weighting: str, normalise: str | bool) -> None:
     if weighting not in WEIGHTINGS:
         raise CrossintError(
             f"unknown interaction weighting {weighting!r}: valid choices are "
             f"{', '.join(WEIGHTINGS)}"
         )
-    if not isinstance(normalise, bool):
-        raise CrossintError(f"normalise must be true or false, got {normalise!r}")
+    normalisation_mode(normalise)
 
 
 def interaction_penalty(
     f_BH: Tensor | ActiveFeatures,
     blocks: Sequence[MLPFeatureBlock],
     weighting: str = "uniform",
-    normalise: bool = False,
+    normalise: str | bool = "none",
     chunk_tokens: int | None = None,
 ) -> Tensor:
     """SPEC §4.4 L_int = mean over blocks, tokens, neurons of w_n·(S − Mx).
@@ -263,16 +373,24 @@ def interaction_penalty(
     Gradients reach the encoder through ``f_BH`` and the decoder through each block's ``d_HD``
     (via V = d·W_in); any number of blocks. ``weighting``: ``"uniform"`` (w = 1; then the value
     is ShareSummary's mean_nondominant) or ``"w_out"`` (w_n = ‖W_out[n]‖, so the value is the
-    SPEC §4.3 bound averaged over neurons, divided by Lip(φ)). ``normalise``: divide by the
-    equally weighted mean S, i.e. return Σ w(S − Mx) / Σ w·S ∈ [0, 1) (one minus the
-    mass-weighted dominant share), comparable across models. The denominator is NOT detached:
-    the ratio is invariant to scaling all contributions, so its gradient only moves mass towards
-    the dominant features. A detached denominator keeps the un-normalised gradient's "shrink
-    every contribution" direction, which fights reconstruction and, with a large weight, kills
-    the features. Memory: O(chunk_tokens·K·N) transient, O(B·N) kept for the backward, which
-    costs O(U·N + B·N) (see ``_NondominantSum``).
+    SPEC §4.3 bound averaged over neurons, divided by Lip(φ)). ``normalise`` (``True`` =
+    ``"total"``, ``False`` = ``"none"``):
+
+    - ``"total"``: Σ w(S − Mx) / Σ w·S ∈ [0, 1) (one minus the mass-weighted dominant share),
+      comparable across models. The denominator is NOT detached: the ratio is invariant to
+      scaling all contributions, so its gradient only moves mass towards the dominant features.
+      A detached denominator keeps the un-normalised gradient's "shrink every contribution"
+      direction, which fights reconstruction and, with a large weight, kills the features.
+    - ``"neuron"``: the weighted mean over tokens and neurons of (S − Mx)/(S + ε), i.e. one minus
+      the SPEC §4.2 dominant share itself (uniform weighting). Invariant to scaling each
+      neuron's contributions, so no neuron's input is worth shrinking.
+
+    Memory: O(chunk_tokens·K·N) transient, O(B·N) kept for the backward, which costs
+    O(U·N + B·N) for "none"/"total" and two chunked O(B·K·N) passes for "neuron" (see
+    ``_NondominantSum`` and ``_NondominantShare``).
     """
     _check_options(weighting, normalise)
+    mode = normalisation_mode(normalise)
     if not blocks:
         raise CrossintError("the interaction penalty needs at least one MLP block")
     active = f_BH if isinstance(f_BH, ActiveFeatures) else active_features(f_BH)
@@ -281,27 +399,34 @@ def interaction_penalty(
     chunk_tokens = resolve_chunk(chunk_tokens, active.f_BK.device, per_token)
     nondominant: Tensor | None = None
     total: Tensor | None = None
-    count = 0
+    weight_sum = 0.0
     for block in blocks:
         V_UN, row_BK = distinct_virtual_weights(active, block.d_HD, block.mlp.W_in_DN)
         w_N = block.w_out_N.to(V_UN.dtype) if weighting == "w_out" else None
-        part, part_total = _NondominantSum.apply(
-            active.f_BK.to(V_UN.dtype), V_UN, row_BK, active.counts_B, w_N, chunk_tokens
-        )
+        f_BK = active.f_BK.to(V_UN.dtype)
+        if mode == "neuron":
+            part = _NondominantShare.apply(f_BK, V_UN, row_BK, active.counts_B, w_N,
+                                           chunk_tokens)
+            weight_sum += active.n_tokens * (block.n_neurons if w_N is None
+                                             else float(w_N.sum()))
+        else:
+            part, part_total = _NondominantSum.apply(f_BK, V_UN, row_BK, active.counts_B, w_N,
+                                                     chunk_tokens)
+            total = part_total if total is None else total + part_total
+            weight_sum += active.n_tokens * block.n_neurons
         nondominant = part if nondominant is None else nondominant + part
-        total = part_total if total is None else total + part_total
-        count += active.n_tokens * block.n_neurons
-    assert nondominant is not None and total is not None
-    if normalise:
+    assert nondominant is not None
+    if mode == "total":
+        assert total is not None
         return nondominant / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return nondominant / max(count, 1)
+    return nondominant / max(weight_sum, 1.0)
 
 
 def mlp_interaction_loss(
     mlp_weights_by_block: dict[int, MLPWeights],
     weight: float,
     weighting: str = "uniform",
-    normalise: bool = False,
+    normalise: str | bool = "none",
     chunk_tokens: int | None = None,
     model: str | None = None,
 ) -> Callable[[Crosscoder, Tensor, CrosscoderOutput], dict[str, Tensor]]:
