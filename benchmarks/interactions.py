@@ -134,6 +134,9 @@ def autograd_penalty(f_BH: torch.Tensor, blocks: list[MLPFeatureBlock]) -> torch
     return total / count
 
 
+PENALTIES = ("off", "analytic", "analytic_neuron", "autograd")
+
+
 def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list[dict]:
     n_blocks, D, N, H, K = 4, 128, 512, 2048, 20
     hookpoints = resolve_layout("paper", n_blocks)
@@ -169,7 +172,7 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
         distinct = int((f_BH != 0).any(dim=0).sum())
     rows = []
     times = {}
-    for penalty in ("off", "analytic", "analytic_neuron", "autograd"):
+    for penalty in PENALTIES:
         times[penalty] = sync_time(step(penalty), device, repeats)
         rows.append(
             {

@@ -201,7 +201,7 @@ class _NondominantSum(torch.autograd.Function):
             abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
             slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
         # Σ_b S = (Σ_b |f| per row)·|V|: no B·K·N pass for S.
-        Mx_BN = _dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, slot_BN)
+        dom_row_BN, dom_f_BN, Mx_BN = _dominant(abs_f_BK, abs_V_UN, row_BK, slot_BN)
         mass_U = abs_f_BK.new_zeros(n_rows).index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
         S_sum_N = mass_U @ abs_V_UN
         Mx_sum_N = Mx_BN.sum(dim=0)
@@ -209,27 +209,25 @@ class _NondominantSum(torch.autograd.Function):
             nondominant, total = (S_sum_N - Mx_sum_N).sum(), S_sum_N.sum()
         else:
             nondominant, total = (S_sum_N - Mx_sum_N) @ w_N, S_sum_N @ w_N
-        ctx.save_for_backward(f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, mass_U)
+        ctx.save_for_backward(f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, dom_row_BN, dom_f_BN,
+                              mass_U)
         return nondominant, total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_nondominant, grad_total):  # noqa: ANN001
-        f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, mass_U = ctx.saved_tensors
-        n_rows, n_neurons = V_UN.shape
+        f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, dom_row_BN, dom_f_BN, mass_U = ctx.saved_tensors
         if w_N is None:
-            w_N = torch.ones(n_neurons, dtype=V_UN.dtype, device=V_UN.device)
+            w_N = torch.ones(V_UN.shape[1], dtype=V_UN.dtype, device=V_UN.device)
         a_N = grad_nondominant * w_N  # on every non-dominant |p|
         both_N = a_N + grad_total * w_N  # on every |p|
         f_V_BK = f_BK.to(V_UN.dtype)
-        abs_f_BK = f_V_BK.abs()
         grad_f_BK = grad_V_UN = None
         if ctx.needs_input_grad[0]:
             spread_BK = (V_UN.abs() @ both_N)[row_BK]
             grad_f_BK = _f_gradient(f_V_BK, spread_BK, slot_BN, Mx_BN * a_N).to(f_BK.dtype)
         if ctx.needs_input_grad[1]:
-            grad_V_UN = _V_gradient(V_UN, mass_U[:, None] * both_N, abs_f_BK, row_BK, slot_BN,
-                                    a_N.expand_as(Mx_BN))
+            grad_V_UN = _V_gradient(V_UN, mass_U[:, None] * both_N, dom_row_BN, dom_f_BN * a_N)
         return grad_f_BK, grad_V_UN, None, None, None, None
 
 
@@ -242,16 +240,13 @@ def _f_gradient(f_BK: Tensor, spread_BK: Tensor, slot_BN: Tensor, dominant_BN: T
     return torch.sign(f_BK) * spread_BK - dominant_BK / safe_f_BK
 
 
-def _V_gradient(V_UN: Tensor, unsigned_UN: Tensor, abs_f_BK: Tensor, row_BK: Tensor,
-                slot_BN: Tensor, dominant_BN: Tensor) -> Tensor:
-    """∂L/∂V_un = sign(V_un)·(unsigned_un − Σ_{b: dom row(b,n)=u} |f_dom(b,n)|·dominant_bn):
-    ``unsigned`` holds the gradient on every |p| summed over the row's slots; the correction at
-    the dominant slots is one B×N scatter. Overwrites ``unsigned_UN``."""
-    n_neurons = V_UN.shape[1]
-    neuron_N = torch.arange(n_neurons, device=V_UN.device)
-    flat_BN = row_BK.gather(1, slot_BN) * n_neurons + neuron_N  # (dominant row, n)
-    correction_BN = abs_f_BK.gather(1, slot_BN) * dominant_BN
-    unsigned_UN.view(-1).index_add_(0, flat_BN.reshape(-1), -correction_BN.reshape(-1))
+def _V_gradient(V_UN: Tensor, unsigned_UN: Tensor, dom_row_BN: Tensor, correction_BN: Tensor
+                ) -> Tensor:
+    """∂L/∂V_un = sign(V_un)·(unsigned_un − Σ_{b: dom row(b,n)=u} correction_bn): ``unsigned``
+    holds the gradient on every |p| summed over the row's slots, ``correction`` = |f_dom|·(extra
+    gradient on the maximum); one B×N scatter along the row axis (several times faster on the
+    CPU than a flat index_add). Overwrites ``unsigned_UN``."""
+    unsigned_UN.scatter_add_(0, dom_row_BN, -correction_BN)
     return torch.sign(V_UN) * unsigned_UN
 
 
@@ -281,17 +276,19 @@ class _NondominantShare(torch.autograd.Function):
             abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
             S_BN[start:stop] = abs_BKN.sum(dim=1)
             slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
-        Mx_BN = _dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, slot_BN)
+        dom_row_BN, dom_f_BN, Mx_BN = _dominant(abs_f_BK, abs_V_UN, row_BK, slot_BN)
         ratio_BN = (S_BN - Mx_BN) / (S_BN + SHARE_EPS)
         value = ratio_BN.sum() if w_N is None else (ratio_BN @ w_N).sum()
-        ctx.save_for_backward(f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN)
+        ctx.save_for_backward(f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN,
+                              dom_row_BN, dom_f_BN)
         ctx.chunk_tokens = chunk_tokens
         return value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: ANN001
-        f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN = ctx.saved_tensors
+        (f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN, dom_row_BN,
+         dom_f_BN) = ctx.saved_tensors
         chunk_tokens = ctx.chunk_tokens
         n_tokens, n_neurons = f_BK.shape[0], V_UN.shape[1]
         f_V_BK = f_BK.to(V_UN.dtype)
@@ -319,7 +316,7 @@ class _NondominantShare(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_f_BK = _f_gradient(f_V_BK, spread_BK, slot_BN, Mx_BN * G_BN).to(f_BK.dtype)
         if ctx.needs_input_grad[1]:
-            grad_V_UN = _V_gradient(V_UN, unsigned_UN, abs_f_BK, row_BK, slot_BN, G_BN)
+            grad_V_UN = _V_gradient(V_UN, unsigned_UN, dom_row_BN, dom_f_BN * G_BN)
         return grad_f_BK, grad_V_UN, None, None, None, None
 
 
@@ -331,13 +328,12 @@ def _chunk_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, start:
     return abs_BKN.mul_(abs_f_BK[start:stop, :width, None])
 
 
-def _dominant_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor,
-                         slot_BN: Tensor) -> Tensor:
-    """Mx read back at the dominant slot of every (token, neuron)."""
-    n_neurons = abs_V_UN.shape[1]
-    neuron_N = torch.arange(n_neurons, device=abs_V_UN.device)
-    return abs_f_BK.gather(1, slot_BN) * abs_V_UN.view(-1)[
-        row_BK.gather(1, slot_BN) * n_neurons + neuron_N]
+def _dominant(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, slot_BN: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """At the dominant slot of every (token, neuron): its V row, its |f| and Mx = |f|·|V|."""
+    dom_row_BN = row_BK.gather(1, slot_BN)
+    dom_f_BN = abs_f_BK.gather(1, slot_BN)
+    return dom_row_BN, dom_f_BN, dom_f_BN * abs_V_UN.gather(0, dom_row_BN)
 
 
 def normalisation_mode(normalise: str | bool) -> str:
