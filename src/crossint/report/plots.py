@@ -165,6 +165,9 @@ def plot_sweep(
     def lambda_axis(axes: Any) -> None:
         if positive:
             axes.set_xscale("symlog", linthresh=min(positive))
+        # One labelled tick per swept λ: symlog's own ticks label only powers of ten.
+        axes.set_xticks(x, [f"{v:g}" for v in x], fontsize=8)
+        axes.minorticks_off()
         axes.set_xlabel("interaction penalty λ")
         axes.grid(alpha=0.3)
 
