@@ -205,3 +205,23 @@ def test_help_mentions_the_options(capsys):
         "--resume",
     ):
         assert option in text
+
+
+def test_shards_fingerprint_their_tokens(tiny_model_dir, tiny_text_file, tmp_path):
+    """Two models with one tokenizer harvested on the same text hold the same tokens row by row
+    (what model diffing pairs); other text gives other fingerprints."""
+    from conftest import build_tiny_gpt2
+    from crossint.models.adapter import load_model
+
+    other_model = build_tiny_gpt2(tmp_path / "other", seed=3)
+    settings = {"corpus": str(tiny_text_file), "context_length": 32, "batch_size": 4,
+                "shard_tokens": 250, "progress": False}
+
+    def fingerprints(model, out, **extra):
+        cache = harvest(load_model(str(model)), out, "resid", 600, **{**settings, **extra})
+        return [shard["tokens_sha256"] for shard in cache.manifest["shards"]]
+
+    first = fingerprints(tiny_model_dir, tmp_path / "a")
+    assert len(first) == 3 and len(set(first)) == 3
+    assert fingerprints(other_model, tmp_path / "b") == first
+    assert fingerprints(tiny_model_dir, tmp_path / "c", seed=1) != first

@@ -153,6 +153,13 @@ def harvest(
     return ActivationCache(out)
 
 
+def tokens_fingerprint(ids_n: torch.Tensor) -> str:
+    """sha256 of token ids as little-endian int64, in row order."""
+    import hashlib
+
+    return hashlib.sha256(ids_n.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
+
+
 def _batches_of(contexts: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     batch: list[torch.Tensor] = []
     for context in contexts:
@@ -171,6 +178,7 @@ class _Pending:
     batch_index: int
     rows_nF: torch.Tensor  # host tensor once ``event`` has completed
     colsum_F: torch.Tensor  # float32 column sums: non-finite when a column holds NaN/Inf
+    ids_n: torch.Tensor  # host int64 token ids of the rows
     event: Any = None  # torch.cuda.Event of the device-to-host copy, None on the CPU
 
 
@@ -205,6 +213,8 @@ class _Capture:
         # Kept positions are known on the host (they depend only on the token ids): no sync.
         idx_T = None if keep_T is None else keep_T.nonzero().squeeze(1)
         n_kept = B * S if idx_T is None else len(idx_T)
+        ids_n = ids_BS.reshape(-1).to("cpu", torch.int64)
+        ids_n = ids_n if idx_T is None else ids_n[idx_T]
         # Host ids: the adapter validates them on the host and moves them itself.
         acts = self.adapter.capture(ids_BS, self.names)
         out_nF = torch.empty(n_kept, self.width, dtype=self.dtype, device=self.device)
@@ -231,7 +241,7 @@ class _Capture:
         del acts
         colsum_F = out_nF.sum(0, dtype=torch.float32)
         if self.copy_stream is None:  # CPU (no copy) or another accelerator (plain copy)
-            return _Pending(batch_index, out_nF.cpu(), colsum_F.cpu())
+            return _Pending(batch_index, out_nF.cpu(), colsum_F.cpu(), ids_n)
         host_nF = torch.empty(out_nF.shape, dtype=self.dtype, pin_memory=True)
         host_F = torch.empty(colsum_F.shape, dtype=torch.float32, pin_memory=True)
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -243,7 +253,7 @@ class _Capture:
         # Keep the device blocks alive for the copy stream before the allocator reuses them.
         out_nF.record_stream(self.copy_stream)
         colsum_F.record_stream(self.copy_stream)
-        return _Pending(batch_index, host_nF, host_F, event)
+        return _Pending(batch_index, host_nF, host_F, ids_n, event)
 
 
 class _ShardWriter:
@@ -269,6 +279,7 @@ class _ShardWriter:
         # permutation shuffles the shard without a second copy.
         self.dest_T = permutation(self.size, self.manifest["seed"], RNG_SHARD, index)
         self.fill = 0
+        self.ids_T = torch.empty(self.size, dtype=torch.int64)
         # Reuse the previous shard's buffers (already written out): no fresh page faults.
         if not self.buffers or next(iter(self.buffers.values())).shape[0] != self.size:
             self.buffers = {n: torch.empty(self.size, self.dims[n], dtype=self.dtype)
@@ -292,6 +303,7 @@ class _ShardWriter:
                 self.buffers[name].index_copy_(0, dest, rows_nF[offset : offset + take,
                                                                 col : col + dim])
                 col += dim
+            self.ids_T.index_copy_(0, dest, pending.ids_n[offset : offset + take])
             self.fill += take
             offset += take
             added += take
@@ -301,7 +313,7 @@ class _ShardWriter:
                     cursor = (pending.batch_index, offset)
                 else:
                     cursor = (pending.batch_index + 1, 0)
-                self._write(dict(self.buffers), cursor, exhausted=False)
+                self._write(dict(self.buffers), self.ids_T, cursor, exhausted=False)
                 if not self.finished:
                     self._new_shard()
         return added
@@ -317,7 +329,7 @@ class _ShardWriter:
         rows = torch.sort(self.dest_T[: self.fill]).values
         tensors = {n: b.index_select(0, rows) for n, b in self.buffers.items()}
         if self.fill:
-            self._write(tensors, None, exhausted=True)
+            self._write(tensors, self.ids_T.index_select(0, rows), None, exhausted=True)
         else:
             self.manifest["complete"] = True
             self.manifest["corpus_exhausted"] = True
@@ -348,8 +360,8 @@ class _ShardWriter:
                 )
             col += dim
 
-    def _write(self, tensors: dict[str, torch.Tensor], cursor: tuple[int, int] | None,
-               exhausted: bool) -> None:
+    def _write(self, tensors: dict[str, torch.Tensor], ids_n: torch.Tensor,
+               cursor: tuple[int, int] | None, exhausted: bool) -> None:
         from safetensors.torch import save_file
 
         index = len(self.manifest["shards"])
@@ -364,6 +376,9 @@ class _ShardWriter:
             "n_tokens": int(n),
             "bytes": path.stat().st_size,
             "sha256": sha256_file(path),
+            # Which tokens, in row order: two caches of the same text pair up row by row
+            # exactly when these agree (model diffing).
+            "tokens_sha256": tokens_fingerprint(ids_n),
             "next_batch": None if cursor is None else int(cursor[0]),
             "next_skip": None if cursor is None else int(cursor[1]),
         }
