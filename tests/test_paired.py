@@ -35,13 +35,12 @@ def test_batches_stack_the_same_tokens_model_major(caches):
     paired = PairedActivations(caches["base"], caches["tuned"])
     assert paired.models == [caches["base"].model, caches["tuned"].model]
     P = len(paired.hookpoints)
-    for got, a, b in zip(paired.batches(64, seed=3, start_batch=2),
-                         caches["base"].batches(64, seed=3, start_batch=2),
-                         caches["tuned"].batches(64, seed=3, start_batch=2)):
-        assert got.shape == (64, 2 * P, a.shape[2])
-        torch.testing.assert_close(got[:, :P], a)
-        torch.testing.assert_close(got[:, P:], b)
-        break
+    got = next(paired.batches(64, seed=3, start_batch=2))
+    a = next(caches["base"].batches(64, seed=3, start_batch=2))
+    b = next(caches["tuned"].batches(64, seed=3, start_batch=2))
+    assert got.shape == (64, 2 * P, a.shape[2])
+    torch.testing.assert_close(got[:, :P], a)
+    torch.testing.assert_close(got[:, P:], b)
     sample = paired.sample(100, seed=1)
     torch.testing.assert_close(sample[:, :P], caches["base"].sample(100, seed=1))
 

@@ -54,8 +54,8 @@ class PairedActivations:
 
     def batches(self, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """[B, 2P, D] batches: the same tokens of both caches, model-major."""
-        pairs = zip(self.first.batches(batch_size, seed, start_batch),
-                    self.second.batches(batch_size, seed, start_batch))
+        pairs = zip(self.first.batches(batch_size, seed, start_batch),  # both infinite
+                    self.second.batches(batch_size, seed, start_batch), strict=False)
         for a_BPD, b_BPD in pairs:
             yield torch.cat([a_BPD, b_BPD], dim=1)
 
