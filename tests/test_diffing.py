@@ -50,3 +50,38 @@ def test_one_model_crosscoders_and_bad_thresholds_are_refused():
         relative_decoder_norms(Crosscoder(config))
     with pytest.raises(CrossintError, match="threshold"):
         model_specific_features(torch.zeros(3), threshold=0.7)
+
+
+def test_diff_end_to_end_on_two_tiny_models(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from conftest import build_tiny_gpt2
+    from crossint.cli import main
+
+    other = build_tiny_gpt2(tmp_path / "other", seed=5)
+    out = tmp_path / "diff"
+    code = main(["diff", "--base", str(tiny_model_dir), "--finetuned", str(other), "--out",
+                 str(out), "--tokens", "2000", "--steps", "20", "--features", "48",
+                 "--context-length", "32", "--heldout-tokens", "300", "--top", "10", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    document = json.loads((out / "diff.json").read_text())
+    histogram = document["relative_norm_histogram"]
+    assert sum(histogram["counts"]) == 48
+    assert set(document["model_specific_features"]) == {"first_only", "second_only"}
+    changes = document["top_interaction_changes"]
+    assert 0 < len(changes) <= 10
+    magnitudes = [abs(c["change"]) for c in changes]
+    assert magnitudes == sorted(magnitudes, reverse=True) and magnitudes[0] > 0
+    for c in changes:
+        assert c["change"] == pytest.approx(c["second"] - c["first"])
+        assert c["i"] != c["j"] and c["block"] in (0, 1)
+    assert "largest interaction changes" in capsys.readouterr().out
+
+
+def test_diff_refuses_different_tokenizers(tiny_model_dir, tmp_path, capsys):
+    from crossint.cli import main
+
+    code = main(["diff", "--base", str(tiny_model_dir), "--finetuned", "storylm", "--out",
+                 str(tmp_path / "d"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "different tokenizers" in err and err.count("\n") == 0

@@ -47,3 +47,102 @@ def relative_norm_histogram(r_H: Tensor, bins: int = 20) -> dict[str, list[float
     counts = torch.histc(r_H.double(), bins=bins, min=0.0, max=1.0)
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
     return {"bin_edges": edges.tolist(), "counts": counts.tolist()}
+
+
+SHARED = (0.4, 0.6)  # r in this band: the feature decodes about equally into both models
+
+
+def interaction_changes(first: Any, second: Any, r_H: Tensor, top: int = 50,
+                        shared: tuple[float, float] = SHARED) -> list[dict[str, Any]]:
+    """SPEC §9.3 interaction diffing: the (i, j, block) triplets whose §4.5 interaction I[i, j]
+    changed most between the two models' ``PairwiseResult`` (same tokens, same features), with
+    both features' relative norms and whether both decode alike into the two models."""
+    H = int(r_H.numel())
+    rows = [result.triplets() for result in (first, second)]
+    keys = [(row["block"] * H + row["i"]) * H + row["j"] for row in rows]
+    union_E = torch.unique(torch.cat(keys))
+    totals = []
+    for row, key_E in zip(rows, keys, strict=True):
+        total_E = torch.zeros(union_E.numel(), dtype=torch.float64)
+        total_E[torch.searchsorted(union_E, key_E)] = row["total"].double()
+        totals.append(total_E)
+    change_E = totals[1] - totals[0]
+    order = change_E.abs().argsort(descending=True, stable=True)[:top]
+    changes = []
+    for e in order.tolist():
+        key = int(union_E[e])
+        block, i, j = key // (H * H), (key // H) % H, key % H
+        r_i, r_j = float(r_H[i]), float(r_H[j])
+        changes.append({
+            "i": i, "j": j, "block": block,
+            "first": float(totals[0][e]), "second": float(totals[1][e]),
+            "change": float(change_E[e]), "r_i": r_i, "r_j": r_j,
+            "features_unchanged": all(shared[0] <= r <= shared[1] for r in (r_i, r_j)),
+        })
+    return changes
+
+
+def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
+                heldout_tokens: int = 20_000, top: int = 50, progress: bool = True
+                ) -> dict[str, Any]:
+    """SPEC §9.3 end to end: harvest the same built-in stories from both models (OUT/cache_base,
+    OUT/cache_finetuned), train a two-model crosscoder on them (OUT/crosscoder; all resumable),
+    then the relative decoder norms and the interaction changes on held-out text. Writes and
+    returns OUT/diff.json."""
+    import dataclasses
+    from pathlib import Path
+
+    from crossint.analysis.heldout import HELDOUT_SEED, capture_tokens, heldout_batches
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.model import Crosscoder
+    from crossint.crosscoder.train import TrainConfig, train
+    from crossint.data.harvest import harvest
+    from crossint.data.paired import PairedActivations
+    from crossint.demo import DemoSettings
+    from crossint.interactions import analyse_mlp_interactions, mlp_in_blocks
+    from crossint.io import atomic_write_json
+    from crossint.models.adapter import load_model
+
+    out_dir = Path(out_dir)
+    settings = settings or DemoSettings()
+    adapters = [load_model(base), load_model(finetuned)]
+    if adapters[0].tokenizer.get_vocab() != adapters[1].tokenizer.get_vocab():
+        raise CrossintError(f"{base!r} and {finetuned!r} have different tokenizers; model "
+                            "diffing needs the same tokens in both")
+    caches = [harvest(adapter, out_dir / f"cache_{name}", settings.layout,
+                      n_tokens=settings.tokens, context_length=settings.context_length,
+                      dtype="float16", seed=settings.seed, progress=progress)
+              for adapter, name in zip(adapters, ("base", "finetuned"), strict=True)]
+    paired = PairedActivations(*caches)
+    config = CrosscoderConfig(hookpoints=paired.hookpoints, models=paired.models,
+                              d_model=adapters[0].d_model, n_features=settings.features,
+                              activation=settings.activation, k=settings.k)
+    train_config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size,
+                               seed=settings.seed, checkpoint_every=max(1, settings.steps // 5))
+    run_dir = out_dir / "crosscoder"
+    train(config, train_config, paired, run_dir, resume=True, progress=progress)
+    crosscoder = Crosscoder.from_pretrained(run_dir).eval()
+
+    r_H = relative_decoder_norms(crosscoder)
+    hookpoints = list(crosscoder.config.hookpoints)
+    special = adapters[0].special_token_ids()
+    batches = []
+    for ids_BS in heldout_batches(adapters[0], "stories", HELDOUT_SEED, settings.context_length,
+                                  heldout_tokens, 16):
+        parts = [capture_tokens(adapter, ids_BS, hookpoints, special)[2] for adapter in adapters]
+        batches.append(torch.cat(parts, dim=1))
+    blocks = mlp_in_blocks(crosscoder)
+    results = [analyse_mlp_interactions(crosscoder, {b: adapter.mlp_weights(b) for b in blocks},
+                                        batches, model=name, progress=False).pairwise
+               for adapter, name in zip(adapters, crosscoder.config.models, strict=True)]
+    document = {
+        "models": list(crosscoder.config.models),
+        "crosscoder": str(run_dir),
+        "relative_norm_histogram": relative_norm_histogram(r_H),
+        "model_specific_features": model_specific_features(r_H),
+        "top_interaction_changes": interaction_changes(*results, r_H, top=top),
+        "heldout_tokens": int(sum(b.shape[0] for b in batches)),
+        "settings": dataclasses.asdict(settings),
+    }
+    atomic_write_json(out_dir / "diff.json", document)
+    return document
