@@ -62,3 +62,25 @@ def add_analysis_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="override the subject model recorded in the run(s)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+RECIPE_FLAGS = ("tokens", "steps", "features", "context_length")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sizes of the demo's harvest-and-train recipe (``crossint.demo.DemoSettings``) that
+    commands which build their own crosscoder let the user change."""
+    parser.add_argument("--tokens", type=int, help="harvested tokens (default 100000)")
+    parser.add_argument("--steps", type=int, help="crosscoder training steps (default 1500)")
+    parser.add_argument("--features", type=int, help="dictionary size H (default 1536)")
+    parser.add_argument("--context-length", type=int, help="tokens per context (default 128)")
+
+
+def recipe_settings(args: argparse.Namespace):  # noqa: ANN201 (DemoSettings, imported lazily)
+    """``DemoSettings`` with the recipe flags the user gave."""
+    import dataclasses
+
+    from crossint.demo import DemoSettings
+
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k, None) is not None}
+    return dataclasses.replace(DemoSettings(), **given)

