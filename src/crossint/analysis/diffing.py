@@ -190,5 +190,11 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
             "top_changes_involving_them": sum(r["involves_trigger_feature"]
                                               for r in document["top_interaction_changes"]),
         }
+    from crossint.report.plots import plot_histogram
+
+    histogram = document["relative_norm_histogram"]
+    plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / "relative_norms.png",
+                   f"relative decoder norm (0: {document['models'][0]} only, 1: "
+                   f"{document['models'][1]} only)", "features by model (SPEC §9.3)")
     atomic_write_json(out_dir / "diff.json", document)
     return document

