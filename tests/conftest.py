@@ -82,3 +82,22 @@ def tiny_text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "stories.txt"
     path.write_text("\n".join(TINY_TEXT * 50) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_paper_run(tiny_model_dir, tiny_text_file, tmp_path_factory) -> Path:
+    """A crosscoder really trained (60 steps, H 64, TopK 4) on the tiny GPT-2's paper-layout
+    activations: the input of the clustering and report tests."""
+    from crossint.cli import main
+    from crossint.data.harvest import harvest
+
+    root = tmp_path_factory.mktemp("paper_run")
+    cache = harvest(str(tiny_model_dir), root / "cache", "paper", n_tokens=3000,
+                    corpus=str(tiny_text_file), context_length=32, batch_size=8,
+                    progress=False).path
+    run = root / "run"
+    code = main(["train", "--activations", str(cache), "--out", str(run), "--features", "64",
+                 "--k", "4", "--steps", "60", "--batch-size", "128", "--log-every", "10",
+                 "--quiet"])
+    assert code == 0
+    return run

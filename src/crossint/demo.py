@@ -1,5 +1,5 @@
-"""The end-to-end demo on the embedded story model: harvest → train → eval → MLP interactions,
-in minutes on a CPU.
+"""The end-to-end demo on the embedded story model: harvest → train → eval → MLP interactions
+→ clusters → HTML report, in minutes on a CPU.
 
 Every stage writes into one directory and is resumable: re-running the same command after an
 interruption continues the harvest and the training where they stopped.
@@ -87,9 +87,11 @@ def run_demo(
     out_dir: str | Path, settings: DemoSettings = DemoSettings(), progress: bool = True
 ) -> dict:
     """Run the demo into ``out_dir`` and return (and write) ``summary.json``."""
+    from crossint.analysis.clustering import cluster_run, write_cluster_outputs
     from crossint.analysis.evaluate import evaluate
     from crossint.analysis.interactions import analyse_run, write_outputs
     from crossint.models.adapter import load_model
+    from crossint.report.html import write_report
 
     out_dir = Path(out_dir)
     start = time.perf_counter()
@@ -116,6 +118,14 @@ def run_demo(
     )
     write_outputs(interactions, run_dir / "interactions")
     timings["interactions_s"] = time.perf_counter() - stage
+
+    # Clusters of interacting features (SPEC §10) and one HTML page of everything.
+    stage = time.perf_counter()
+    clusters = cluster_run(run_dir, n_tokens=settings.eval_tokens // 2,
+                           context_length=settings.context_length, progress=progress)
+    write_cluster_outputs(*clusters, run_dir / "clusters")
+    report = write_report(run_dir, run_dir / "report.html")
+    timings["clusters_report_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start
 
     ce = list(result["ce_recovered"].values())
@@ -144,6 +154,11 @@ def run_demo(
         "keep_dominant_gap": interactions["measured_gap"],
         "keep_dominant_bound": interactions["bound"],
         "interactions": str(run_dir / "interactions" / "interactions.json"),
+        "clusters": {method: {"n_clusters": clusters[0]["n_clusters"][method],
+                              "coherence": clusters[0]["coherence"][method]["score"],
+                              "z": clusters[0]["coherence"][method]["z"]}
+                     for method in clusters[0]["coherence"]},
+        "report": str(report),
         "timings": {key: round(value, 1) for key, value in timings.items()},
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -168,6 +183,8 @@ def format_summary(summary: dict) -> str:
         f"  keep-dominant error / bound {summary['keep_dominant_gap']:.3g} / "
         f"{summary['keep_dominant_bound']:.3g}",
         f"  time: harvest {t['harvest_s']}s, train {t['train_s']}s, eval {t['eval_s']}s, "
-        f"interactions {t['interactions_s']}s, total {t['total_s']}s",
+        f"interactions {t['interactions_s']}s, clusters + report {t['clusters_report_s']}s, "
+        f"total {t['total_s']}s",
+        f"  report: {summary['report']}",
     ]
     return "\n".join(lines)

@@ -270,3 +270,87 @@ def plot_histogram(bin_edges: Sequence[float], counts: Sequence[float], path: st
     axes.set_ylabel("features")
     axes.set_title(title, fontsize=10)
     return _save(figure, path)
+
+
+def plot_cluster_coherence(coherence: Mapping[str, Mapping[str, float]], path: str | Path,
+                           title: str = "Cluster coherence vs random clusters of the same sizes",
+                           ) -> Path:
+    """One bar per clustering method (its coherence) next to the random baseline's mean with a
+    ±1 std error bar, each labelled with the method's z-score."""
+    methods = list(coherence)
+    if not methods:
+        raise CrossintError("nothing to plot: no clustering methods")
+    figure = _figure(1.8 + 1.6 * len(methods), 3.4)
+    axes = figure.add_subplot(1, 1, 1)
+    positions = range(len(methods))
+    scores = _finite([coherence[m].get("score") for m in methods])
+    means = _finite([coherence[m].get("random_mean") for m in methods])
+    stds = [0.0 if math.isnan(s) else s
+            for s in _finite([coherence[m].get("random_std") for m in methods])]
+    axes.bar([p - 0.2 for p in positions], scores, 0.4, label="clusters", color="tab:blue")
+    axes.bar([p + 0.2 for p in positions], means, 0.4, yerr=stds, capsize=3,
+             label="random, same sizes", color="0.7")
+    for p, method in zip(positions, methods, strict=True):
+        z = coherence[method].get("z")
+        if z is not None and math.isfinite(z):
+            top = max(v for v in (scores[p], means[p] + stds[p]) if math.isfinite(v))
+            axes.text(p, top, f"z = {z:.1f}", ha="center", va="bottom", fontsize=8)
+    axes.set_xticks(list(positions), methods, fontsize=8)
+    axes.set_ylabel("mean Jaccard of top-token sets", fontsize=8)
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def plot_ordered_affinity(similarity_MM: Any, sizes: Sequence[int], path: str | Path,
+                          title: str = "Normalised interaction affinity, ordered by cluster",
+                          ) -> Path:
+    """Heatmap of a similarity matrix whose rows are already ordered by cluster, with the
+    cluster boundaries drawn."""
+    import numpy as np
+
+    values = np.asarray(similarity_MM, dtype=float)
+    if values.ndim != 2 or values.shape[0] != values.shape[1] or values.shape[0] != sum(sizes):
+        raise CrossintError(f"affinity of shape {values.shape} for clusters of total size "
+                            f"{sum(sizes)}")
+    figure = _figure(5.6, 5.0)
+    axes = figure.add_subplot(1, 1, 1)
+    positive = values[values > 0]
+    top = float(np.quantile(positive, 0.99)) if positive.size else 1.0
+    image = axes.imshow(values, cmap="magma", vmin=0.0, vmax=top, interpolation="nearest")
+    for edge in np.cumsum(sizes)[:-1]:
+        axes.axhline(edge - 0.5, color="white", linewidth=0.3)
+        axes.axvline(edge - 0.5, color="white", linewidth=0.3)
+    figure.colorbar(image, ax=axes).ax.tick_params(labelsize=7)
+    axes.set_xlabel("feature (ordered by cluster)", fontsize=8)
+    axes.set_ylabel("feature (ordered by cluster)", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str | Path,
+                         keys: Sequence[str] = ("rec_loss", "fvu", "l0", "dominant_share",
+                                                "interaction", "dead_fraction"),
+                         title: str = "Training curves") -> Path:
+    """One small panel per logged metric (those of ``keys`` present in ``rows``) against the
+    training step."""
+    present = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
+    if not rows or not present:
+        raise CrossintError("nothing to plot: no logged training metrics")
+    columns = min(3, len(present))
+    n_rows = math.ceil(len(present) / columns)
+    figure = _figure(3.4 * columns, 2.5 * n_rows + 0.3)
+    for index, key in enumerate(present):
+        axes = figure.add_subplot(n_rows, columns, index + 1)
+        points = [(r["step"], float(r[key])) for r in rows
+                  if isinstance(r.get(key), (int, float)) and "step" in r]
+        axes.plot([p[0] for p in points], _finite([p[1] for p in points]), color="tab:blue",
+                  linewidth=1.0)
+        axes.set_title(key, fontsize=9)
+        axes.set_xlabel("step", fontsize=8)
+        axes.tick_params(labelsize=7)
+        if key in ("rec_loss", "interaction") and all(p[1] > 0 for p in points):
+            axes.set_yscale("log")
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)

