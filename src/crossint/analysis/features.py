@@ -18,13 +18,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from crossint.analysis.heldout import (
-    HELDOUT_SEED,
-    capture_tokens,
-    heldout_batches,
-    load_run,
-    training_manifest,
-)
+from crossint.analysis.heldout import HELDOUT_SEED, capture_tokens
 from crossint.errors import CrossintError
 
 CONTEXT_BEFORE = 12  # tokens of left context shown with an activating token
@@ -113,40 +107,21 @@ def collect_features(
     and (if the crosscoder reads an MLP input) the pairwise interaction matrix."""
     from tqdm.auto import tqdm
 
-    from crossint.analysis.interactions import check_model, select_blocks
-    from crossint.interactions import (
-        MLPInteractionMeter,
-        PairwiseAccumulator,
-        feature_blocks,
-    )
-    from crossint.models.adapter import load_model
+    from crossint.analysis.interactions import prepare_analysis
+    from crossint.interactions import MLPInteractionMeter, PairwiseAccumulator
 
-    for name, value in (("tokens", n_tokens), ("batch size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise CrossintError(f"{name} must be a positive integer, got {value!r}")
-    crosscoder, model_name = load_run(run_dir, command="cluster")
-    block_ids = select_blocks(crosscoder, blocks, run_dir)
-    manifest = training_manifest(run_dir)
-    corpus = corpus or manifest.get("corpus", "stories")
-    context_length = context_length or manifest.get("context_length", 128)
-    crosscoder.to(device)
-    adapter = load_model(model or model_name, device=device)
-    check_model(crosscoder, adapter, manifest, run_dir)
-    hookpoints = list(crosscoder.config.hookpoints)
-    special_ids = adapter.special_token_ids()
-    batches = heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
-
-    mlps = {block: adapter.mlp_weights(block) for block in block_ids}
-    fblocks = feature_blocks(crosscoder, mlps, dtype=torch.float64)
+    setup = prepare_analysis(run_dir, "cluster", n_tokens, corpus, seed, context_length,
+                             batch_size, model, blocks, device)
+    crosscoder, adapter, batches = setup.crosscoder, setup.adapter, setup.batches
     H = crosscoder.config.n_features
-    pairwise = PairwiseAccumulator(H, block_ids, storage="dense" if H <= 8192 else "sparse")
-    meter = MLPInteractionMeter(fblocks, None, pairwise)
+    pairwise = PairwiseAccumulator(H, setup.blocks)
+    meter = MLPInteractionMeter(setup.fblocks, None, pairwise)
     pieces, where, first_context = [], [], 0
     with torch.no_grad():
         for ids_BS in tqdm(batches, desc="features", unit="batch", disable=not progress,
                            dynamic_ncols=True):
-            _, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS.to(device), hookpoints,
-                                                  special_ids)
+            _, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS.to(device), setup.hookpoints,
+                                                  setup.special_ids)
             f_NH = crosscoder.encode(acts_NXD)
             meter.update(f_NH)
             pieces.append(sparse.csr_matrix(f_NH.float().cpu().numpy()))
@@ -155,7 +130,7 @@ def collect_features(
             first_context += ids_BS.shape[0]
     f_TH = sparse.vstack(pieces, format="csr") if pieces else sparse.csr_matrix((0, H))
     if f_TH.shape[0] == 0:
-        raise CrossintError(f"corpus {corpus!r} gave no usable (non-special) tokens")
+        raise CrossintError(f"corpus {setup.corpus!r} gave no usable (non-special) tokens")
     ids_CS = torch.cat(batches).numpy()
     used = np.unique(ids_CS)
     token_text = {int(i): adapter.tokenizer.decode([int(i)]) for i in used}
@@ -163,8 +138,8 @@ def collect_features(
     interaction_HH = (interaction.to_dense() if interaction.is_sparse else interaction).numpy()
     return FeatureSample(
         f_TH=f_TH, ids_CS=ids_CS, where_T2=np.concatenate(where), interaction_HH=interaction_HH,
-        blocks=block_ids, token_text=token_text, model=adapter.name, corpus=corpus, seed=seed,
-        context_length=context_length,
+        blocks=setup.blocks, token_text=token_text, model=adapter.name, corpus=setup.corpus,
+        seed=seed, context_length=setup.context_length,
     )
 
 

@@ -21,6 +21,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,51 @@ def request_record(arguments: dict[str, Any]) -> dict[str, Any]:
     return request
 
 
+@dataclass
+class AnalysisSetup:
+    """What every held-out MLP analysis of a run starts from: the crosscoder and its subject
+    model (checked to match), the analysed blocks with their float64 feature blocks, and the
+    held-out batches."""
+
+    crosscoder: Any
+    adapter: Any
+    blocks: list[int]
+    fblocks: list[Any]
+    hookpoints: list[str]
+    special_ids: set[int]
+    batches: list[Tensor]
+    corpus: str
+    context_length: int
+
+
+def prepare_analysis(run_dir: str | Path, command: str, n_tokens: int, corpus: str | None,
+                     seed: int, context_length: int | None, batch_size: int, model: str | None,
+                     blocks: Sequence[int] | None, device: str) -> AnalysisSetup:
+    """Load and check a run for `crossint {command}`. ``corpus`` and ``context_length`` default
+    to the training cache's (else built-in stories, 128)."""
+    from crossint.models.adapter import load_model
+
+    for name, value in (("tokens", n_tokens), ("batch size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise CrossintError(f"{name} must be a positive integer, got {value!r}")
+    crosscoder, model_name = load_run(run_dir, command=command)
+    block_ids = select_blocks(crosscoder, blocks, run_dir)
+    manifest = training_manifest(run_dir)
+    corpus = corpus or manifest.get("corpus", "stories")
+    context_length = context_length or manifest.get("context_length", 128)
+    crosscoder.to(device)
+    adapter = load_model(model or model_name, device=device)
+    check_model(crosscoder, adapter, manifest, run_dir)
+    batches = heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
+    mlps = {block: adapter.mlp_weights(block) for block in block_ids}
+    return AnalysisSetup(
+        crosscoder=crosscoder, adapter=adapter, blocks=block_ids,
+        fblocks=feature_blocks(crosscoder, mlps, dtype=torch.float64),
+        hookpoints=list(crosscoder.config.hookpoints), special_ids=adapter.special_token_ids(),
+        batches=batches, corpus=corpus, context_length=context_length,
+    )
+
+
 def analyse_run(
     run_dir: str | Path,
     n_tokens: int = 50_000,
@@ -184,11 +230,6 @@ def analyse_run(
     """
     from tqdm.auto import tqdm
 
-    from crossint.models.adapter import load_model
-
-    for name, value in (("tokens", n_tokens), ("batch size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise CrossintError(f"{name} must be a positive integer, got {value!r}")
     for name, value in (("top pairs", top_pairs), ("Δ² pairs", delta2_pairs)):
         if not isinstance(value, int) or value < 0:
             raise CrossintError(f"{name} must be an integer >= 0, got {value!r}")
@@ -197,20 +238,12 @@ def analyse_run(
         "batch_size": batch_size, "model": model, "blocks": blocks, "top_pairs": top_pairs,
         "delta2_pairs": delta2_pairs,
     })
-    crosscoder, model_name = load_run(run_dir, command="interactions")
-    block_ids = select_blocks(crosscoder, blocks, run_dir)
-    manifest = training_manifest(run_dir)
-    corpus = corpus or manifest.get("corpus", "stories")
-    context_length = context_length or manifest.get("context_length", 128)
-    crosscoder.to(device)
-    adapter = load_model(model or model_name, device=device)
-    check_model(crosscoder, adapter, manifest, run_dir)
-    hookpoints = list(crosscoder.config.hookpoints)
-    special_ids = adapter.special_token_ids()
-    batches = heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
-
-    mlps = {block: adapter.mlp_weights(block) for block in block_ids}
-    fblocks = feature_blocks(crosscoder, mlps, dtype=torch.float64)
+    setup = prepare_analysis(run_dir, "interactions", n_tokens, corpus, seed, context_length,
+                             batch_size, model, blocks, device)
+    crosscoder, adapter, block_ids, fblocks = (setup.crosscoder, setup.adapter, setup.blocks,
+                                               setup.fblocks)
+    corpus, context_length = setup.corpus, setup.context_length
+    hookpoints, special_ids, batches = setup.hookpoints, setup.special_ids, setup.batches
     H = crosscoder.config.n_features
     pairwise = PairwiseAccumulator(H, block_ids)
     meter = MLPInteractionMeter(fblocks, chunk_tokens, pairwise)
