@@ -21,10 +21,12 @@ process (``--only``) for the cleanest CPU numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ from crossint.interactions import (
     resolve_chunk,
 )
 from crossint.interactions.contributions import slot_contributions
+from crossint.interactions.kernels import DISABLE_ENV, fused_available
 from crossint.models.adapter import MLPWeights
 from crossint.models.hookpoints import resolve_layout
 
@@ -53,6 +56,20 @@ MB = 2**20
 
 
 # --- helpers -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def torch_path_only(disable_fused: bool) -> Iterator[None]:
+    """Run with the fused numba kernel off (``disable_fused``) or allowed."""
+    previous = os.environ.pop(DISABLE_ENV, None)
+    if disable_fused:
+        os.environ[DISABLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(DISABLE_ENV, None)
+        if previous is not None:
+            os.environ[DISABLE_ENV] = previous
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -134,7 +151,7 @@ def autograd_penalty(f_BH: torch.Tensor, blocks: list[MLPFeatureBlock]) -> torch
     return total / count
 
 
-PENALTIES = ("off", "analytic", "analytic_neuron", "autograd")
+PENALTIES = ("off", "analytic", "analytic_torch", "analytic_neuron", "autograd")
 
 
 def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list[dict]:
@@ -153,7 +170,7 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
             loss = reconstruction_loss(out.acts_norm_BXD, out.recon_norm_BXD)
             if penalty != "off":
                 blocks = feature_blocks(model, mlps)
-                if penalty == "analytic":
+                if penalty in ("analytic", "analytic_torch"):
                     loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks)
                 elif penalty == "analytic_neuron":
                     loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks, normalise="neuron")
@@ -173,21 +190,25 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
     rows = []
     times = {}
     for penalty in PENALTIES:
-        times[penalty] = sync_time(step(penalty), device, repeats)
-        rows.append(
-            {
-                "bench": "train_step",
-                "penalty": penalty,
-                "B": batch,
-                "H": H,
-                "N": N,
-                "K": K,
-                "threads": torch.get_num_threads(),
-                "ms": 1e3 * times[penalty],
-                "vs_off": times[penalty] / times["off"],
-                "peak_MB": peak_memory(step(penalty), device),
-            }
-        )
+        # analytic_torch: the same penalty without the fused numba kernel (GPU/no-numba path)
+        with torch_path_only(penalty == "analytic_torch"):
+            times[penalty] = sync_time(step(penalty), device, repeats)
+            rows.append(
+                {
+                    "bench": "train_step",
+                    "penalty": penalty,
+                    "B": batch,
+                    "H": H,
+                    "N": N,
+                    "K": K,
+                    "threads": torch.get_num_threads(),
+                    "ms": 1e3 * times[penalty],
+                    "vs_off": times[penalty] / times["off"],
+                    "peak_MB": peak_memory(step(penalty), device),
+                    "fused_kernel": penalty.startswith("analytic") and fused_available(
+                        model.W_dec_HXD),
+                }
+            )
     # Analytic sizes: autograd keeps p_BKN (and |p|) per block; the analytic backward keeps one
     # chunk's p at a time; both keep V_UN per block.
     for row in rows:

@@ -101,3 +101,16 @@ def trained_paper_run(tiny_model_dir, tiny_text_file, tmp_path_factory) -> Path:
                  "--quiet"])
     assert code == 0
     return run
+
+
+@pytest.fixture(params=["fused", "torch"])
+def kernel_path(request, monkeypatch):
+    """Run a test on both paths of crossint.interactions.kernels (the fused numba kernel is
+    skipped when numba is not installed)."""
+    from crossint.interactions import kernels
+
+    if request.param == "torch":
+        monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    elif not kernels.fused_available(torch.zeros(1)):
+        pytest.skip("numba is not installed (the fast extra)")
+    return request.param

@@ -369,7 +369,7 @@ def torch_penalty(f_BH, d_by_block, blocks, weighting, normalise):
 
 @pytest.mark.parametrize("weighting", ["uniform", "w_out"])
 @pytest.mark.parametrize("normalise", [False, True, "neuron"])
-def test_penalty_value_and_gradients_match_references(weighting, normalise):
+def test_penalty_value_and_gradients_match_references(weighting, normalise, kernel_path):
     blocks = [random_block(20, block=0), random_block(21, block=1)]
     f_BH = random_f(9, H, seed=20)
     value = interaction_penalty(f_BH, blocks, weighting, normalise, chunk_tokens=4)
@@ -395,7 +395,7 @@ def test_penalty_value_and_gradients_match_references(weighting, normalise):
 
 
 @pytest.mark.parametrize("normalise", [False, True, "neuron"])
-def test_penalty_gradcheck(normalise):
+def test_penalty_gradcheck(normalise, kernel_path):
     blocks = [random_block(30, block=0, n_features=6)]
     f_BH = random_f(5, 6, seed=30, max_active=3)
     mask_BH = (f_BH != 0).double()  # fixed sparsity pattern: the penalty's domain
@@ -410,7 +410,7 @@ def test_penalty_gradcheck(normalise):
 
 
 @pytest.mark.parametrize("normalise", ["none", "neuron"])
-def test_penalty_does_not_depend_on_chunk_size(normalise):
+def test_penalty_does_not_depend_on_chunk_size(normalise, kernel_path):
     blocks = [random_block(40, block=0), random_block(41, block=2)]
     f_BH = random_f(13, H, seed=40)
     grads = []

@@ -1,13 +1,15 @@
 """MLP feature interactions (SPEC §4.2–§4.4, §9.2): dominant share, the keep-dominant bound and its
 measured gap, the interaction penalty and its training plug-in, and the per-token score.
 
-Every statistic comes from :func:`crossint.interactions.contributions.magnitude_stats`, so the
-penalty that trains a crosscoder and the metric that evaluates it are the same numbers.
+Every statistic comes from :func:`crossint.interactions.contributions.magnitude_stats`; the
+penalty finds the same maxima with :func:`crossint.interactions.kernels.dominant_magnitudes`
+(one fused pass on the CPU), so the penalty that trains a crosscoder and the metric that
+evaluates it are the same numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,6 @@ from crossint.interactions.contributions import (
     NeuronStats,
     active_features,
     distinct_virtual_weights,
-    dominant_slot,
     feature_blocks,
     iter_contributions,
     mlp_on,
@@ -32,6 +33,7 @@ from crossint.interactions.contributions import (
     reconstructed_mlp_in,
     resolve_chunk,
 )
+from crossint.interactions.kernels import chunks, dominant_magnitudes
 
 if TYPE_CHECKING:
     from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
@@ -171,15 +173,6 @@ def token_interaction_scores(
 
 
 # --- SPEC §4.4 the interaction penalty ---------------------------------------------------------
-def _chunks(counts_B: Tensor, chunk_tokens: int) -> Iterator[tuple[int, int, int]]:
-    """(start, stop, width) of each chunk of tokens; tokens come sorted by descending active
-    count, so a chunk's first count is its width (at least 1)."""
-    n_tokens = counts_B.shape[0]
-    widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
-    for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
-        yield start, min(start + chunk_tokens, n_tokens), width
-
-
 class _NondominantSum(torch.autograd.Function):
     """Σ_{b,n} w_n·(S − Mx) and Σ_{b,n} w_n·S for one block, chunked over tokens, with an
     analytic backward that never touches a B×K×N tensor.
@@ -199,15 +192,12 @@ class _NondominantSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f_BK, V_UN, row_BK, counts_B, w_N, chunk_tokens):  # noqa: ANN001
-        n_tokens = f_BK.shape[0]
-        n_rows, n_neurons = V_UN.shape
+        n_rows = V_UN.shape[0]
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
-        slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
-        for start, stop, width in _chunks(counts_B, chunk_tokens):
-            abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
-            slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
+        slot_BN, Mx_BN, _ = dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, counts_B,
+                                                chunk_tokens)
+        dom_row_BN, dom_f_BN = row_BK.gather(1, slot_BN), abs_f_BK.gather(1, slot_BN)
         # Σ_b S = (Σ_b |f| per row)·|V|: no B·K·N pass for S.
-        dom_row_BN, dom_f_BN, Mx_BN = _dominant(abs_f_BK, abs_V_UN, row_BK, slot_BN)
         mass_U = abs_f_BK.new_zeros(n_rows).index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
         S_sum_N = mass_U @ abs_V_UN
         Mx_sum_N = Mx_BN.sum(dim=0)
@@ -272,15 +262,10 @@ class _NondominantShare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f_BK, V_UN, row_BK, counts_B, w_N, chunk_tokens):  # noqa: ANN001
-        n_tokens, n_neurons = f_BK.shape[0], V_UN.shape[1]
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
-        slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=f_BK.device)
-        S_BN = V_UN.new_empty(n_tokens, n_neurons)
-        for start, stop, width in _chunks(counts_B, chunk_tokens):
-            abs_BKN = _chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
-            S_BN[start:stop] = abs_BKN.sum(dim=1)
-            slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
-        dom_row_BN, dom_f_BN, Mx_BN = _dominant(abs_f_BK, abs_V_UN, row_BK, slot_BN)
+        slot_BN, Mx_BN, S_BN = dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, counts_B,
+                                                   chunk_tokens, with_sum=True)
+        dom_row_BN, dom_f_BN = row_BK.gather(1, slot_BN), abs_f_BK.gather(1, slot_BN)
         ratio_BN = (S_BN - Mx_BN) / (S_BN + SHARE_EPS)
         value = ratio_BN.sum() if w_N is None else (ratio_BN @ w_N).sum()
         ctx.save_for_backward(f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN,
@@ -306,7 +291,7 @@ class _NondominantShare(torch.autograd.Function):
             spread_BK = torch.zeros_like(f_V_BK)
         if ctx.needs_input_grad[1]:
             unsigned_UN = torch.zeros_like(V_UN)
-        for start, stop, width in _chunks(counts_B, chunk_tokens):
+        for start, stop, width in chunks(counts_B, chunk_tokens):
             rows = row_BK[start:stop, :width]
             if ctx.needs_input_grad[0]:  # Σ_n |V_kn|·A_bn
                 abs_BKN = abs_V_UN.index_select(0, rows.reshape(-1)).view(-1, width, n_neurons)
@@ -320,22 +305,6 @@ class _NondominantShare(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_V_UN = _V_gradient(V_UN, unsigned_UN, dom_row_BN, dom_f_BN * G_BN)
         return grad_f_BK, grad_V_UN, None, None, None, None
-
-
-def _chunk_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, start: int, stop: int,
-                      width: int) -> Tensor:
-    """|p| = |f|·|V[row]| for tokens start:stop and their first ``width`` slots (B×K×N)."""
-    abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop, :width].reshape(-1))
-    abs_BKN = abs_BKN.view(stop - start, width, abs_V_UN.shape[1])
-    return abs_BKN.mul_(abs_f_BK[start:stop, :width, None])
-
-
-def _dominant(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, slot_BN: Tensor
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """At the dominant slot of every (token, neuron): its V row, its |f| and Mx = |f|·|V|."""
-    dom_row_BN = row_BK.gather(1, slot_BN)
-    dom_f_BN = abs_f_BK.gather(1, slot_BN)
-    return dom_row_BN, dom_f_BN, dom_f_BN * abs_V_UN.gather(0, dom_row_BN)
 
 
 def normalisation_mode(normalise: str | bool) -> str:

@@ -1,0 +1,108 @@
+"""The dominant feature of every (token, neuron) from |p| = |f|·|V[row]| (SPEC §4.2), the hot
+loop of the training penalty (SPEC §4.4).
+
+On the CPU with numba installed (the ``fast`` extra), one fused pass per token reads each
+active feature's |V| row once and keeps the running maximum, its slot and the sum: no B×K×N
+tensor is ever built. Elsewhere (GPU, no numba) the same numbers come from chunked B×K×N
+tensors and :func:`crossint.interactions.contributions.dominant_slot`. The two agree exactly on
+Mx and S; the slot may differ only where two contributions agree to 2⁻¹⁷ relative (float32),
+which ``dominant_slot`` treats as a tie, and either slot is a valid subgradient.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from crossint.interactions.contributions import dominant_slot
+
+DISABLE_ENV = "CROSSINT_NO_NUMBA"  # set to 1 to force the torch path (benchmarks, debugging)
+
+
+def _numba_kernel():  # noqa: ANN202 (a numba dispatcher, or None)
+    """The compiled kernel, or None without numba (compiled on first use, cached on disk)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(parallel=True, cache=True, fastmath=True)
+    def dominant_rows(abs_f_BK, abs_V_UN, row_BK, counts_B, slot_BN, Mx_BN, S_BN):  # noqa: N803
+        n_neurons = abs_V_UN.shape[1]
+        for b in numba.prange(abs_f_BK.shape[0]):
+            best, slot, total = Mx_BN[b], slot_BN[b], S_BN[b]
+            best[:] = 0.0
+            slot[:] = 0
+            total[:] = 0.0
+            for k in range(counts_B[b]):
+                f = abs_f_BK[b, k]
+                V_N = abs_V_UN[row_BK[b, k]]
+                for n in range(n_neurons):
+                    p = f * V_N[n]
+                    total[n] += p
+                    larger = p > best[n]  # strict: ties keep the first slot, like autograd
+                    best[n] = p if larger else best[n]
+                    slot[n] = k if larger else slot[n]
+
+    return numba, dominant_rows
+
+
+_KERNEL: list = []  # filled on first use: [] -> [(numba, kernel) or None]
+
+
+def fused_available(tensor: Tensor) -> bool:
+    """Whether the fused kernel handles ``tensor``'s device and dtype here."""
+    if tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
+        return False
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return False
+    if not _KERNEL:
+        _KERNEL.append(_numba_kernel())
+    return _KERNEL[0] is not None
+
+
+def chunks(counts_B: Tensor, chunk_tokens: int) -> Iterator[tuple[int, int, int]]:
+    """(start, stop, width) of each chunk of tokens; tokens come sorted by descending active
+    count, so a chunk's first count is its width (at least 1)."""
+    n_tokens = counts_B.shape[0]
+    widths = counts_B[::chunk_tokens].clamp_min(1).tolist()
+    for start, width in zip(range(0, n_tokens, chunk_tokens), widths, strict=True):
+        yield start, min(start + chunk_tokens, n_tokens), width
+
+
+def chunk_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, start: int, stop: int,
+                     width: int) -> Tensor:
+    """|p| = |f|·|V[row]| for tokens start:stop and their first ``width`` slots (B×K×N)."""
+    abs_BKN = abs_V_UN.index_select(0, row_BK[start:stop, :width].reshape(-1))
+    abs_BKN = abs_BKN.view(stop - start, width, abs_V_UN.shape[1])
+    return abs_BKN.mul_(abs_f_BK[start:stop, :width, None])
+
+
+def dominant_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, counts_B: Tensor,
+                        chunk_tokens: int, with_sum: bool = False,
+                        ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """slot_BN (int64), Mx_BN = max_k |p| and, with ``with_sum``, S_BN = Σ_k |p|, where slot k of
+    token b holds feature row ``row_BK[b, k]`` for k < counts_B[b] (zero-padded beyond)."""
+    n_tokens, n_neurons = abs_f_BK.shape[0], abs_V_UN.shape[1]
+    if fused_available(abs_V_UN) and abs_f_BK.dtype == abs_V_UN.dtype:
+        numba, kernel = _KERNEL[0]
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64)
+        Mx_BN = abs_V_UN.new_empty(n_tokens, n_neurons)
+        S_BN = abs_V_UN.new_empty(n_tokens, n_neurons)
+        kernel(abs_f_BK.contiguous().numpy(), abs_V_UN.contiguous().numpy(),
+               row_BK.contiguous().numpy(), counts_B.contiguous().numpy(), slot_BN.numpy(),
+               Mx_BN.numpy(), S_BN.numpy())
+        return slot_BN, Mx_BN, (S_BN if with_sum else None)
+    slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=abs_f_BK.device)
+    S_BN = abs_V_UN.new_empty(n_tokens, n_neurons) if with_sum else None
+    for start, stop, width in chunks(counts_B, chunk_tokens):
+        abs_BKN = chunk_magnitudes(abs_f_BK, abs_V_UN, row_BK, start, stop, width)
+        if S_BN is not None:
+            S_BN[start:stop] = abs_BKN.sum(dim=1)
+        slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
+    Mx_BN = abs_f_BK.gather(1, slot_BN) * abs_V_UN.gather(0, row_BK.gather(1, slot_BN))
+    return slot_BN, Mx_BN, S_BN
