@@ -51,6 +51,11 @@ def test_normalised_interaction_matches_a_naive_loop():
     I[3] = 0.0
     I[:, 3] = 0.0  # a feature without interaction mass
     got = normalised_interaction(I)
+    subset = [6, 0, 3]
+    assert np.allclose(normalised_interaction(I, subset), got[np.ix_(subset, subset)])
+    from scipy import sparse
+
+    assert np.allclose(normalised_interaction(sparse.csr_matrix(I)), got)
     A = [[(I[i, j] + I[j, i]) / 2 if i != j else 0.0 for j in range(7)] for i in range(7)]
     a = [sum(row) for row in A]
     for i, j in itertools.product(range(7), repeat=2):
@@ -193,7 +198,7 @@ def test_interaction_matrix_agrees_with_crossint_interactions(clustered, trained
                  "--delta2-pairs", "0", *TEXT]) == 0
     result = json.loads((out / "interactions.json").read_text())
     assert sample.n_tokens == result["n_tokens"]
-    total = sample.interaction_HH.sum() - np.trace(sample.interaction_HH)
+    total = sample.interaction_HH.sum() - sample.interaction_HH.diagonal().sum()
     assert total == pytest.approx(result["pairwise_interaction"], rel=1e-9)
 
 
@@ -216,3 +221,16 @@ def test_bad_input_gives_one_line_errors(trained_paper_run, tmp_path, capsys, mo
                  "--k", "2", "--steps", "5", "--batch-size", "64", "--quiet"]) == 0
     one_line_error(capsys, main(["cluster", str(run), "--out", out, *TEXT]), "mlp_in")
     assert not (tmp_path / "out").exists()
+
+
+def test_max_features_keeps_the_most_frequent(clustered, trained_paper_run, tmp_path):
+    out = tmp_path / "few"
+    assert main(["cluster", str(trained_paper_run), "--out", str(out), "--min-count", "2",
+                 "--max-features", "5", "--random", "10", *TEXT]) == 0
+    few = json.loads((out / "clusters.json").read_text())
+    every = json.loads((clustered / "clusters.json").read_text())
+    frequency = {p["id"]: p["frequency"]
+                 for p in json.loads((clustered / "features.json").read_text())["features"]}
+    assert few["n_features"] == 5 and few["n_candidates"] == every["n_features"]
+    threshold = sorted(frequency.values(), reverse=True)[4]
+    assert all(frequency[h] >= threshold for h in few["features"])

@@ -34,14 +34,21 @@ AFFINITY_CLUSTERS = 30  # clusters drawn in affinity.png (all of them would be u
 
 
 # --- similarities --------------------------------------------------------------------------------
-def normalised_interaction(interaction_HH: np.ndarray) -> np.ndarray:
-    """A_ij / sqrt(a_i a_j) with A = (I + Iᵀ)/2 and a_i = Σ_{j≠i} A_ij; zero diagonal, and zero
-    rows for features with no interaction mass."""
-    A = (interaction_HH + interaction_HH.T) / 2
-    np.fill_diagonal(A, 0.0)
-    a = A.sum(axis=1)
+def normalised_interaction(interaction_HH: Any, features_M: Sequence[int] | None = None,
+                           ) -> np.ndarray:
+    """A_ij / sqrt(a_i a_j) with A = (I + Iᵀ)/2 and a_i = Σ_{j≠i} A_ij (over all features), for
+    the ``features_M`` (default all) as a dense M×M array; zero diagonal, and zero rows for
+    features with no interaction mass. ``interaction_HH`` may be dense or scipy-sparse."""
+    from scipy import sparse
+
+    I = sparse.csr_matrix(interaction_HH)
+    I.setdiag(0.0)
+    A = ((I + I.T) / 2).tocsr()
+    a = np.asarray(A.sum(axis=1)).ravel()
     inv = np.where(a > 0, 1.0 / np.sqrt(np.where(a > 0, a, 1.0)), 0.0)
-    return A * inv[:, None] * inv[None, :]
+    index = np.arange(A.shape[0]) if features_M is None else np.asarray(features_M)
+    A_MM = A[index][:, index].toarray()
+    return A_MM * inv[index][:, None] * inv[index][None, :]
 
 
 def cosine_rows(X_MF: np.ndarray) -> np.ndarray:
@@ -219,6 +226,7 @@ def cluster_run(
     batch_size: int = 16,
     model: str | None = None,
     min_count: int = 5,
+    max_features: int = 4000,
     top_k: int = 20,
     preference: str | float = "median",
     n_random: int = 200,
@@ -235,8 +243,8 @@ def cluster_run(
     from crossint.analysis.heldout import load_run
     from crossint.io import sha256_file
 
-    for name, value in (("min count", min_count), ("top k", top_k), ("random clusterings",
-                                                                     n_random)):
+    for name, value in (("min count", min_count), ("max features", max_features),
+                        ("top k", top_k), ("random clusterings", n_random)):
         if not isinstance(value, int) or value < 1:
             raise CrossintError(f"{name} must be a positive integer, got {value!r}")
     sample = collect_features(run_dir, n_tokens=n_tokens, corpus=corpus, seed=seed,
@@ -245,14 +253,18 @@ def cluster_run(
     crosscoder, _ = load_run(run_dir, command="cluster")
     decoder_HF, decoder_norm_HX = decoder_matrix(crosscoder)
     counts_H = sample.active_counts_H()
-    mass_H = (sample.interaction_HH + sample.interaction_HH.T).sum(axis=1)
-    features = np.flatnonzero((counts_H >= min_count) & (mass_H > 0))
+    I_HH = sample.interaction_HH
+    mass_H = np.asarray(I_HH.sum(axis=1)).ravel() + np.asarray(I_HH.sum(axis=0)).ravel()
+    candidates = np.flatnonzero((counts_H >= min_count) & (mass_H > 0))
+    # the most frequent features when there are too many for M×M affinity propagation
+    order = np.argsort(-counts_H[candidates], kind="stable")[:max_features]
+    features = np.sort(candidates[order])
     tops = sample.top_tokens(top_k)
     token_sets = [set(sample.ids_CS[tuple(sample.where_T2[tops[h]].T)].tolist())
                   for h in features]
     gram = sample.gram_HH()[np.ix_(features, features)]
     similarities = {
-        "interaction": normalised_interaction(sample.interaction_HH)[np.ix_(features, features)],
+        "interaction": normalised_interaction(I_HH, features),
         "decoder": cosine_rows(decoder_HF[features]),
         "activation": cosine_from_gram(gram),
     }
@@ -269,8 +281,9 @@ def cluster_run(
         "blocks": sample.blocks,
         "n_features_total": int(counts_H.size),
         "n_active": int((counts_H > 0).sum()),
-        "settings": {"min_count": min_count, "top_k": top_k, "preference": preference,
-                     "n_random": n_random},
+        "n_candidates": int(candidates.size),
+        "settings": {"min_count": min_count, "max_features": max_features, "top_k": top_k,
+                     "preference": preference, "n_random": n_random},
     })
     profiles = feature_profiles(sample, features.tolist(), decoder_norm_HX,
                                 list(crosscoder.config.hookpoints), n_contexts=n_contexts)

@@ -32,13 +32,14 @@ class FeatureSample:
 
     ``f_TH``: sparse (CSR, float32) activations of the T non-special tokens. ``ids_CS``: the
     contexts (token ids); ``where_T2``: (context, position) of each token. ``interaction_HH``:
-    SPEC §4.5 I summed over ``blocks`` (dense float64, mass per token).
+    SPEC §4.5 I summed over ``blocks`` (sparse CSR float64, mass per token: only co-active pairs
+    have entries, so large dictionaries fit).
     """
 
     f_TH: sparse.csr_matrix
     ids_CS: np.ndarray
     where_T2: np.ndarray
-    interaction_HH: np.ndarray
+    interaction_HH: sparse.csr_matrix
     blocks: list[int]
     token_text: dict[int, str]
     model: str
@@ -135,7 +136,12 @@ def collect_features(
     used = np.unique(ids_CS)
     token_text = {int(i): adapter.tokenizer.decode([int(i)]) for i in used}
     interaction = pairwise.result().interaction_matrix()
-    interaction_HH = (interaction.to_dense() if interaction.is_sparse else interaction).numpy()
+    if interaction.is_sparse:
+        rows, cols = interaction.indices().numpy()
+        interaction_HH = sparse.csr_matrix((interaction.values().numpy(), (rows, cols)),
+                                           shape=(H, H))
+    else:
+        interaction_HH = sparse.csr_matrix(interaction.numpy())
     return FeatureSample(
         f_TH=f_TH, ids_CS=ids_CS, where_T2=np.concatenate(where), interaction_HH=interaction_HH,
         blocks=setup.blocks, token_text=token_text, model=adapter.name, corpus=setup.corpus,
@@ -155,11 +161,11 @@ def feature_profiles(
     decoder norm per hookpoint, and its strongest interaction partners (by (I + Iᵀ)/2)."""
     f_csc = sample.f_TH.tocsc()
     tops = sample.top_tokens(n_contexts)
-    symmetric_HH = (sample.interaction_HH + sample.interaction_HH.T) / 2
+    symmetric_HH = ((sample.interaction_HH + sample.interaction_HH.T) / 2).tocsr()
     profiles = []
     for h in features:
         values = f_csc.data[f_csc.indptr[h]:f_csc.indptr[h + 1]]
-        row = symmetric_HH[h].copy()
+        row = symmetric_HH[h].toarray().ravel()
         row[h] = 0.0
         partners = [int(j) for j in np.argsort(-row, kind="stable")[:n_partners] if row[j] > 0]
         contexts = []

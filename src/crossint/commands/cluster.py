@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     group.add_argument("--min-count", type=int, default=5,
                        help="cluster features active on at least this many held-out tokens "
                             "(default %(default)s)")
+    group.add_argument("--max-features", type=int, default=4000,
+                       help="cluster at most this many features, the most frequent (affinity "
+                            "propagation costs O(M²) memory and time; default %(default)s)")
     group.add_argument("--top-k", type=int, default=20,
                        help="top-activating tokens per feature for the coherence score "
                             "(default %(default)s)")
@@ -80,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     document, profiles, similarities = cluster_run(
         args.run_dir, n_tokens=args.tokens, corpus=args.corpus, seed=args.text_seed,
         context_length=args.context_length, batch_size=args.text_batch_size, model=args.model,
-        min_count=args.min_count, top_k=args.top_k, preference=args.preference,
-        n_random=args.n_random, n_contexts=args.contexts, device=args.device,
+        min_count=args.min_count, max_features=args.max_features, top_k=args.top_k,
+        preference=args.preference, n_random=args.n_random, n_contexts=args.contexts,
+        device=args.device,
         progress=not args.quiet,
     )
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "clusters"
