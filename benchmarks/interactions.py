@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from common import print_table, time_call, write_results
+from common import print_table, time_call, time_interleaved, write_results
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.losses import reconstruction_loss
 from crossint.crosscoder.model import Crosscoder
@@ -187,12 +187,23 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
         blocks = feature_blocks(model, mlps)
         assert torch.allclose(interaction_penalty(f_BH, blocks), autograd_penalty(f_BH, blocks))
         distinct = int((f_BH != 0).any(dim=0).sum())
-    rows = []
-    times = {}
-    for penalty in PENALTIES:
+    def timed(penalty: str) -> Callable[[], None]:
         # analytic_torch: the same penalty without the fused numba kernel (GPU/no-numba path)
+        run = step(penalty)
+
+        def call() -> None:
+            with torch_path_only(penalty == "analytic_torch"):
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+        return call
+
+    # in turns, so that a shared machine's drift hits every variant alike (one run, one ratio)
+    times = time_interleaved({p: timed(p) for p in PENALTIES}, repeats=3 * repeats)
+    rows = []
+    for penalty in PENALTIES:
         with torch_path_only(penalty == "analytic_torch"):
-            times[penalty] = sync_time(step(penalty), device, repeats)
             rows.append(
                 {
                     "bench": "train_step",

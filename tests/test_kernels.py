@@ -59,3 +59,35 @@ def test_float32_paths_agree(monkeypatch):
     assert torch.allclose(fused[2], plain[2], rtol=1e-5)
     # slots differ only where dominant_slot sees a tie (agreement to 2^-17 relative)
     assert (fused[0] != plain[0]).float().mean() < 1e-3
+
+
+def test_dominant_gradients_match_a_naive_loop():
+    from crossint.interactions.kernels import dominant_gradients
+
+    abs_f_BK, abs_V_UN, row_BK, counts_B = inputs(torch.float64, n_tokens=12, slots=5, rows=7,
+                                                  neurons=6, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    f_BK = abs_f_BK * torch.where(torch.rand(abs_f_BK.shape, generator=generator) < 0.5, -1, 1)
+    V_UN = abs_V_UN * torch.where(torch.rand(abs_V_UN.shape, generator=generator) < 0.5, -1, 1)
+    slot_BN, Mx_BN, _ = dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, counts_B, 4)
+    W_BN = torch.randn(Mx_BN.shape, generator=generator, dtype=torch.float64)
+    spread_BK = torch.randn(f_BK.shape, generator=generator, dtype=torch.float64)
+    unsigned_UN = torch.randn(V_UN.shape, generator=generator, dtype=torch.float64)
+    grad_f, grad_V = dominant_gradients(f_BK, V_UN, row_BK, slot_BN, Mx_BN, W_BN, spread_BK,
+                                        unsigned_UN.clone())
+    (B, K), (U, N) = f_BK.shape, V_UN.shape
+    for b in range(B):
+        for k in range(K):
+            f = float(f_BK[b, k])
+            dominant = sum(float(Mx_BN[b, n] * W_BN[b, n]) for n in range(N)
+                           if slot_BN[b, n] == k)
+            sign = (f > 0) - (f < 0)
+            want = sign * float(spread_BK[b, k]) - (dominant / f if f else dominant)
+            assert float(grad_f[b, k]) == pytest.approx(want, abs=1e-12)
+    for u in range(U):
+        for n in range(N):
+            correction = sum(abs(float(f_BK[b, slot_BN[b, n]])) * float(W_BN[b, n])
+                             for b in range(B) if row_BK[b, slot_BN[b, n]] == u)
+            v = float(V_UN[u, n])
+            want = ((v > 0) - (v < 0)) * (float(unsigned_UN[u, n]) - correction)
+            assert float(grad_V[u, n]) == pytest.approx(want, abs=1e-12)

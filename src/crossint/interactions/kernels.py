@@ -1,5 +1,5 @@
-"""The dominant feature of every (token, neuron) from |p| = |f|·|V[row]| (SPEC §4.2), the hot
-loop of the training penalty (SPEC §4.4).
+"""The dominant feature of every (token, neuron) from |p| = |f|·|V[row]| (SPEC §4.2), and the
+gradients routed through it: the hot loops of the training penalty (SPEC §4.4).
 
 On the CPU with numba installed (the ``fast`` extra), one fused pass per token reads each
 active feature's |V| row once and keeps the running maximum, its slot and the sum: no B×K×N
@@ -64,6 +64,11 @@ def fused_available(tensor: Tensor) -> bool:
     return _KERNEL[0] is not None
 
 
+def _set_threads(numba) -> None:  # noqa: ANN001
+    """As many numba threads as torch uses (the test suite and benchmarks set torch's)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
 def chunks(counts_B: Tensor, chunk_tokens: int) -> Iterator[tuple[int, int, int]]:
     """(start, stop, width) of each chunk of tokens; tokens come sorted by descending active
     count, so a chunk's first count is its width (at least 1)."""
@@ -89,7 +94,7 @@ def dominant_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, coun
     n_tokens, n_neurons = abs_f_BK.shape[0], abs_V_UN.shape[1]
     if fused_available(abs_V_UN) and abs_f_BK.dtype == abs_V_UN.dtype:
         numba, kernel = _KERNEL[0]
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        _set_threads(numba)
         slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64)
         Mx_BN = abs_V_UN.new_empty(n_tokens, n_neurons)
         S_BN = abs_V_UN.new_empty(n_tokens, n_neurons)
@@ -106,3 +111,25 @@ def dominant_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, coun
         slot_BN[start:stop] = dominant_slot(abs_BKN, in_place=True)
     Mx_BN = abs_f_BK.gather(1, slot_BN) * abs_V_UN.gather(0, row_BK.gather(1, slot_BN))
     return slot_BN, Mx_BN, S_BN
+
+
+def dominant_gradients(f_BK: Tensor, V_UN: Tensor, row_BK: Tensor, slot_BN: Tensor,
+                       Mx_BN: Tensor, W_BN: Tensor, spread_BK: Tensor, unsigned_UN: Tensor,
+                       ) -> tuple[Tensor, Tensor]:
+    """The penalty's gradients, given the gradient ``W_BN`` on every (token, neuron)'s maximum
+    beyond the one on every |p| (already reduced into ``spread_BK`` = Σ_n |V_kn|·(that) and
+    ``unsigned_UN`` = Σ_{(b,k): row=u} |f_bk|·(that)):
+
+        ∂L/∂f_bk = sign(f_bk)·spread_bk − (1/f_bk)·Σ_{n: dom(b,n)=k} Mx_bn·W_bn
+        ∂L/∂V_un = sign(V_un)·(unsigned_un − Σ_{b: dom row(b,n)=u} |f_dom(b,n)|·W_bn)
+
+    (|V_dom,n| = Mx_bn/|f_dom| turns the maximum's term into B×N scatters.) Overwrites
+    ``unsigned_UN``. (A fused numba version measured slower than these scatters.)"""
+    dominant_BK = torch.zeros_like(f_BK).scatter_add_(1, slot_BN, Mx_BN * W_BN)
+    safe_f_BK = torch.where(f_BK != 0, f_BK, torch.ones_like(f_BK))
+    grad_f_BK = torch.sign(f_BK) * spread_BK - dominant_BK / safe_f_BK
+    dom_row_BN = row_BK.gather(1, slot_BN)
+    correction_BN = f_BK.abs().gather(1, slot_BN) * W_BN
+    # one scatter along the row axis: several times faster on the CPU than a flat index_add
+    unsigned_UN.scatter_add_(0, dom_row_BN, -correction_BN)
+    return grad_f_BK, torch.sign(V_UN) * unsigned_UN

@@ -33,7 +33,7 @@ from crossint.interactions.contributions import (
     reconstructed_mlp_in,
     resolve_chunk,
 )
-from crossint.interactions.kernels import chunks, dominant_magnitudes
+from crossint.interactions.kernels import chunks, dominant_gradients, dominant_magnitudes
 
 if TYPE_CHECKING:
     from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
@@ -185,8 +185,9 @@ class _NondominantSum(torch.autograd.Function):
         ∂L/∂V_un = sign(V_un)·( (a_n + t_n)·Σ_{(b,k): row=u} |f_bk|
                                 − Σ_{b: dom row(b,n)=u} |f_dom(b,n)|·a_n )
 
-    The first terms are per feature (one U×N product), the dominant terms are B×N gathers and
-    scatters: the backward costs O(U·N + B·N), not O(B·K·N). Subgradient convention as
+    The first terms are per feature (one U×N product), the dominant terms are B×N scatters
+    (:func:`crossint.interactions.kernels.dominant_gradients`): the backward costs
+    O(U·N + B·N), not O(B·K·N). Subgradient convention as
     autograd's: sign(0) = 0 and the maximum's gradient goes to its first argmax slot.
     """
 
@@ -196,7 +197,6 @@ class _NondominantSum(torch.autograd.Function):
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
         slot_BN, Mx_BN, _ = dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, counts_B,
                                                 chunk_tokens)
-        dom_row_BN, dom_f_BN = row_BK.gather(1, slot_BN), abs_f_BK.gather(1, slot_BN)
         # Σ_b S = (Σ_b |f| per row)·|V|: no B·K·N pass for S.
         mass_U = abs_f_BK.new_zeros(n_rows).index_add_(0, row_BK.reshape(-1), abs_f_BK.reshape(-1))
         S_sum_N = mass_U @ abs_V_UN
@@ -205,45 +205,21 @@ class _NondominantSum(torch.autograd.Function):
             nondominant, total = (S_sum_N - Mx_sum_N).sum(), S_sum_N.sum()
         else:
             nondominant, total = (S_sum_N - Mx_sum_N) @ w_N, S_sum_N @ w_N
-        ctx.save_for_backward(f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, dom_row_BN, dom_f_BN,
-                              mass_U)
+        ctx.save_for_backward(f_BK, V_UN, abs_V_UN, row_BK, w_N, Mx_BN, slot_BN, mass_U)
         return nondominant, total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_nondominant, grad_total):  # noqa: ANN001
-        f_BK, V_UN, row_BK, w_N, Mx_BN, slot_BN, dom_row_BN, dom_f_BN, mass_U = ctx.saved_tensors
+        f_BK, V_UN, abs_V_UN, row_BK, w_N, Mx_BN, slot_BN, mass_U = ctx.saved_tensors
         if w_N is None:
             w_N = torch.ones(V_UN.shape[1], dtype=V_UN.dtype, device=V_UN.device)
         a_N = grad_nondominant * w_N  # on every non-dominant |p|
         both_N = a_N + grad_total * w_N  # on every |p|
-        f_V_BK = f_BK.to(V_UN.dtype)
-        grad_f_BK = grad_V_UN = None
-        if ctx.needs_input_grad[0]:
-            spread_BK = (V_UN.abs() @ both_N)[row_BK]
-            grad_f_BK = _f_gradient(f_V_BK, spread_BK, slot_BN, Mx_BN * a_N).to(f_BK.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_V_UN = _V_gradient(V_UN, mass_U[:, None] * both_N, dom_row_BN, dom_f_BN * a_N)
-        return grad_f_BK, grad_V_UN, None, None, None, None
-
-
-def _f_gradient(f_BK: Tensor, spread_BK: Tensor, slot_BN: Tensor, dominant_BN: Tensor) -> Tensor:
-    """∂L/∂f_bk = sign(f_bk)·spread_bk − (1/f_bk)·Σ_{n: dom(b,n)=k} dominant_bn, where spread
-    is Σ_n |V_kn|·(gradient on every |p|) and dominant = Mx·(extra gradient on the maximum);
-    |V_dom,n| = Mx_bn/|f_dom| turns the dominant term into a B×N scatter."""
-    dominant_BK = torch.zeros_like(f_BK).scatter_add_(1, slot_BN, dominant_BN)
-    safe_f_BK = torch.where(f_BK != 0, f_BK, torch.ones_like(f_BK))
-    return torch.sign(f_BK) * spread_BK - dominant_BK / safe_f_BK
-
-
-def _V_gradient(V_UN: Tensor, unsigned_UN: Tensor, dom_row_BN: Tensor, correction_BN: Tensor
-                ) -> Tensor:
-    """∂L/∂V_un = sign(V_un)·(unsigned_un − Σ_{b: dom row(b,n)=u} correction_bn): ``unsigned``
-    holds the gradient on every |p| summed over the row's slots, ``correction`` = |f_dom|·(extra
-    gradient on the maximum); one B×N scatter along the row axis (several times faster on the
-    CPU than a flat index_add). Overwrites ``unsigned_UN``."""
-    unsigned_UN.scatter_add_(0, dom_row_BN, -correction_BN)
-    return torch.sign(V_UN) * unsigned_UN
+        grad_f_BK, grad_V_UN = dominant_gradients(
+            f_BK.to(V_UN.dtype), V_UN, row_BK, slot_BN, Mx_BN, a_N.expand_as(Mx_BN),
+            (abs_V_UN @ both_N)[row_BK], mass_U[:, None] * both_N)
+        return grad_f_BK.to(f_BK.dtype), grad_V_UN, None, None, None, None
 
 
 class _NondominantShare(torch.autograd.Function):
@@ -265,46 +241,36 @@ class _NondominantShare(torch.autograd.Function):
         abs_f_BK, abs_V_UN = f_BK.abs(), V_UN.abs()
         slot_BN, Mx_BN, S_BN = dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, counts_B,
                                                    chunk_tokens, with_sum=True)
-        dom_row_BN, dom_f_BN = row_BK.gather(1, slot_BN), abs_f_BK.gather(1, slot_BN)
         ratio_BN = (S_BN - Mx_BN) / (S_BN + SHARE_EPS)
         value = ratio_BN.sum() if w_N is None else (ratio_BN @ w_N).sum()
-        ctx.save_for_backward(f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN,
-                              dom_row_BN, dom_f_BN)
+        ctx.save_for_backward(f_BK, V_UN, abs_V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN)
         ctx.chunk_tokens = chunk_tokens
         return value
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: ANN001
-        (f_BK, V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN, slot_BN, dom_row_BN,
-         dom_f_BN) = ctx.saved_tensors
-        chunk_tokens = ctx.chunk_tokens
+        (f_BK, V_UN, abs_V_UN, row_BK, counts_B, w_N, Mx_BN, S_BN,
+         slot_BN) = ctx.saved_tensors
         n_neurons = V_UN.shape[1]
         f_V_BK = f_BK.to(V_UN.dtype)
-        abs_f_BK, abs_V_UN = f_V_BK.abs(), V_UN.abs()
+        abs_f_BK = f_V_BK.abs()
         G_BN = grad / (S_BN + SHARE_EPS)
         if w_N is not None:
             G_BN = G_BN * w_N
         A_BN = G_BN * (Mx_BN + SHARE_EPS) / (S_BN + SHARE_EPS)
-        grad_f_BK = grad_V_UN = None
-        if ctx.needs_input_grad[0]:
-            spread_BK = torch.zeros_like(f_V_BK)
-        if ctx.needs_input_grad[1]:
-            unsigned_UN = torch.zeros_like(V_UN)
-        for start, stop, width in chunks(counts_B, chunk_tokens):
+        spread_BK, unsigned_UN = torch.zeros_like(f_V_BK), torch.zeros_like(V_UN)
+        for start, stop, width in chunks(counts_B, ctx.chunk_tokens):
             rows = row_BK[start:stop, :width]
-            if ctx.needs_input_grad[0]:  # Σ_n |V_kn|·A_bn
-                abs_BKN = abs_V_UN.index_select(0, rows.reshape(-1)).view(-1, width, n_neurons)
-                A_BN1 = A_BN[start:stop, :, None]
-                spread_BK[start:stop, :width] = torch.bmm(abs_BKN, A_BN1).squeeze(2)
-            if ctx.needs_input_grad[1]:  # Σ_{(b,k): row=u} |f_bk|·A_bn
-                outer_BKN = abs_f_BK[start:stop, :width, None] * A_BN[start:stop, None, :]
-                unsigned_UN.index_add_(0, rows.reshape(-1), outer_BKN.view(-1, n_neurons))
-        if ctx.needs_input_grad[0]:
-            grad_f_BK = _f_gradient(f_V_BK, spread_BK, slot_BN, Mx_BN * G_BN).to(f_BK.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_V_UN = _V_gradient(V_UN, unsigned_UN, dom_row_BN, dom_f_BN * G_BN)
-        return grad_f_BK, grad_V_UN, None, None, None, None
+            # Σ_n |V_kn|·A_bn
+            abs_BKN = abs_V_UN.index_select(0, rows.reshape(-1)).view(-1, width, n_neurons)
+            spread_BK[start:stop, :width] = torch.bmm(abs_BKN, A_BN[start:stop, :, None])[..., 0]
+            # Σ_{(b,k): row=u} |f_bk|·A_bn
+            outer_BKN = abs_f_BK[start:stop, :width, None] * A_BN[start:stop, None, :]
+            unsigned_UN.index_add_(0, rows.reshape(-1), outer_BKN.view(-1, n_neurons))
+        grad_f_BK, grad_V_UN = dominant_gradients(f_V_BK, V_UN, row_BK, slot_BN, Mx_BN, G_BN,
+                                                  spread_BK, unsigned_UN)
+        return grad_f_BK.to(f_BK.dtype), grad_V_UN, None, None, None, None
 
 
 def normalisation_mode(normalise: str | bool) -> str:
