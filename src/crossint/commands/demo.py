@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         description=(
             "Harvest paper-layout activations from the embedded story model, train a BatchTopK "
             "crosscoder on them, evaluate it on held-out stories, measure its features' "
-            "interactions at the MLP neurons (DIR/crosscoder/interactions/), and write "
+            "interactions at the MLP neurons (DIR/crosscoder/interactions/), cluster them "
+            "(DIR/crosscoder/clusters/), write the HTML report DIR/crosscoder/report.html and "
             "DIR/summary.json. "
             "Re-running the same command resumes an interrupted demo."
         ),
