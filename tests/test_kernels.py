@@ -91,3 +91,25 @@ def test_dominant_gradients_match_a_naive_loop():
             v = float(V_UN[u, n])
             want = ((v > 0) - (v < 0)) * (float(unsigned_UN[u, n]) - correction)
             assert float(grad_V[u, n]) == pytest.approx(want, abs=1e-12)
+
+
+def test_a_failing_kernel_falls_back_to_torch(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no LLVM here")
+
+    class FakeNumba:
+        class config:  # noqa: N801 (mirrors numba.config)
+            NUMBA_NUM_THREADS = 1
+
+        @staticmethod
+        def set_num_threads(n):
+            pass
+
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(kernels, "_KERNEL", [(FakeNumba, broken)])
+    args = inputs(torch.float64)
+    with pytest.warns(RuntimeWarning, match="no LLVM here"):
+        slot, Mx, _ = dominant_magnitudes(*args, chunk_tokens=8)
+    want_slot, want_Mx, _ = naive(*args)
+    assert torch.equal(slot, want_slot) and torch.allclose(Mx, want_Mx)
+    assert not fused_available(args[1])  # not tried again

@@ -12,6 +12,7 @@ which ``dominant_slot`` treats as a tie, and either slot is a valid subgradient.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -98,10 +99,15 @@ def dominant_magnitudes(abs_f_BK: Tensor, abs_V_UN: Tensor, row_BK: Tensor, coun
         slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64)
         Mx_BN = abs_V_UN.new_empty(n_tokens, n_neurons)
         S_BN = abs_V_UN.new_empty(n_tokens, n_neurons)
-        kernel(abs_f_BK.contiguous().numpy(), abs_V_UN.contiguous().numpy(),
-               row_BK.contiguous().numpy(), counts_B.contiguous().numpy(), slot_BN.numpy(),
-               Mx_BN.numpy(), S_BN.numpy())
-        return slot_BN, Mx_BN, (S_BN if with_sum else None)
+        try:
+            kernel(abs_f_BK.contiguous().numpy(), abs_V_UN.contiguous().numpy(),
+                   row_BK.contiguous().numpy(), counts_B.contiguous().numpy(), slot_BN.numpy(),
+                   Mx_BN.numpy(), S_BN.numpy())
+            return slot_BN, Mx_BN, (S_BN if with_sum else None)
+        except Exception as error:  # a numba that cannot compile here: same numbers, slower
+            warnings.warn(f"crossint: the fused numba kernel failed ({error}); using torch",
+                          RuntimeWarning, stacklevel=2)
+            _KERNEL[0] = None
     slot_BN = torch.empty(n_tokens, n_neurons, dtype=torch.int64, device=abs_f_BK.device)
     S_BN = abs_V_UN.new_empty(n_tokens, n_neurons) if with_sum else None
     for start, stop, width in chunks(counts_B, chunk_tokens):
