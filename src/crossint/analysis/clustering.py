@@ -236,9 +236,9 @@ def cluster_run(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, np.ndarray]]:
     """Cluster a run's features three ways (SPEC §10) on held-out text.
 
-    Returns the clusters.json dict, one profile per clustered feature (features.json: top
-    contexts, histogram, decoder norms, partners, cluster per method), and the similarity
-    matrices (for plots)."""
+    Returns the clusters.json dict, one profile per feature active on the held-out tokens
+    (features.json: top contexts, histogram, decoder norms, partners, cluster per method; {} for
+    features not clustered), and the similarity matrices (for plots)."""
     from crossint.analysis.features import collect_features, feature_profiles
     from crossint.analysis.heldout import load_run
     from crossint.io import sha256_file
@@ -285,7 +285,8 @@ def cluster_run(
         "settings": {"min_count": min_count, "max_features": max_features, "top_k": top_k,
                      "preference": preference, "n_random": n_random},
     })
-    profiles = feature_profiles(sample, features.tolist(), decoder_norm_HX,
+    # every feature that fired gets a profile (its card), clustered or not
+    profiles = feature_profiles(sample, np.flatnonzero(counts_H > 0).tolist(), decoder_norm_HX,
                                 list(crosscoder.config.hookpoints), n_contexts=n_contexts)
     position = {}
     for method, clusters in document["clusters"].items():
