@@ -239,18 +239,18 @@ def cluster_run(
     Returns the clusters.json dict, one profile per feature active on the held-out tokens
     (features.json: top contexts, histogram, decoder norms, partners, cluster per method; {} for
     features not clustered), and the similarity matrices (for plots)."""
-    from crossint.analysis.features import collect_features, feature_profiles
-    from crossint.analysis.heldout import load_run
+    from crossint.analysis.features import feature_profiles, sample_features
+    from crossint.analysis.interactions import prepare_analysis
     from crossint.io import sha256_file
 
     for name, value in (("min count", min_count), ("max features", max_features),
                         ("top k", top_k), ("random clusterings", n_random)):
         if not isinstance(value, int) or value < 1:
             raise CrossintError(f"{name} must be a positive integer, got {value!r}")
-    sample = collect_features(run_dir, n_tokens=n_tokens, corpus=corpus, seed=seed,
-                              context_length=context_length, batch_size=batch_size, model=model,
-                              device=device, progress=progress)
-    crosscoder, _ = load_run(run_dir, command="cluster")
+    setup = prepare_analysis(run_dir, "cluster", n_tokens, corpus, seed, context_length,
+                             batch_size, model, None, device)
+    sample = sample_features(setup, progress)
+    crosscoder = setup.crosscoder
     decoder_HF, decoder_norm_HX = decoder_matrix(crosscoder)
     counts_H = sample.active_counts_H()
     I_HH = sample.interaction_HH

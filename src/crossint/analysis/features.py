@@ -105,18 +105,25 @@ def collect_features(
     progress: bool = True,
 ) -> FeatureSample:
     """Run the subject model on held-out text and keep the crosscoder's feature activations
-    and (if the crosscoder reads an MLP input) the pairwise interaction matrix."""
-    from tqdm.auto import tqdm
-
+    and the pairwise interaction matrix at its MLP blocks."""
     from crossint.analysis.interactions import prepare_analysis
-    from crossint.interactions import MLPInteractionMeter, PairwiseAccumulator
 
     setup = prepare_analysis(run_dir, "cluster", n_tokens, corpus, seed, context_length,
                              batch_size, model, blocks, device)
+    return sample_features(setup, progress)
+
+
+def sample_features(setup: Any, progress: bool = True) -> FeatureSample:
+    """:func:`collect_features` on a prepared run (``analysis.interactions.AnalysisSetup``)."""
+    from tqdm.auto import tqdm
+
+    from crossint.interactions import PairwiseAccumulator, active_features
+    from crossint.interactions.mlp import block_records
+
     crosscoder, adapter, batches = setup.crosscoder, setup.adapter, setup.batches
+    device = crosscoder.W_dec_HXD.device
     H = crosscoder.config.n_features
     pairwise = PairwiseAccumulator(H, setup.blocks)
-    meter = MLPInteractionMeter(setup.fblocks, None, pairwise)
     pieces, where, first_context = [], [], 0
     with torch.no_grad():
         for ids_BS in tqdm(batches, desc="features", unit="batch", disable=not progress,
@@ -124,7 +131,8 @@ def collect_features(
             _, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS.to(device), setup.hookpoints,
                                                   setup.special_ids)
             f_NH = crosscoder.encode(acts_NXD)
-            meter.update(f_NH)
+            for _, records in block_records(setup.fblocks, active_features(f_NH)):
+                pairwise.update(records)
             pieces.append(sparse.csr_matrix(f_NH.float().cpu().numpy()))
             context_N, position_N = keep_BS.cpu().nonzero(as_tuple=True)
             where.append(np.stack([context_N.numpy() + first_context, position_N.numpy()], 1))
@@ -145,7 +153,7 @@ def collect_features(
     return FeatureSample(
         f_TH=f_TH, ids_CS=ids_CS, where_T2=np.concatenate(where), interaction_HH=interaction_HH,
         blocks=setup.blocks, token_text=token_text, model=adapter.name, corpus=setup.corpus,
-        seed=seed, context_length=setup.context_length,
+        seed=setup.seed, context_length=setup.context_length,
     )
 
 

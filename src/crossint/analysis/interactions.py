@@ -174,6 +174,7 @@ class AnalysisSetup:
     special_ids: set[int]
     batches: list[Tensor]
     corpus: str
+    seed: int
     context_length: int
 
 
@@ -201,7 +202,7 @@ def prepare_analysis(run_dir: str | Path, command: str, n_tokens: int, corpus: s
         crosscoder=crosscoder, adapter=adapter, blocks=block_ids,
         fblocks=feature_blocks(crosscoder, mlps, dtype=torch.float64),
         hookpoints=list(crosscoder.config.hookpoints), special_ids=adapter.special_token_ids(),
-        batches=batches, corpus=corpus, context_length=context_length,
+        batches=batches, corpus=corpus, seed=seed, context_length=context_length,
     )
 
 

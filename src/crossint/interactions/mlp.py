@@ -9,7 +9,7 @@ evaluates it are the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -396,6 +396,23 @@ def mlp_interaction_loss(
 
 
 # --- one pass over data: all of the above at once ----------------------------------------------
+BlockRecord = tuple[MLPFeatureBlock, Contributions, NeuronStats]
+
+
+def block_records(blocks: Sequence[MLPFeatureBlock], active: ActiveFeatures,
+                  chunk_tokens: int | None = None) -> Iterator[tuple[int, list[BlockRecord]]]:
+    """Per chunk of tokens: its first token and, at every block, the chunk's contributions and
+    neuron statistics (one chunk size for every block, so the records cover the same tokens)."""
+    per_token = active.features_BK.shape[1] * max(b.n_neurons for b in blocks)
+    chunk_tokens = resolve_chunk(chunk_tokens, active.f_BK.device, per_token)
+    per_block = [iter_contributions(active, b.d_HD, b.mlp.W_in_DN, chunk_tokens)
+                 for b in blocks]
+    for chunk in zip(*per_block, strict=True):
+        records = [(block, contrib, neuron_stats(contrib))
+                   for block, (_, contrib) in zip(blocks, chunk, strict=True)]
+        yield chunk[0][0], records
+
+
 class MLPInteractionMeter:
     """Accumulates SPEC §4.2 shares, the §4.3 gap and bound, and (optionally) the §4.5 pairwise
     matrix over batches of feature activations; ``update`` returns the §9.2 per-token scores.
@@ -425,17 +442,8 @@ class MLPInteractionMeter:
         active = active_features(f_BH)
         dtype = self.blocks[0].d_HD.dtype
         score_B = torch.zeros(active.n_tokens, dtype=dtype, device=f_BH.device)
-        # one chunk size for every block, so the blocks' chunks cover the same tokens
-        per_token = active.features_BK.shape[1] * max(b.n_neurons for b in self.blocks)
-        chunk_tokens = resolve_chunk(self.chunk_tokens, f_BH.device, per_token)
-        per_block = [
-            iter_contributions(active, b.d_HD, b.mlp.W_in_DN, chunk_tokens)
-            for b in self.blocks
-        ]
-        for chunk in zip(*per_block, strict=True):
-            records = []
-            for block, (start, contrib) in zip(self.blocks, chunk, strict=True):
-                stats = neuron_stats(contrib)
+        for start, records in block_records(self.blocks, active, self.chunk_tokens):
+            for block, contrib, stats in records:
                 self.shares.update(block.block, stats)
                 gap = keep_dominant_gap(contrib, stats, block)
                 sums = self._gap[block.block]
@@ -445,7 +453,6 @@ class MLPInteractionMeter:
                 sums[3] += (gap.bound_B < gap.gap_B).sum().item()
                 stop = start + contrib.p_BKN.shape[0]
                 score_B[start:stop] += interaction_score(stats, block.w_out_N).to(dtype)
-                records.append((block, contrib, stats))
             if self.pairwise is not None:
                 self.pairwise.update(records)
         self.n_tokens += active.n_tokens
