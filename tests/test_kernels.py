@@ -61,7 +61,7 @@ def test_float32_paths_agree(monkeypatch):
     assert (fused[0] != plain[0]).float().mean() < 1e-3
 
 
-def test_dominant_gradients_match_a_naive_loop():
+def test_dominant_gradients_match_a_naive_loop(kernel_path):
     from crossint.interactions.kernels import dominant_gradients
 
     abs_f_BK, abs_V_UN, row_BK, counts_B = inputs(torch.float64, n_tokens=12, slots=5, rows=7,
@@ -70,6 +70,7 @@ def test_dominant_gradients_match_a_naive_loop():
     f_BK = abs_f_BK * torch.where(torch.rand(abs_f_BK.shape, generator=generator) < 0.5, -1, 1)
     V_UN = abs_V_UN * torch.where(torch.rand(abs_V_UN.shape, generator=generator) < 0.5, -1, 1)
     slot_BN, Mx_BN, _ = dominant_magnitudes(abs_f_BK, abs_V_UN, row_BK, counts_B, 4)
+    assert slot_BN.dtype == (torch.int32 if kernel_path == "fused" else torch.int64)
     W_BN = torch.randn(Mx_BN.shape, generator=generator, dtype=torch.float64)
     spread_BK = torch.randn(f_BK.shape, generator=generator, dtype=torch.float64)
     unsigned_UN = torch.randn(V_UN.shape, generator=generator, dtype=torch.float64)
@@ -106,7 +107,7 @@ def test_a_failing_kernel_falls_back_to_torch(monkeypatch):
             pass
 
     monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
-    monkeypatch.setattr(kernels, "_KERNEL", [(FakeNumba, broken)])
+    monkeypatch.setattr(kernels, "_KERNELS", [(FakeNumba, broken, broken)])
     args = inputs(torch.float64)
     with pytest.warns(RuntimeWarning, match="no LLVM here"):
         slot, Mx, _ = dominant_magnitudes(*args, chunk_tokens=8)
