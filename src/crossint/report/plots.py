@@ -191,6 +191,45 @@ def plot_sweep(
     return _save(figure, path)
 
 
+def plot_frontier(
+    curves: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    target_share: float | None = None,
+    target_ratio: float | None = None,
+    title: str = "Dominant share against its reconstruction cost",
+) -> Path:
+    """One line per sweep: dominant share (x) against L_rec / L_rec(λ = 0) (y), each point
+    labelled with its λ; the target region (share ≥ target_share at ratio ≤ target_ratio)
+    shaded."""
+    if not curves or any(not points for points in curves.values()):
+        raise CrossintError("frontier plot needs at least one sweep with at least one point")
+    figure = _figure(7.0, 4.6)
+    axes = figure.add_subplot(1, 1, 1)
+    if target_share is not None and target_ratio is not None:
+        axes.axhline(target_ratio, color="tab:green", lw=0.8, ls=":")
+        axes.axvline(target_share, color="tab:green", lw=0.8, ls=":")
+        axes.fill_between([target_share, 1.0], 0, target_ratio, color="tab:green", alpha=0.15,
+                          label=f"target: share ≥ {target_share:g} at ≤ {target_ratio:g}×")
+    for label, points in curves.items():
+        share = [p["dominant_share"] for p in points]
+        ratio = [p["recon_ratio"] for p in points]
+        line, = axes.plot(share, ratio, "o-", label=label, ms=4)
+        for p in points:
+            axes.annotate(f"{p['lambda']:g}", (p["dominant_share"], p["recon_ratio"]),
+                          textcoords="offset points", xytext=(3, 3), fontsize=6,
+                          color=line.get_color())
+    top = max(p["recon_ratio"] for points in curves.values() for p in points)
+    axes.set_ylim(min(0.8, min(p["recon_ratio"] for ps in curves.values() for p in ps)) - 0.05,
+                  top + 0.1)
+    axes.set_xlim(0.0, 1.0)
+    axes.set_xlabel("dominant share (SPEC §4.2)")
+    axes.set_ylabel("L_rec / L_rec(λ = 0)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left")
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
 def plot_fidelity(
     schemes: Sequence[str],
     phi_by_panel: Mapping[str, Mapping[str, Sequence[float]]],
