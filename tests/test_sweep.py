@@ -189,6 +189,7 @@ def test_frontier_bad_input_is_one_line(tmp_path, capsys):
         ([str(tmp_path / "missing")], "not found"),
         ([str(good), "--labels", "x,y"], "--labels"),
         ([str(good), "--target-share", "1.5"], "--target-share"),
+        ([str(good), str(good)], "--labels"),  # the same directory name twice
     ]
     for argv, message in cases:
         assert main(["frontier", *argv, "--out", out]) == 1

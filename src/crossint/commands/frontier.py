@@ -12,7 +12,7 @@ def register(subparsers) -> None:
         "frontier",
         help="plot dominant share against reconstruction cost for one or more λ sweeps",
         description=(
-            "Read DIR/sweep.json of each sweep (from `crossint sweep`; each needs a λ = 0 run), "
+            "Read SWEEP/sweep.json of each sweep (from `crossint sweep`; each needs a λ = 0 run), "
             "divide every run's held-out L_rec by its own sweep's λ = 0 L_rec, and plot the "
             "dominant share against that ratio, one line per sweep, with the target region "
             "shaded. Writes FILE.png and FILE.json (the points, the best share within the "
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     if len(labels) != len(args.sweeps):
         raise CrossintError(f"--labels has {len(labels)} labels for {len(args.sweeps)} sweeps")
     if len(set(labels)) != len(labels):
-        raise CrossintError(f"--labels must differ from each other, got {labels}")
+        raise CrossintError(f"each sweep needs its own label, got {labels}: pass --labels "
+                            "(the default labels are the directory names)")
     if not 0 < args.target_share <= 1 or not args.target_ratio > 0:
         raise CrossintError("--target-share must be in (0, 1] and --target-ratio positive, got "
                             f"{args.target_share} and {args.target_ratio}")
