@@ -27,6 +27,7 @@ from crossint.errors import CrossintError
 
 ENV_URL, ENV_KEY, ENV_MODEL = "CROSSINT_JUDGE_URL", "CROSSINT_JUDGE_KEY", "CROSSINT_JUDGE_MODEL"
 DEFAULT_MODEL = "gpt-4o-mini"
+CHAT_COMPLETIONS = "chat/completions"  # the OpenAI-compatible route, relative to the base URL
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ class JudgeEndpoint:
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
-        request = urllib.request.Request(self.url.rstrip("/") + "/chat/completions", data=body,
-                                         headers=headers, method="POST")
+        endpoint = "/".join((self.url.rstrip("/"), CHAT_COMPLETIONS))
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 reply = json.loads(response.read().decode())

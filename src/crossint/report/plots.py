@@ -218,9 +218,8 @@ def plot_frontier(
             axes.annotate(f"{p['lambda']:g}", (p["dominant_share"], p["recon_ratio"]),
                           textcoords="offset points", xytext=(3, 3), fontsize=6,
                           color=line.get_color())
-    top = max(p["recon_ratio"] for points in curves.values() for p in points)
-    axes.set_ylim(min(0.8, min(p["recon_ratio"] for ps in curves.values() for p in ps)) - 0.05,
-                  top + 0.1)
+    ratios = [p["recon_ratio"] for points in curves.values() for p in points]
+    axes.set_ylim(min(0.8, *ratios) - 0.05, max(ratios) + 0.1)
     axes.set_xlim(0.0, 1.0)
     axes.set_xlabel("dominant share (SPEC §4.2)")
     axes.set_ylabel("L_rec / L_rec(λ = 0)")
