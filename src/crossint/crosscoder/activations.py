@@ -1,13 +1,28 @@
 """Crosscoder activation functions (SPEC §3.2) and their sparsity penalties (SPEC §3.3).
 
-Pure functions of the pre-activations ``pre_BH``; every one returns a dense ``f_BH`` that is
-exactly zero outside the active features (the model decodes the non-zeros sparsely).
+The math is pure functions of the pre-activations ``pre_BH``; every one returns a dense ``f_BH``
+that is exactly zero outside the active features (the model decodes the non-zeros sparsely).
+
+Each activation is one :class:`Activation` subclass that calls that math and owns everything
+else that depends on the kind: its threshold tensor, training vs inference forward, sparsity
+loss and coefficient, update after the optimiser step, sparse or dense decoding, the encoder-bias
+calibration level and the config it is saved with. ``ACTIVATIONS`` maps each
+``CrosscoderConfig.activation`` name to its class: adding an activation is one new class and one
+registry entry.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from crossint.errors import CrossintError
+
+if TYPE_CHECKING:
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
 
 
 def topk(pre_BH: Tensor, k: int) -> Tensor:
@@ -112,3 +127,189 @@ def decoder_weighted_l1(f_BH: Tensor, W_dec_HXD: Tensor) -> Tensor:
     """SPEC §3.2 ReLU penalty: mean over tokens of Σ_h f_h Σ_x ‖W_dec[h, x]‖."""
     norm_H = W_dec_HXD.norm(dim=-1).sum(dim=-1)
     return (f_BH * norm_H).sum(dim=-1).mean()
+
+
+# --- the activations as classes ----------------------------------------------------------------
+class Activation:
+    """One activation kind (SPEC §3.2), built from the crosscoder's config.
+
+    A subclass sets ``name`` (its ``CrosscoderConfig.activation`` value) and defines
+    :meth:`forward`; the other defaults describe a dense activation with an unused threshold, no
+    sparsity penalty and no after-step update, and subclasses override what differs.
+    ``Crosscoder`` registers ``threshold_H`` through :meth:`register_threshold` and calls
+    :meth:`forward`, :meth:`decodes_sparsely`, :attr:`calibration_level` and
+    :meth:`saved_config`; the trainer adds ``sparsity_coefficient · sparsity_loss`` to the loss
+    (when the coefficient is > 0), calls :meth:`after_step` after every optimiser step and logs
+    :meth:`metrics`.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: CrosscoderConfig) -> None:
+        self.config = config
+
+    def register_threshold(self, crosscoder: nn.Module) -> None:
+        """Give the crosscoder its ``threshold_H``: by default a zero buffer (unused)."""
+        crosscoder.register_buffer("threshold_H", torch.zeros(self.config.n_features))
+
+    def forward(
+        self, pre_BH: Tensor, threshold_H: Tensor, training: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(f_BH, batch_threshold)``: the features, and a batch statistic for
+        :meth:`after_step` (None unless the activation has one)."""
+        raise NotImplementedError
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        """Weight of :meth:`sparsity_loss` in the training loss (0: no sparsity term)."""
+        return 0.0
+
+    def sparsity_loss(self, crosscoder: Crosscoder, out: CrosscoderOutput) -> Tensor:
+        """The unweighted sparsity term (SPEC §3.3); only called when the coefficient is > 0."""
+        return out.pre_BH.new_zeros(())
+
+    def after_step(self, crosscoder: Crosscoder, out: CrosscoderOutput, step: int) -> None:
+        """Called without gradients after the optimiser step of 0-based ``step``."""
+
+    def decodes_sparsely(self, training_with_grad: bool) -> bool:
+        """Whether :class:`Crosscoder` gathers the active decoder rows (else a dense product)."""
+        return False
+
+    @property
+    def calibration_level(self) -> float:
+        """SPEC §3.5 calibrated init: the pre-activation level at which a feature starts firing."""
+        return 0.0
+
+    def saved_config(self) -> CrosscoderConfig:
+        """The config a saved copy carries (the activation it runs as at inference)."""
+        return self.config
+
+    def metrics(self, crosscoder: Crosscoder, out: CrosscoderOutput) -> dict[str, float]:
+        """Extra values for metrics.jsonl at a logging step (after the update)."""
+        return {}
+
+
+class TopK(Activation):
+    """SPEC §3.2 TopK: the k largest pre-activations of every token; no sparsity penalty."""
+
+    name = "topk"
+
+    def forward(
+        self, pre_BH: Tensor, threshold_H: Tensor, training: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        return topk(pre_BH, self.config.k), None
+
+    def decodes_sparsely(self, training_with_grad: bool) -> bool:
+        return True
+
+
+class BatchTopK(TopK):
+    """SPEC §3.2 BatchTopK: the k·B largest pre-activations of the batch while training; at
+    inference ``pre·1[pre > θ]`` with θ (buffer ``threshold_H``, one value for every feature)
+    the running mean of the smallest selected value. Saved as JumpReLU with that θ."""
+
+    name = "batchtopk"
+
+    def forward(
+        self, pre_BH: Tensor, threshold_H: Tensor, training: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        if training:
+            return batchtopk(pre_BH, self.config.k)
+        # Inference uses θ so that a token's features never depend on its batch.
+        return threshold_activation(pre_BH, threshold_H), None
+
+    def after_step(self, crosscoder: Crosscoder, out: CrosscoderOutput, step: int) -> None:
+        """θ ← m·θ + (1 − m)·smallest selected value (the first step takes the value as is)."""
+        if out.batch_threshold is None:
+            return
+        threshold_H = crosscoder.threshold_H
+        theta = out.batch_threshold.to(threshold_H.dtype)
+        if step > 0:
+            m = self.config.threshold_momentum
+            theta = m * threshold_H + (1 - m) * theta
+        threshold_H.copy_(theta.expand_as(threshold_H))
+
+    def saved_config(self) -> CrosscoderConfig:
+        return self.config.replace(activation=JumpReLU.name, trained_activation=self.name)
+
+    def metrics(self, crosscoder: Crosscoder, out: CrosscoderOutput) -> dict[str, float]:
+        if out.batch_threshold is None:
+            return {}
+        return {"threshold": crosscoder.threshold_H[0].item()}
+
+
+class JumpReLU(Activation):
+    """SPEC §3.2 JumpReLU ``pre·1[pre > θ_H]`` with a learned per-feature θ (parameter
+    ``threshold_H``, straight-through estimator) and the STE L0 penalty."""
+
+    name = "jumprelu"
+
+    def register_threshold(self, crosscoder: nn.Module) -> None:
+        cfg = self.config
+        crosscoder.threshold_H = nn.Parameter(
+            torch.full((cfg.n_features,), cfg.jumprelu_init_threshold)
+        )
+
+    def forward(
+        self, pre_BH: Tensor, threshold_H: Tensor, training: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        return jumprelu(pre_BH, threshold_H, self.config.jumprelu_bandwidth), None
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        return self.config.l0_coefficient
+
+    def sparsity_loss(self, crosscoder: Crosscoder, out: CrosscoderOutput) -> Tensor:
+        return jumprelu_l0(out.pre_BH, crosscoder.threshold_H, self.config.jumprelu_bandwidth)
+
+    def after_step(self, crosscoder: Crosscoder, out: CrosscoderOutput, step: int) -> None:
+        crosscoder.threshold_H.clamp_(min=0.0)  # θ >= 0 keeps f = pre·1[pre > θ] >= 0
+
+    def decodes_sparsely(self, training_with_grad: bool) -> bool:
+        # θ's straight-through gradient needs the upstream gradient at features just below θ,
+        # which are zero in f and so absent from a sparse decode.
+        return not training_with_grad
+
+    @property
+    def calibration_level(self) -> float:
+        return self.config.jumprelu_init_threshold
+
+
+class ReLU(Activation):
+    """SPEC §3.2 ReLU, trained with the decoder-norm-weighted L1 penalty."""
+
+    name = "relu"
+
+    def forward(
+        self, pre_BH: Tensor, threshold_H: Tensor, training: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        return relu(pre_BH), None
+
+    @property
+    def sparsity_coefficient(self) -> float:
+        return self.config.l1_coefficient
+
+    def sparsity_loss(self, crosscoder: Crosscoder, out: CrosscoderOutput) -> Tensor:
+        return decoder_weighted_l1(out.f_BH, crosscoder.W_dec_HXD)
+
+
+# The registry: CrosscoderConfig.activation names -> classes (validation reads it).
+ACTIVATIONS: dict[str, type[Activation]] = {
+    cls.name: cls for cls in (TopK, BatchTopK, JumpReLU, ReLU)
+}
+
+
+def activation_names() -> str:
+    """The registered names, for error messages."""
+    return ", ".join(ACTIVATIONS)
+
+
+def make_activation(config: CrosscoderConfig) -> Activation:
+    """The activation object ``config.activation`` names."""
+    cls = ACTIVATIONS.get(config.activation)
+    if cls is None:
+        raise CrossintError(
+            f"unknown activation {config.activation!r}: valid activations are "
+            f"{activation_names()}"
+        )
+    return cls(config)

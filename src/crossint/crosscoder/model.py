@@ -15,18 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from crossint.crosscoder import activations as act_fns
-from crossint.crosscoder.config import ACTIVATIONS, CrosscoderConfig
+from crossint.crosscoder.activations import ACTIVATIONS, Activation, make_activation
+from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.sparse import decode_features
 from crossint.errors import CrossintError
 from crossint.io import atomic_write, atomic_write_json, read_json
+from crossint.rundir import RunDir
 
 __all__ = ["ACTIVATIONS", "Crosscoder", "CrosscoderConfig", "CrosscoderOutput"]
 
 FORMAT = "crossint.crosscoder"
 FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -47,10 +46,14 @@ class Crosscoder(nn.Module):
 
     Parameters ``W_enc_XDH``, ``W_dec_HXD``, ``b_enc_H``, ``b_dec_XD`` (frozen unless
     ``train_decoder_bias``; zero, or the activations' mean when ``center_inputs``); buffer
-    ``scale_X`` (the normalisation s_X of SPEC §3.4, ones once folded). ``threshold_H`` is a
-    learned parameter for JumpReLU and a buffer holding the running inference threshold θ for
-    BatchTopK (unused by TopK and ReLU).
+    ``scale_X`` (the normalisation s_X of SPEC §3.4, ones once folded). ``threshold_H`` is
+    whatever the activation registers (crosscoder/activations.py): a learned parameter for
+    JumpReLU, a buffer holding the running inference threshold θ for BatchTopK, an unused zero
+    buffer for TopK and ReLU. ``activation`` is the :class:`Activation` that ``config.activation``
+    names (rebuilt whenever ``config`` is assigned).
     """
+
+    activation: Activation
 
     def __init__(self, config: CrosscoderConfig, seed: int = 0) -> None:
         super().__init__()
@@ -61,11 +64,17 @@ class Crosscoder(nn.Module):
         self.b_enc_H = nn.Parameter(torch.zeros(H))
         self.b_dec_XD = nn.Parameter(torch.zeros(X, D), requires_grad=config.train_decoder_bias)
         self.register_buffer("scale_X", torch.ones(X))
-        if config.activation == "jumprelu":
-            self.threshold_H = nn.Parameter(torch.full((H,), config.jumprelu_init_threshold))
-        else:
-            self.register_buffer("threshold_H", torch.zeros(H))
+        self.activation.register_threshold(self)
         self.reset_parameters(seed)
+
+    @property
+    def config(self) -> CrosscoderConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: CrosscoderConfig) -> None:
+        self._config = config
+        self.activation = make_activation(config)
 
     # --- structure -----------------------------------------------------------------------------
     @property
@@ -136,8 +145,9 @@ class Crosscoder(nn.Module):
         """SPEC §3.5: set b_enc so that each feature fires on ≈ k/H of the sample's tokens.
 
         Feature h's pre-activation without bias is shifted so that its (1 − k/H) quantile on the
-        sample sits at the firing level (0, or the initial threshold for JumpReLU). Uses the
-        current normalisation, so call it after ``estimate_normalisation``."""
+        sample sits at the activation's firing level (its ``calibration_level``: 0, or the
+        initial threshold for JumpReLU). Uses the current normalisation, so call it after
+        ``estimate_normalisation``."""
         self._check_acts(acts_NXD)
         n = acts_NXD.shape[0]
         if n == 0:
@@ -147,8 +157,7 @@ class Crosscoder(nn.Module):
         # The k/H-th largest value of every column: kthvalue counts from the smallest.
         rank = min(n, max(1, round(n * (1 - cfg.k / cfg.n_features))))
         quantile_H = pre_NH.kthvalue(rank, dim=0).values
-        level = cfg.jumprelu_init_threshold if cfg.activation == "jumprelu" else 0.0
-        self.b_enc_H.copy_(level - quantile_H)
+        self.b_enc_H.copy_(self.activation.calibration_level - quantile_H)
         return self.b_enc_H
 
     # --- forward (SPEC §3.1) -------------------------------------------------------------------
@@ -176,17 +185,7 @@ class Crosscoder(nn.Module):
         return self._pre_from_normalised(self.normalise(acts_BXD))
 
     def _activate(self, pre_BH: Tensor) -> tuple[Tensor, Tensor | None]:
-        cfg = self.config
-        if cfg.activation == "topk":
-            return act_fns.topk(pre_BH, cfg.k), None
-        if cfg.activation == "batchtopk":
-            if self.training:
-                return act_fns.batchtopk(pre_BH, cfg.k)
-            # SPEC §3.2: inference uses θ so a token's features never depend on its batch.
-            return act_fns.threshold_activation(pre_BH, self.threshold_H), None
-        if cfg.activation == "jumprelu":
-            return act_fns.jumprelu(pre_BH, self.threshold_H, cfg.jumprelu_bandwidth), None
-        return act_fns.relu(pre_BH), None
+        return self.activation.forward(pre_BH, self.threshold_H, self.training)
 
     def activate(self, pre_BH: Tensor) -> Tensor:
         """f_BH = act(pre_BH) (SPEC §3.2); BatchTopK is batch-wise only in training mode."""
@@ -197,13 +196,9 @@ class Crosscoder(nn.Module):
 
     @property
     def decodes_sparsely(self) -> bool:
-        """Sparse gather for TopK-like activations. A training JumpReLU decodes densely: its
-        threshold's straight-through gradient needs the upstream gradient at features just
-        below θ, which are zero in f and so absent from a sparse decode."""
-        activation = self.config.activation
-        if activation in ("topk", "batchtopk"):
-            return True
-        return activation == "jumprelu" and not (self.training and torch.is_grad_enabled())
+        """Sparse gather for TopK-like activations, and for JumpReLU except while training with
+        gradients (its threshold's straight-through gradient needs a dense decode)."""
+        return self.activation.decodes_sparsely(self.training and torch.is_grad_enabled())
 
     def _decode_normalised(self, f_BH: Tensor) -> Tensor:
         return decode_features(f_BH, self.W_dec_HXD, self.decodes_sparsely) + self.b_dec_XD
@@ -273,29 +268,27 @@ class Crosscoder(nn.Module):
     # --- files ---------------------------------------------------------------------------------
     def inference_config(self) -> CrosscoderConfig:
         """The config a saved copy carries: BatchTopK becomes JumpReLU with θ (SPEC §3.2)."""
-        if self.config.activation == "batchtopk":
-            return self.config.replace(activation="jumprelu", trained_activation="batchtopk")
-        return self.config
+        return self.activation.saved_config()
 
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``model.safetensors`` and ``config.json`` atomically; ``extra`` adds top-level
         entries (training settings, data source) to ``config.json``."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        run = RunDir(directory)
+        run.path.mkdir(parents=True, exist_ok=True)
         tensors = {
             name: tensor.detach().to("cpu", copy=True).contiguous()
             for name, tensor in self.state_dict().items()
         }
         # The format is named in config.json; safetensors metadata is a hash map written in
         # random order, so leaving it out keeps reruns byte-identical.
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(run.weights, lambda tmp: save_file(tensors, str(tmp)))
         document = {"format": FORMAT, "version": FORMAT_VERSION}
         document.update(extra or {})
         document["crosscoder"] = self.inference_config().to_dict()
-        atomic_write_json(directory / CONFIG_NAME, document)
-        return directory
+        atomic_write_json(run.config, document)
+        return run.path
 
     @classmethod
     def from_pretrained(
@@ -306,10 +299,10 @@ class Crosscoder(nn.Module):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise CrossintError(f"crosscoder directory not found: {directory}")
-        config_path = directory / CONFIG_NAME
+        run = RunDir(directory)
+        if not run.path.is_dir():
+            raise CrossintError(f"crosscoder directory not found: {run.path}")
+        config_path = run.config
         document = read_json(config_path, "crosscoder config")
         if not isinstance(document, dict) or not isinstance(document.get("crosscoder"), dict):
             raise CrossintError(
@@ -322,7 +315,7 @@ class Crosscoder(nn.Module):
                 f"up to {FORMAT_VERSION}"
             )
         config = CrosscoderConfig.from_dict(document["crosscoder"], where=str(config_path))
-        weights_path = directory / WEIGHTS_NAME
+        weights_path = run.weights
         if not weights_path.is_file():
             raise CrossintError(
                 f"crosscoder weights not found: {weights_path} (has training finished?)"
