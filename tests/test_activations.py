@@ -173,6 +173,62 @@ def test_local_text_corpus(adapter, tmp_path, tiny_text_file):
     assert cache.n_tokens == 500
 
 
+def test_harvest_reads_no_heldout_document(adapter, tmp_path, monkeypatch):
+    """A file corpus is split by document: what the harvest reads and what the analyses read as
+    held-out text share no document and together cover the file; the manifest records the split,
+    the same for every seed."""
+    import crossint.data.corpus as corpus_module
+    from crossint.analysis.heldout import HeldoutRequest, heldout_batches
+
+    path = tmp_path / "many.txt"
+    lines = [f"Story {i}: Tom saw {i % 7} red balls and {i % 5} blue birds." for i in range(150)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    seen: dict[str, list[str]] = {}
+    original = corpus_module.iter_texts
+
+    def recording(spec, *args, part="all", **kwargs):
+        for text in original(spec, *args, part=part, **kwargs):
+            seen.setdefault(part, []).append(text)
+            yield text
+
+    monkeypatch.setattr(corpus_module, "iter_texts", recording)
+    with pytest.warns(RuntimeWarning, match="ran out after"):  # the whole harvest part is read
+        cache = run(adapter, tmp_path / "c", corpus=str(path), n_tokens=10**6)
+    request = HeldoutRequest(n_tokens=10**6, corpus=str(path), context_length=32)
+    assert heldout_batches(adapter, request)  # the whole held-out part is read
+    harvested, held_out = seen["harvest"], seen["heldout"]
+    assert held_out and set(harvested).isdisjoint(held_out)
+    assert sorted(harvested + held_out) == sorted(lines)
+    split = corpus_module.split_corpus(path)
+    assert cache.manifest["corpus_split"] == split.record()
+    assert cache.manifest["corpus_split"]["method"] == "sha256"
+    monkeypatch.setattr(corpus_module, "iter_texts", original)
+    other_seed = run(adapter, tmp_path / "s3", corpus=str(path), n_tokens=200, seed=3)
+    assert other_seed.manifest["corpus_split"] == split.record()
+
+
+def test_caches_without_a_recorded_split(adapter, cache_dir, tmp_path, tiny_text_file):
+    """Stories caches record no split (their seed splits them); a file cache written before the
+    split (no corpus_split) still loads, but a partial one is not resumed under the split."""
+    assert "corpus_split" not in ActivationCache(cache_dir).manifest
+    cache = run(adapter, tmp_path / "c", corpus=str(tiny_text_file), n_tokens=300,
+                shard_tokens=200)
+    manifest_path = cache.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["corpus_split"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert ActivationCache(cache.path).n_tokens == 300
+    first = manifest["shards"][0]
+    manifest.update(shards=[first], n_tokens=first["n_tokens"], complete=False)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CrossintError, match="older crossint that read the whole corpus"):
+        run(adapter, cache.path, corpus=str(tiny_text_file), n_tokens=300, shard_tokens=200)
+    manifest["corpus_split"] = {"method": "sha256", "heldout_fraction": 2.0}
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CrossintError, match="invalid: 'corpus_split'"):
+        ActivationCache(cache.path)
+
+
 # ---- resume ------------------------------------------------------------------------------------
 
 
@@ -276,10 +332,13 @@ def test_empty_corpus_writes_nothing(adapter, tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(CrossintError, match="is empty"):
         run(adapter, tmp_path / "out", corpus=str(empty))
+    (tmp_path / "one.txt").write_text("Once upon a time there was a cat. " * 40 + "\n")
     short = tmp_path / "short.txt"
-    short.write_text("Tom.\n")
+    short.write_text("Tom.\nSam.\n")  # one document is held out, the other is too short
     with pytest.raises(CrossintError, match="is empty: it holds"):
         run(adapter, tmp_path / "out", corpus=str(short))
+    with pytest.raises(CrossintError, match="too small to split"):
+        run(adapter, tmp_path / "out", corpus=str(tmp_path / "one.txt"))
     assert not (tmp_path / "out").exists()
 
 

@@ -25,10 +25,10 @@ from crossint.analysis.clustering import (
     resolve_preference,
 )
 from crossint.analysis.heldout import (
+    HeldoutRequest,
     capture_tokens,
     heldout_batches,
     load_run,
-    training_text_settings,
 )
 from crossint.cli import main
 from crossint.errors import CrossintError
@@ -170,10 +170,11 @@ def test_top_contexts_are_the_largest_activations_on_the_heldout_tokens(clustere
     crosscoder, model_name = load_run(trained_paper_run)
     adapter = load_model(model_name)
     special = adapter.special_token_ids()
-    corpus = training_text_settings(trained_paper_run)["corpus"]  # the CLI's default
-    batches = heldout_batches(adapter, corpus, 12345, 32, 600, 16)
+    # the CLI's default: the training cache's corpus, its held-out part
+    request = HeldoutRequest(n_tokens=600, context_length=32).resolve(trained_paper_run)
+    batches = heldout_batches(adapter, request)
     f = torch.cat([crosscoder.encode(capture_tokens(adapter, ids, list(
-        crosscoder.config.hookpoints), special)[2]) for ids in batches]).detach().double()
+        crosscoder.config.hookpoints), special).acts_NXD) for ids in batches]).detach().double()
     for profile in profiles:
         h = profile["id"]
         column = f[:, h]

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from conftest import TINY_TEXT, build_tiny_tokenizer
-from crossint.data.corpus import iter_contexts, iter_texts
+from crossint.data.corpus import (
+    CorpusSplit,
+    document_key,
+    iter_contexts,
+    iter_texts,
+    split_corpus,
+)
 from crossint.errors import CrossintError
 
 
@@ -133,3 +139,93 @@ def test_corpus_shorter_than_one_context_is_empty(tokenizer):
 def test_context_length_too_short(tokenizer):
     with pytest.raises(CrossintError, match="context length 1 is too short"):
         list(iter_contexts(TINY_TEXT, tokenizer, 1))
+
+
+# ---- the held-out split of file corpora --------------------------------------------------------
+def many_lines(tmp_path, n=400, name="many.txt"):
+    path = tmp_path / name
+    lines = [f"Story {i}: Tom saw {i % 7} red balls and {i % 5} blue birds." for i in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, lines
+
+
+def test_file_split_is_disjoint_covers_the_file_and_ignores_the_seed(tmp_path):
+    path, lines = many_lines(tmp_path)
+    harvested = list(iter_texts(path, part="harvest"))
+    held_out = list(iter_texts(path, seed=12345, part="heldout"))
+    assert set(harvested).isdisjoint(held_out)
+    assert sorted(harvested + held_out) == sorted(lines)  # every document, once, in one part
+    assert 0.05 < len(held_out) / len(lines) < 0.15  # about HELDOUT_FRACTION
+    # the same on every call and for every seed: a function of the text only
+    for seed in (0, 1, 12345):
+        assert list(iter_texts(path, seed=seed, part="heldout")) == held_out
+        assert list(iter_texts(path, seed=seed, part="harvest")) == harvested
+    assert split_corpus(path) == split_corpus(str(path))
+    assert list(iter_texts(path)) == lines  # part="all" is the whole file, in order
+    # the split goes with the text, not the position: reversed file, same documents held out
+    reversed_path = tmp_path / "reversed.txt"
+    reversed_path.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    assert list(iter_texts(reversed_path, part="heldout")) == held_out[::-1]
+
+
+def test_jsonl_split_and_copies_fall_on_one_side(tmp_path):
+    path = tmp_path / "c.jsonl"
+    texts = [f"document number {i}" for i in range(60)] * 2  # every document twice
+    path.write_text("\n".join(json.dumps({"body": t}) for t in texts) + "\n", encoding="utf-8")
+    held_out = list(iter_texts(path, text_field="body", part="heldout"))
+    harvested = list(iter_texts(path, text_field="body", part="harvest"))
+    assert held_out and harvested and set(held_out).isdisjoint(harvested)
+    assert len(held_out) + len(harvested) == len(texts)
+    assert all(held_out.count(t) == 2 for t in held_out)
+
+
+def test_split_record_round_trips_and_is_checked():
+    split = CorpusSplit(0.1, 1 << 60)
+    record = split.record()
+    assert record == {"method": "sha256", "heldout_fraction": 0.1,
+                      "heldout_below": "1000000000000000"}
+    assert CorpusSplit.from_record(json.loads(json.dumps(record))) == split
+    for bad in (None, {}, {**record, "method": "md5"}, {**record, "heldout_fraction": 1.5},
+                {**record, "heldout_below": "xyz"}):
+        with pytest.raises(CrossintError, match="is not a corpus split"):
+            CorpusSplit.from_record(bad)
+
+
+def test_small_corpora_still_hold_out_one_document(tmp_path):
+    # TINY_TEXT: four documents; whichever way their hashes fall, each part gets at least one
+    for n in (2, 3, 4):
+        path = tmp_path / f"small{n}.txt"
+        path.write_text("\n".join(TINY_TEXT[:n]) + "\n", encoding="utf-8")
+        held_out = list(iter_texts(path, part="heldout"))
+        harvested = list(iter_texts(path, part="harvest"))
+        assert held_out and harvested and sorted(held_out + harvested) == sorted(TINY_TEXT[:n])
+    # a fraction that holds out nothing: the document with the smallest key is held out
+    path = tmp_path / "small4.txt"
+    split = split_corpus(path, heldout_fraction=1e-9)
+    smallest = min(TINY_TEXT, key=document_key)
+    assert list(iter_texts(path, part="heldout", split=split)) == [smallest]
+
+
+@pytest.mark.parametrize("content, detail", [
+    ("Once upon a time there was one long story.\n", "1 document."),
+    ("The same line.\nThe same line.\n\nThe same line.\n", "3 documents (all the same text)"),
+])
+def test_a_corpus_too_small_to_split_is_refused(tmp_path, content, detail):
+    path = tmp_path / "one.txt"
+    path.write_text(content, encoding="utf-8")
+    for call in (lambda: split_corpus(path), lambda: iter_texts(path, part="heldout"),
+                 lambda: iter_texts(path, part="harvest")):
+        with pytest.raises(CrossintError, match="too small to split") as caught:
+            call()
+        message = str(caught.value)
+        assert str(path) in message and detail in message and "at least two different" in message
+    assert list(iter_texts(path)) == [line for line in content.splitlines() if line]
+
+
+def test_stories_are_split_by_seed_not_by_part():
+    assert split_corpus("stories") is None
+    first = list(itertools.islice(iter_texts("stories", seed=0, part="harvest"), 3))
+    assert first == list(itertools.islice(iter_texts("stories", seed=0), 3))
+    assert first == list(itertools.islice(iter_texts("stories", seed=0, part="heldout"), 3))
+    with pytest.raises(CrossintError, match="unknown corpus part 'test'"):
+        iter_texts("stories", part="test")

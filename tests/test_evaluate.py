@@ -65,7 +65,9 @@ def test_exact_reconstruction_recovers_everything(tiny_model_dir, tiny_text_file
     for name in resid:
         assert result["ce_recovered"][name] == pytest.approx(1.0, abs=1e-5)
         assert result["ce_recovered_mean_ablation"][name] == pytest.approx(1.0, abs=1e-5)
-        assert result["ce_zero"][name] > result["ce_model"]
+        # zero-ablation changes the loss, so CE recovered is defined (the random model need not
+        # beat a zeroed stream on the held-out sentence)
+        assert abs(result["ce_zero"][name] - result["ce_model"]) > 1e-4
     assert result["n_tokens"] >= 256
     assert result["l0"] == pytest.approx(len(HOOKPOINTS) * D_MODEL, rel=0.01)
     assert "blocks.1.resid_post" in format_table(result)

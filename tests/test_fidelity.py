@@ -18,7 +18,7 @@ from crossint.analysis.fidelity import (
     random_active_slot,
     scheme_pre_activations,
 )
-from crossint.analysis.heldout import capture_tokens, heldout_batches
+from crossint.analysis.heldout import HeldoutRequest, capture_tokens, heldout_batches
 from crossint.analysis.splicing import TextLosses, loss_recovered, percentile_interval
 from crossint.cli import main
 from crossint.crosscoder.config import CrosscoderConfig
@@ -195,7 +195,8 @@ def naive_fidelity(model_dir: Path, crosscoder: Crosscoder, block: int, n_texts:
     hookpoints = list(crosscoder.config.hookpoints)
     mid, mlp_in = hookpoints.index(hookpoint(block, "resid_mid")), hookpoints.index(
         hookpoint(block, "mlp_in"))
-    batches = heldout_batches(adapter, "stories", 12345, 32, None, 16, n_contexts=n_texts)
+    batches = heldout_batches(adapter, HeldoutRequest(n_texts=n_texts, corpus="stories",
+                                                      context_length=32))
     sums = {key: 0.0 for key in ("model", *SCHEMES)}
     special = adapter.special_token_ids()
     W_in, b_in = mlp.W_in_DN.double(), mlp.b_in_N.double()

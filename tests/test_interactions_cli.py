@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossint.analysis.heldout import heldout_batches, non_special_BS
+from crossint.analysis.heldout import HeldoutRequest, heldout_batches, non_special_BS
 from crossint.analysis.interactions import analyse_run
 from crossint.cli import main
 from crossint.crosscoder.model import Crosscoder
@@ -71,7 +71,8 @@ def metrics(run: Path) -> list[dict]:
 
 def test_penalty_is_recorded_logged_and_raises_the_share(runs):
     config = json.loads((runs["penalised"] / "config.json").read_text())
-    assert config["interaction_penalty"] == {"lambda": 100.0, "weighting": "uniform",
+    assert config["interaction_penalty"] == {"kind": "dominance", "lambda": 100.0,
+                                             "weighting": "uniform",
                                              "normalise": "total", "blocks": [0, 1]}
     assert config["status"] == "finished"
     plain = json.loads((runs["plain"] / "config.json").read_text())["interaction_penalty"]
@@ -150,7 +151,8 @@ def test_analysis_matches_naive_float64(runs, tiny_text_file):
                          batch_size=4, top_pairs=3, delta2_pairs=0, progress=False)
     crosscoder = Crosscoder.from_pretrained(run)
     adapter = load_model(crosscoder.config.models[0])
-    batches = heldout_batches(adapter, str(tiny_text_file), 12345, 32, 300, 4)
+    batches = heldout_batches(adapter, HeldoutRequest(n_tokens=300, corpus=str(tiny_text_file),
+                                                      context_length=32, batch_size=4))
     hookpoints = crosscoder.config.hookpoints
     acts = []
     for ids_BS in batches:

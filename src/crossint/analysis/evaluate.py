@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossint.analysis.heldout import (
-    HELDOUT_SEED,
+    HeldoutRequest,
     capture_tokens,
     heldout_batches,
-    load_run,
-    training_text_settings,
+    load_subject,
+    request_from,
 )
 from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
 from crossint.models.hookpoints import RESID_SITES, parse_hookpoint
@@ -67,12 +68,15 @@ class ReconstructionStats:
         return self.sq_error_X / variance_X
 
 
+EVAL_TOKENS = 20_000  # default held-out tokens
+
+
 def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int]):
-    """Clean activations, the non-special mask, stacked activations and the crosscoder output."""
-    acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
+    """The captured pass (``Captured``) and the crosscoder's output on its tokens."""
+    captured = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
     with torch.no_grad():
-        out = crosscoder(acts_NXD)
-    return acts, keep_BS, acts_NXD, out
+        out = crosscoder(captured.acts_NXD)
+    return captured, out
 
 
 def _token_losses(adapter, ids_BS: Tensor, patches=None) -> Tensor:
@@ -82,81 +86,99 @@ def _token_losses(adapter, ids_BS: Tensor, patches=None) -> Tensor:
 
 def evaluate(
     run_dir: str | Path,
-    n_tokens: int = 20_000,
-    corpus: str | None = None,
-    seed: int = HELDOUT_SEED,
-    context_length: int | None = None,
-    batch_size: int = 16,
-    model: str | None = None,
-    device: str = "cpu",
+    request: HeldoutRequest | None = None,
+    *,
     progress: bool = True,
+    **text: Any,
 ) -> dict:
     """Evaluate a saved crosscoder on held-out text; returns the ``eval.json`` dictionary.
 
-    ``corpus`` and ``context_length`` default to those of the activation cache the run was
-    trained on (else built-in stories, 128); the text ``seed`` differs from the harvest's default
-    so built-in stories are held out. A file corpus has no seed: pass a held-out file.
+    ``request`` (``crossint.analysis.heldout.HeldoutRequest``) or its fields as keywords
+    (``evaluate(run, n_tokens=10_000, corpus="stories")``; default 20,000 tokens): corpus and
+    context length default to those of the activation cache the run was trained on (else
+    built-in stories, 128), the text to its held-out part (stories of another seed, or the
+    documents a file corpus's split holds out).
     """
-    from crossint.models.adapter import load_model
-
-    crosscoder, model_name = load_run(run_dir)
-    trained_on = training_text_settings(run_dir)
-    corpus = corpus or trained_on.get("corpus", "stories")
-    context_length = context_length or trained_on.get("context_length", 128)
-    crosscoder.to(device)
-    adapter = load_model(model or model_name, device=device)
+    request = request_from(request, text, n_tokens=EVAL_TOKENS)
+    crosscoder, adapter, request = load_subject(run_dir, request)
     hookpoints = list(crosscoder.config.hookpoints)
     for name in hookpoints:
         parse_hookpoint(name, adapter.n_blocks)
-    special_ids = adapter.special_token_ids()
-    batches = heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
-
-    stats = ReconstructionStats(len(hookpoints), crosscoder.config.n_features)
     resid_hookpoints = [
         h for h in hookpoints if parse_hookpoint(h, adapter.n_blocks)[1] in RESID_SITES
     ]
+    batches = heldout_batches(adapter, request)
     bar = tqdm(total=2 * len(batches), desc="eval", unit="batch", disable=not progress)
-
+    passes = _Passes(adapter, crosscoder, hookpoints, adapter.special_token_ids(), request.device,
+                     bar.update)
     # Pass 1: reconstruction quality and the activation means that mean-ablation needs.
-    for ids_BS in batches:
-        _, _, acts_NXD, out = _reconstruct(
-            adapter, crosscoder, ids_BS.to(device), hookpoints, special_ids
-        )
-        stats.update(acts_NXD, out.recon_BXD, out.f_BH)
-        bar.update()
-    mean_XD = stats.mean_XD().float().to(device)
-
+    stats = passes.reconstruction(batches)
     # Pass 2: splice each residual hookpoint's reconstruction (and its ablations) into the model.
-    losses = TextLosses()
-    for ids_BS in batches:
-        ids_BS = ids_BS.to(device)
-        acts, keep_BS, _, out = _reconstruct(adapter, crosscoder, ids_BS, hookpoints, special_ids)
-        losses.new_batch(keep_BS[:, :-1])
-        losses.add("model", _token_losses(adapter, ids_BS))
-        for x, name in enumerate(hookpoints):
-            if name not in resid_hookpoints:
-                continue
-            recon_BSD = torch.zeros_like(acts[name])
-            recon_BSD[keep_BS] = out.recon_BXD[:, x].to(recon_BSD.dtype)
-            variants = {
-                "splice": recon_BSD,
-                "zero": torch.zeros_like(recon_BSD),
-                "mean": mean_XD[x].expand_as(recon_BSD),
-            }
-            for variant, replacement_BSD in variants.items():
-                patches = {name: replace_where(replacement_BSD, ~keep_BS)}
-                losses.add(f"{name}/{variant}", _token_losses(adapter, ids_BS, patches))
-        bar.update()
+    losses = passes.splices(batches, resid_hookpoints, stats.mean_XD().float())
     bar.close()
+    result = {"run": str(run_dir), "model": adapter.name, "corpus": request.corpus,
+              "seed": request.seed, "context_length": request.context_length}
+    result.update(eval_metrics(stats, losses, hookpoints, resid_hookpoints))
+    result["request"] = request.record()
+    return result
 
+
+@dataclass
+class _Passes:
+    """The two passes of :func:`evaluate` over the held-out batches."""
+
+    adapter: Any
+    crosscoder: Any
+    hookpoints: list[str]
+    special_ids: set[int]
+    device: str
+    tick: Any  # called after every batch (progress)
+
+    def reconstruction(self, batches: list[Tensor]) -> ReconstructionStats:
+        stats = ReconstructionStats(len(self.hookpoints), self.crosscoder.config.n_features)
+        for ids_BS in batches:
+            captured, out = _reconstruct(self.adapter, self.crosscoder, ids_BS.to(self.device),
+                                         self.hookpoints, self.special_ids)
+            stats.update(captured.acts_NXD, out.recon_BXD, out.f_BH)
+            self.tick()
+        return stats
+
+    def splices(self, batches: list[Tensor], resid_hookpoints: list[str], mean_XD: Tensor,
+                ) -> TextLosses:
+        """Next-token losses of the model, and with every residual hookpoint replaced by its
+        reconstruction, by zeros and by its mean (special tokens keep their activations)."""
+        mean_XD = mean_XD.to(self.device)
+        losses = TextLosses()
+        for ids_BS in batches:
+            ids_BS = ids_BS.to(self.device)
+            (acts, keep_BS, _), out = _reconstruct(self.adapter, self.crosscoder, ids_BS,
+                                                   self.hookpoints, self.special_ids)
+            losses.new_batch(keep_BS[:, :-1])
+            losses.add("model", _token_losses(self.adapter, ids_BS))
+            for x, name in enumerate(self.hookpoints):
+                if name not in resid_hookpoints:
+                    continue
+                recon_BSD = torch.zeros_like(acts[name])
+                recon_BSD[keep_BS] = out.recon_BXD[:, x].to(recon_BSD.dtype)
+                variants = {
+                    "splice": recon_BSD,
+                    "zero": torch.zeros_like(recon_BSD),
+                    "mean": mean_XD[x].expand_as(recon_BSD),
+                }
+                for variant, replacement_BSD in variants.items():
+                    patches = {name: replace_where(replacement_BSD, ~keep_BS)}
+                    losses.add(f"{name}/{variant}", _token_losses(self.adapter, ids_BS, patches))
+            self.tick()
+        return losses
+
+
+def eval_metrics(stats: ReconstructionStats, losses: TextLosses, hookpoints: list[str],
+                 resid_hookpoints: list[str]) -> dict[str, Any]:
+    """The metrics of eval.json from the two passes' accumulators (pure)."""
     weights_RT = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=0)
     fvu_X = stats.fvu_X()
     firing_rate_H = stats.fires_H.double() / stats.n_tokens
-    result = {
-        "run": str(run_dir),
-        "model": adapter.name,
-        "corpus": corpus,
-        "seed": seed,
+    return {
         "n_tokens": stats.n_tokens,
         "fvu": {name: float(fvu_X[x]) for x, name in enumerate(hookpoints)},
         "fvu_mean": float(fvu_X.mean()),
@@ -179,7 +201,6 @@ def evaluate(
         },
         "n_texts": losses.n_texts,
     }
-    return result
 
 
 def format_table(result: dict) -> str:

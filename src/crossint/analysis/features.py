@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from crossint.analysis.heldout import HELDOUT_SEED, capture_tokens
+from crossint.analysis.heldout import HeldoutRequest, capture_tokens, request_from
 from crossint.errors import CrossintError
 
 CONTEXT_BEFORE = 12  # tokens of left context shown with an activating token
@@ -33,7 +33,8 @@ class FeatureSample:
     ``f_TH``: sparse (CSR, float32) activations of the T non-special tokens. ``ids_CS``: the
     contexts (token ids); ``where_T2``: (context, position) of each token. ``interaction_HH``:
     SPEC §4.5 I summed over ``blocks`` (sparse CSR float64, mass per token: only co-active pairs
-    have entries, so large dictionaries fit).
+    have entries, so large dictionaries fit). ``request``: the resolved held-out request (with
+    ``corpus``, ``seed`` and ``context_length`` as properties).
     """
 
     f_TH: sparse.csr_matrix
@@ -43,9 +44,19 @@ class FeatureSample:
     blocks: list[int]
     token_text: dict[int, str]
     model: str
-    corpus: str
-    seed: int
-    context_length: int
+    request: HeldoutRequest
+
+    @property
+    def corpus(self) -> str:
+        return self.request.corpus
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+    @property
+    def context_length(self) -> int:
+        return self.request.context_length
 
     @property
     def n_tokens(self) -> int:
@@ -92,25 +103,24 @@ def activation_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
 
 
+FEATURE_TOKENS = 20_000  # default held-out tokens
+
+
 def collect_features(
     run_dir: str | Path,
-    n_tokens: int = 20_000,
-    corpus: str | None = None,
-    seed: int = HELDOUT_SEED,
-    context_length: int | None = None,
-    batch_size: int = 16,
-    model: str | None = None,
+    request: HeldoutRequest | None = None,
+    *,
     blocks: Sequence[int] | None = None,
-    device: str = "cpu",
     progress: bool = True,
+    **text: Any,
 ) -> FeatureSample:
-    """Run the subject model on held-out text and keep the crosscoder's feature activations
-    and the pairwise interaction matrix at its MLP blocks."""
+    """Run the subject model on held-out text (``request``, or its fields as keywords; default
+    20,000 tokens) and keep the crosscoder's feature activations and the pairwise interaction
+    matrix at its MLP blocks."""
     from crossint.analysis.interactions import prepare_analysis
 
-    setup = prepare_analysis(run_dir, "cluster", n_tokens, corpus, seed, context_length,
-                             batch_size, model, blocks, device)
-    return sample_features(setup, progress)
+    request = request_from(request, text, n_tokens=FEATURE_TOKENS)
+    return sample_features(prepare_analysis(run_dir, "cluster", request, blocks), progress)
 
 
 def sample_features(setup: Any, progress: bool = True) -> FeatureSample:
@@ -121,15 +131,14 @@ def sample_features(setup: Any, progress: bool = True) -> FeatureSample:
     from crossint.interactions.mlp import block_records
 
     crosscoder, adapter, batches = setup.crosscoder, setup.adapter, setup.batches
-    device = crosscoder.W_dec_HXD.device
     H = crosscoder.config.n_features
     pairwise = PairwiseAccumulator(H, setup.blocks)
     pieces, where, first_context = [], [], 0
     with torch.no_grad():
         for ids_BS in tqdm(batches, desc="features", unit="batch", disable=not progress,
                            dynamic_ncols=True):
-            _, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS.to(device), setup.hookpoints,
-                                                  setup.special_ids)
+            _, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS.to(setup.request.device),
+                                                  setup.hookpoints, setup.special_ids)
             f_NH = crosscoder.encode(acts_NXD)
             for _, records in block_records(setup.fblocks, active_features(f_NH)):
                 pairwise.update(records)
@@ -139,7 +148,8 @@ def sample_features(setup: Any, progress: bool = True) -> FeatureSample:
             first_context += ids_BS.shape[0]
     f_TH = sparse.vstack(pieces, format="csr") if pieces else sparse.csr_matrix((0, H))
     if f_TH.shape[0] == 0:
-        raise CrossintError(f"corpus {setup.corpus!r} gave no usable (non-special) tokens")
+        raise CrossintError(f"corpus {setup.request.corpus!r} gave no usable (non-special) "
+                            "tokens")
     ids_CS = torch.cat(batches).numpy()
     used = np.unique(ids_CS)
     token_text = {int(i): adapter.tokenizer.decode([int(i)]) for i in used}
@@ -152,8 +162,7 @@ def sample_features(setup: Any, progress: bool = True) -> FeatureSample:
         interaction_HH = sparse.csr_matrix(interaction.numpy())
     return FeatureSample(
         f_TH=f_TH, ids_CS=ids_CS, where_T2=np.concatenate(where), interaction_HH=interaction_HH,
-        blocks=setup.blocks, token_text=token_text, model=adapter.name, corpus=setup.corpus,
-        seed=setup.seed, context_length=setup.context_length,
+        blocks=setup.blocks, token_text=token_text, model=adapter.name, request=setup.request,
     )
 
 

@@ -19,7 +19,8 @@ the same resamples for every scheme and run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossint.analysis.heldout import (
-    HELDOUT_SEED,
+    HeldoutRequest,
     capture_tokens,
     heldout_batches,
     load_run,
-    training_text_settings,
+    request_from,
 )
 from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
 from crossint.errors import CrossintError
@@ -50,6 +51,7 @@ SCHEMES: tuple[str, ...] = (
     "none", "drop_random", "drop_second", "drop_largest", "keep_largest", "zero",
 )
 BOOTSTRAP_RESAMPLES = 1000
+FIDELITY_TEXTS = 200  # default held-out texts (contexts)
 
 
 # --- the schemes (pure functions) --------------------------------------------------------------
@@ -199,93 +201,42 @@ def block_summary(losses: TextLosses, prefix: str, weights_RT: Tensor) -> dict[s
 
 def fidelity(
     run_dirs: Sequence[str | Path],
+    request: HeldoutRequest | None = None,
+    *,
     blocks: Sequence[int] | None = None,
-    n_texts: int = 200,
-    corpus: str | None = None,
-    seed: int = HELDOUT_SEED,
-    context_length: int | None = None,
-    batch_size: int = 16,
     scheme_seed: int = 0,
-    model: str | None = None,
-    device: str = "cpu",
     progress: bool = True,
+    **text: Any,
 ) -> dict[str, Any]:
     """SPEC §6.1 for every run and block on the same held-out texts; the ``fidelity.json``
     dictionary ``{run name: {"per_block": [...]}}`` (with one block, that block's entry is also
     spread into the run's own dictionary).
 
-    ``blocks``: None = every block all runs can rebuild. A text is one held-out context of
-    ``context_length`` tokens; ``scheme_seed`` seeds ``drop_random`` and the bootstrap."""
-    from crossint.models.adapter import load_model
-
+    ``request`` (a ``HeldoutRequest``) or its fields as keywords (``fidelity(runs, n_texts=50,
+    corpus="stories")``; default 200 texts; corpus and context length default to the first
+    run's training cache's). A text is one held-out context. ``blocks``: None = every block all
+    runs can rebuild. ``scheme_seed`` seeds ``drop_random`` and the bootstrap."""
     if not run_dirs:
         raise CrossintError("give at least one run directory")
-    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
-        raise CrossintError(f"the number of texts must be a positive integer, got {n_texts!r}")
+    request = request_from(request, text, n_texts=FIDELITY_TEXTS)
     names = _run_names(run_dirs)
-    crosscoders, model_names = {}, set()
-    for name, run_dir in zip(names, run_dirs, strict=True):
-        crosscoder, model_name = load_run(run_dir, command="fidelity")
-        crosscoders[name] = crosscoder.to(device)
-        model_names.add(model_name)
-    if model is None and len(model_names) > 1:
-        raise CrossintError(
-            f"the runs have different subject models ({', '.join(sorted(model_names))}); "
-            "fidelity compares runs of one model on the same texts"
-        )
-    adapter = load_model(model or model_names.pop(), device=device)
-    for name, crosscoder in crosscoders.items():
-        if crosscoder.config.d_model != adapter.d_model:
-            raise CrossintError(
-                f"run {name!r} has d_model {crosscoder.config.d_model} but model "
-                f"{adapter.name!r} has {adapter.d_model}"
-            )
+    crosscoders, adapter = _load_runs(names, run_dirs, request)
+    request = request.resolve(run_dirs[0])
     chosen = _choose_blocks(blocks, crosscoders, adapter.n_blocks)
     mlp_by_block = {l: adapter.mlp_weights(l) for l in chosen}
-    blocks_by_run = {
-        name: {b.block: b for b in feature_blocks(cc, mlp_by_block)}
-        for name, cc in crosscoders.items()
-    }
-    trained_on = training_text_settings(run_dirs[0])
-    corpus = corpus or trained_on.get("corpus", "stories")
-    context_length = context_length or trained_on.get("context_length", 128)
-    batches = heldout_batches(
-        adapter, corpus, seed, context_length, n_tokens=None, batch_size=batch_size,
-        n_contexts=n_texts,
+    splicer = _SchemeSplicer(
+        adapter=adapter, crosscoders=crosscoders, blocks=chosen,
+        blocks_by_run={name: {b.block: b for b in feature_blocks(cc, mlp_by_block)}
+                       for name, cc in crosscoders.items()},
+        hookpoints=sorted({h for cc in crosscoders.values() for h in cc.config.hookpoints}),
+        generator=torch.Generator().manual_seed(scheme_seed),
     )
-    hookpoints = sorted({h for cc in crosscoders.values() for h in cc.config.hookpoints})
-    special_ids = adapter.special_token_ids()
-    generator = torch.Generator().manual_seed(scheme_seed)
+    batches = heldout_batches(adapter, request)
     losses = TextLosses()
     n_passes = len(batches) * (1 + len(crosscoders) * len(chosen) * len(SCHEMES))
-    bar = tqdm(total=n_passes, desc="fidelity", unit="pass", disable=not progress)
-    with torch.no_grad():
+    with tqdm(total=n_passes, desc="fidelity", unit="pass", disable=not progress) as bar:
         for ids_BS in batches:
-            ids_BS = ids_BS.to(device)
-            acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
-            losses.new_batch(keep_BS[:, :-1])
-            losses.add("model", adapter.token_losses(ids_BS))
-            bar.update()
-            for name, crosscoder in crosscoders.items():
-                positions = [hookpoints.index(h) for h in crosscoder.config.hookpoints]
-                out = crosscoder(acts_NXD[:, positions])
-                for l in chosen:
-                    mid = crosscoder.config.hookpoints.index(hookpoint(l, "resid_mid"))
-                    resid_post = spliced_resid_post(
-                        out.f_BH, out.recon_BXD[:, mid], blocks_by_run[name][l], SCHEMES,
-                        generator,
-                    )
-                    target = hookpoint(l, "resid_post")
-                    shape_BSD = acts[hookpoint(l, "resid_mid")].shape
-                    for scheme, resid_post_ND in resid_post.items():
-                        new_BSD = acts_NXD.new_zeros(shape_BSD)
-                        new_BSD[keep_BS] = resid_post_ND.to(new_BSD.dtype)
-                        patches = {target: replace_where(new_BSD, ~keep_BS)}
-                        loss_BS = adapter.token_losses(ids_BS, patches=patches)
-                        losses.add(f"{name}/{l}/{scheme}", loss_BS)
-                        bar.update()
-    bar.close()
-
+            splicer.add(losses, ids_BS.to(request.device), bar.update)
     weights_RT = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=scheme_seed)
     result: dict[str, Any] = {}
     for name, run_dir in zip(names, run_dirs, strict=True):
@@ -296,17 +247,77 @@ def fidelity(
         if len(per_block) == 1:
             entry.update(per_block[0])
         entry.update({
-            "per_block": per_block,
-            "model": adapter.name,
-            "corpus": corpus,
-            "seed": seed,
-            "scheme_seed": scheme_seed,
-            "context_length": context_length,
-            "n_texts": losses.n_texts,
-            "n_tokens": losses.n_tokens,
+            "per_block": per_block, "model": adapter.name, "corpus": request.corpus,
+            "seed": request.seed, "scheme_seed": scheme_seed,
+            "context_length": request.context_length, "n_texts": losses.n_texts,
+            "n_tokens": losses.n_tokens, "request": request.record(),
         })
         result[name] = entry
     return result
+
+
+def _load_runs(names: list[str], run_dirs: Sequence[str | Path], request: HeldoutRequest,
+               ) -> tuple[dict[str, Any], Any]:
+    """Every run's crosscoder on the request's device and their one subject model (the
+    request's ``model`` if given), checked to have the crosscoders' width."""
+    from crossint.models.adapter import load_model
+
+    crosscoders, model_names = {}, set()
+    for name, run_dir in zip(names, run_dirs, strict=True):
+        crosscoder, model_name = load_run(run_dir, command="fidelity")
+        crosscoders[name] = crosscoder.to(request.device)
+        model_names.add(model_name)
+    if request.model is None and len(model_names) > 1:
+        raise CrossintError(
+            f"the runs have different subject models ({', '.join(sorted(model_names))}); "
+            "fidelity compares runs of one model on the same texts"
+        )
+    adapter = load_model(request.model or model_names.pop(), device=request.device)
+    for name, crosscoder in crosscoders.items():
+        if crosscoder.config.d_model != adapter.d_model:
+            raise CrossintError(
+                f"run {name!r} has d_model {crosscoder.config.d_model} but model "
+                f"{adapter.name!r} has {adapter.d_model}"
+            )
+    return crosscoders, adapter
+
+
+@dataclass
+class _SchemeSplicer:
+    """Adds one batch's losses to a ``TextLosses``: the model's own (``model``) and, for every
+    run, block and scheme, with that block's rebuilt MLP spliced in (``{run}/{block}/{scheme}``)."""
+
+    adapter: Any
+    crosscoders: dict[str, Any]
+    blocks: list[int]
+    blocks_by_run: dict[str, dict[int, MLPFeatureBlock]]
+    hookpoints: list[str]  # every run's hookpoints, captured once
+    generator: torch.Generator
+
+    def add(self, losses: TextLosses, ids_BS: Tensor, tick: Callable[[], Any]) -> None:
+        adapter = self.adapter
+        with torch.no_grad():
+            acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, self.hookpoints,
+                                                     adapter.special_token_ids())
+            losses.new_batch(keep_BS[:, :-1])
+            losses.add("model", adapter.token_losses(ids_BS))
+            tick()
+            for name, crosscoder in self.crosscoders.items():
+                hookpoints = crosscoder.config.hookpoints
+                out = crosscoder(acts_NXD[:, [self.hookpoints.index(h) for h in hookpoints]])
+                for l in self.blocks:
+                    resid_post = spliced_resid_post(
+                        out.f_BH, out.recon_BXD[:, hookpoints.index(hookpoint(l, "resid_mid"))],
+                        self.blocks_by_run[name][l], SCHEMES, self.generator,
+                    )
+                    shape_BSD = acts[hookpoint(l, "resid_mid")].shape
+                    for scheme, resid_post_ND in resid_post.items():
+                        new_BSD = acts_NXD.new_zeros(shape_BSD)
+                        new_BSD[keep_BS] = resid_post_ND.to(new_BSD.dtype)
+                        patches = {hookpoint(l, "resid_post"): replace_where(new_BSD, ~keep_BS)}
+                        losses.add(f"{name}/{l}/{scheme}",
+                                   adapter.token_losses(ids_BS, patches=patches))
+                        tick()
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -30,10 +30,11 @@ from torch import Tensor
 
 from crossint.analysis.evaluate import ReconstructionStats
 from crossint.analysis.heldout import (
-    HELDOUT_SEED,
+    HeldoutRequest,
     capture_tokens,
     heldout_batches,
-    load_run,
+    load_subject,
+    request_from,
     training_manifest,
 )
 from crossint.errors import CrossintError
@@ -59,8 +60,7 @@ PLOT_NAMES = {
     "location": "interaction_location.png",
     "pairs": "top_pairs.png",
 }
-REQUEST_KEYS = ("n_tokens", "corpus", "seed", "context_length", "batch_size", "model", "blocks",
-                "top_pairs", "delta2_pairs")
+INTERACTION_TOKENS = 50_000  # default held-out tokens
 PAIR_COLUMNS = ("i", "j", "block", "total", "strength", "frequency", "coactive_tokens", "ratio",
                 "hadamard", "delta2")
 
@@ -150,21 +150,22 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def request_record(arguments: dict[str, Any]) -> dict[str, Any]:
-    """What an analysis was asked for (the ``REQUEST_KEYS`` of its arguments), as recorded in
-    interactions.json: a stored result is re-used only for the same request. Device and chunk
-    size are left out: they do not change the numbers."""
-    request = {key: arguments[key] for key in REQUEST_KEYS}
-    if request["blocks"] is not None:
-        request["blocks"] = sorted(set(request["blocks"]))
-    return request
+def request_record(request: HeldoutRequest, blocks: Sequence[int] | None, top_pairs: int,
+                   delta2_pairs: int) -> dict[str, Any]:
+    """What an analysis was asked for, as interactions.json records it (``request``): the
+    resolved held-out request (``HeldoutRequest.record()``: corpus, seed, context length,
+    tokens, batch size, model override, text field, split) and the analysis settings. A stored
+    result is re-used only for the same request; device and chunk size are left out: they do
+    not change the numbers."""
+    return {**request.record(), "blocks": None if blocks is None else sorted(set(blocks)),
+            "top_pairs": top_pairs, "delta2_pairs": delta2_pairs}
 
 
 @dataclass
 class AnalysisSetup:
     """What every held-out MLP analysis of a run starts from: the crosscoder and its subject
     model (checked to match), the analysed blocks with their float64 feature blocks, and the
-    held-out batches."""
+    held-out batches of the (resolved) request."""
 
     crosscoder: Any
     adapter: Any
@@ -173,105 +174,122 @@ class AnalysisSetup:
     hookpoints: list[str]
     special_ids: set[int]
     batches: list[Tensor]
-    corpus: str
-    seed: int
-    context_length: int
+    request: HeldoutRequest
 
 
-def prepare_analysis(run_dir: str | Path, command: str, n_tokens: int, corpus: str | None,
-                     seed: int, context_length: int | None, batch_size: int, model: str | None,
-                     blocks: Sequence[int] | None, device: str) -> AnalysisSetup:
-    """Load and check a run for `crossint {command}`. ``corpus`` and ``context_length`` default
-    to the training cache's (else built-in stories, 128)."""
-    from crossint.models.adapter import load_model
-
-    for name, value in (("tokens", n_tokens), ("batch size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise CrossintError(f"{name} must be a positive integer, got {value!r}")
-    crosscoder, model_name = load_run(run_dir, command=command)
+def prepare_analysis(run_dir: str | Path, command: str, request: HeldoutRequest,
+                     blocks: Sequence[int] | None = None) -> AnalysisSetup:
+    """Load and check a run for `crossint {command}` and read the request's held-out text
+    (corpus and context length default to the training cache's, else stories, 128)."""
+    crosscoder, adapter, request = load_subject(run_dir, request, command)
     block_ids = select_blocks(crosscoder, blocks, run_dir)
-    manifest = training_manifest(run_dir)
-    corpus = corpus or manifest.get("corpus", "stories")
-    context_length = context_length or manifest.get("context_length", 128)
-    crosscoder.to(device)
-    adapter = load_model(model or model_name, device=device)
-    check_model(crosscoder, adapter, manifest, run_dir)
-    batches = heldout_batches(adapter, corpus, seed, context_length, n_tokens, batch_size)
+    check_model(crosscoder, adapter, training_manifest(run_dir), run_dir)
+    batches = heldout_batches(adapter, request)
     mlps = {block: adapter.mlp_weights(block) for block in block_ids}
     return AnalysisSetup(
         crosscoder=crosscoder, adapter=adapter, blocks=block_ids,
         fblocks=feature_blocks(crosscoder, mlps, dtype=torch.float64),
         hookpoints=list(crosscoder.config.hookpoints), special_ids=adapter.special_token_ids(),
-        batches=batches, corpus=corpus, seed=seed, context_length=context_length,
+        batches=batches, request=request,
     )
 
 
 def analyse_run(
     run_dir: str | Path,
-    n_tokens: int = 50_000,
-    corpus: str | None = None,
-    seed: int = HELDOUT_SEED,
-    context_length: int | None = None,
-    batch_size: int = 16,
-    model: str | None = None,
+    request: HeldoutRequest | None = None,
+    *,
     blocks: Sequence[int] | None = None,
     top_pairs: int = 50,
     delta2_pairs: int = 50,
     chunk_tokens: int | None = None,
-    device: str = "cpu",
     progress: bool = True,
+    **text: Any,
 ) -> dict[str, Any]:
     """Measure the MLP interactions of a saved crosscoder; returns the interactions.json dict.
 
-    ``corpus`` and ``context_length`` default to the training cache's (else built-in stories,
-    128); the text ``seed`` differs from the harvest's so stories are held out. Top pairs are
-    ranked by total mass I[i, j] = strength × frequency (SPEC §4.6); ratio, Hadamard and Δ² are
-    measured for the first max(top_pairs, delta2_pairs) of them and ``delta2_spearman`` is the
-    rank correlation of each cheap measure with Δ² over the first ``delta2_pairs``.
+    ``request`` (a ``HeldoutRequest``) or its fields as keywords (``analyse_run(run,
+    n_tokens=600)``; default 50,000 tokens of the training cache's corpus and context length,
+    held out). Top pairs are ranked by total mass I[i, j] = strength × frequency (SPEC §4.6);
+    ratio, Hadamard and Δ² are measured for the first max(top_pairs, delta2_pairs) of them and
+    ``delta2_spearman`` is the rank correlation of each cheap measure with Δ² over the first
+    ``delta2_pairs``.
     """
-    from tqdm.auto import tqdm
-
     for name, value in (("top pairs", top_pairs), ("Δ² pairs", delta2_pairs)):
         if not isinstance(value, int) or value < 0:
             raise CrossintError(f"{name} must be an integer >= 0, got {value!r}")
-    request = request_record({
-        "n_tokens": n_tokens, "corpus": corpus, "seed": seed, "context_length": context_length,
-        "batch_size": batch_size, "model": model, "blocks": blocks, "top_pairs": top_pairs,
-        "delta2_pairs": delta2_pairs,
-    })
-    setup = prepare_analysis(run_dir, "interactions", n_tokens, corpus, seed, context_length,
-                             batch_size, model, blocks, device)
-    crosscoder, adapter, block_ids, fblocks = (setup.crosscoder, setup.adapter, setup.blocks,
-                                               setup.fblocks)
-    corpus, context_length = setup.corpus, setup.context_length
-    hookpoints, special_ids, batches = setup.hookpoints, setup.special_ids, setup.batches
-    H = crosscoder.config.n_features
-    pairwise = PairwiseAccumulator(H, block_ids)
-    meter = MLPInteractionMeter(fblocks, chunk_tokens, pairwise)
-    located = LocatedShareSummary()
-    meter.shares = located  # the meter feeds every block's NeuronStats to its summary
-    recon = ReconstructionStats(crosscoder.config.n_positions, H)
-    norm_sum_X = torch.zeros(crosscoder.config.n_positions, dtype=torch.float64)
-    score_sum = 0.0
-    stored_f: list[Tensor] = []  # sparse feature activations, for the Δ² pass
-    with torch.no_grad():
-        for ids_BS in tqdm(batches, desc="interactions", unit="batch", disable=not progress,
-                           dynamic_ncols=True):
-            acts_NXD = capture_tokens(adapter, ids_BS.to(device), hookpoints, special_ids)[2]
-            f_NH = crosscoder.encode(acts_NXD)
-            recon.update(acts_NXD.cpu(), crosscoder.decode(f_NH).cpu(), f_NH.cpu())
-            norm_sum_X += acts_NXD.double().norm(dim=-1).sum(dim=0).cpu()
-            score_sum += float(meter.update(f_NH).double().sum())
-            stored_f.append(f_NH.to_sparse())
-    n = recon.n_tokens
-    if n == 0:
-        raise CrossintError(f"corpus {corpus!r} gave no usable (non-special) tokens")
-    summary = meter.result()
-    result_pairs = pairwise.result()
+    request = request_from(request, text, n_tokens=INTERACTION_TOKENS)
+    setup = prepare_analysis(run_dir, "interactions", request, blocks)
+    measured = measure_batches(setup, chunk_tokens, progress)
+    if measured.recon.n_tokens == 0:
+        raise CrossintError(f"corpus {setup.request.corpus!r} gave no usable (non-special) tokens")
+    pairs = measured.pairwise.result()
+    rows, spearman = top_pair_rows(setup.fblocks, pairs, measured.stored_f, top_pairs,
+                                   delta2_pairs, progress)
+    result = {
+        "run": str(run_dir),
+        "crosscoder_sha256": sha256_file(Path(run_dir) / "model.safetensors"),
+        "model": setup.adapter.name,
+        "corpus": setup.request.corpus,
+        "seed": setup.request.seed,
+        "context_length": setup.request.context_length,
+        **summary_metrics(measured, pairs, setup),
+        "top_pairs": rows,
+        "delta2_spearman": spearman,
+        "request": request_record(setup.request, blocks, top_pairs, delta2_pairs),
+    }
+    return _clean(result)
 
-    # SPEC §4.6 measures of the top-ranked triplets (second pass over the stored activations).
+
+@dataclass
+class MeasuredBatches:
+    """The accumulators of the first pass of :func:`analyse_run` over the held-out batches."""
+
+    meter: MLPInteractionMeter
+    located: LocatedShareSummary
+    pairwise: PairwiseAccumulator
+    recon: ReconstructionStats
+    norm_sum_X: Tensor  # Σ over tokens of ‖a_x‖, float64 (for s_x)
+    score_sum: float  # Σ over tokens of the §9.2 interaction score
+    stored_f: list[Tensor]  # sparse feature activations per batch, for the Δ² pass
+
+
+def measure_batches(setup: AnalysisSetup, chunk_tokens: int | None, progress: bool
+                    ) -> MeasuredBatches:
+    """One pass: SPEC §4.2 shares, §4.3 gap and bound, §4.5 pairwise matrix, reconstruction."""
+    from tqdm.auto import tqdm
+
+    crosscoder = setup.crosscoder
+    H = crosscoder.config.n_features
+    pairwise = PairwiseAccumulator(H, setup.blocks)
+    measured = MeasuredBatches(
+        meter=MLPInteractionMeter(setup.fblocks, chunk_tokens, pairwise),
+        located=LocatedShareSummary(), pairwise=pairwise,
+        recon=ReconstructionStats(crosscoder.config.n_positions, H),
+        norm_sum_X=torch.zeros(crosscoder.config.n_positions, dtype=torch.float64),
+        score_sum=0.0, stored_f=[],
+    )
+    measured.meter.shares = measured.located  # the meter feeds every block's NeuronStats to it
+    with torch.no_grad():
+        for ids_BS in tqdm(setup.batches, desc="interactions", unit="batch",
+                           disable=not progress, dynamic_ncols=True):
+            acts_NXD = capture_tokens(setup.adapter, ids_BS.to(setup.request.device),
+                                      setup.hookpoints, setup.special_ids).acts_NXD
+            f_NH = crosscoder.encode(acts_NXD)
+            measured.recon.update(acts_NXD.cpu(), crosscoder.decode(f_NH).cpu(), f_NH.cpu())
+            measured.norm_sum_X += acts_NXD.double().norm(dim=-1).sum(dim=0).cpu()
+            measured.score_sum += float(measured.meter.update(f_NH).double().sum())
+            measured.stored_f.append(f_NH.to_sparse())
+    return measured
+
+
+def top_pair_rows(fblocks: list[Any], pairs: Any, stored_f: list[Tensor], top_pairs: int,
+                  delta2_pairs: int, progress: bool) -> tuple[list[dict[str, Any]], dict]:
+    """SPEC §4.6 measures of the top-ranked triplets (a second pass over the stored feature
+    activations, which it empties): the top_pairs rows and the Spearman correlations."""
+    from tqdm.auto import tqdm
+
     n_measured = max(top_pairs, delta2_pairs)
-    top = result_pairs.top_triplets(n_measured, by="total")
+    top = pairs.top_triplets(n_measured, by="total")
     n_measured = int(top["i"].numel())
     measures: dict[str, Tensor] = {}
     if n_measured:
@@ -282,42 +300,85 @@ def analyse_run(
                                  disable=not progress, dynamic_ncols=True):
                 accumulator.update(f_sparse.to_dense())
         measures = accumulator.result()
-    del stored_f
-    rows = []
-    for p in range(min(top_pairs, n_measured)):
-        rows.append({
-            "i": int(top["i"][p]), "j": int(top["j"][p]), "block": int(top["block"][p]),
-            "total": float(top["total"][p]), "strength": float(top["strength"][p]),
-            "frequency": float(top["count"][p]) / max(result_pairs.n_tokens, 1),
-            "coactive_tokens": int(top["count"][p]),
-            "ratio": float(measures["ratio"][p]), "hadamard": float(measures["hadamard"][p]),
-            "delta2": float(measures["delta2"][p]),
-        })
+    stored_f.clear()
+    rows = [{
+        "i": int(top["i"][p]), "j": int(top["j"][p]), "block": int(top["block"][p]),
+        "total": float(top["total"][p]), "strength": float(top["strength"][p]),
+        "frequency": float(top["count"][p]) / max(pairs.n_tokens, 1),
+        "coactive_tokens": int(top["count"][p]),
+        "ratio": float(measures["ratio"][p]), "hadamard": float(measures["hadamard"][p]),
+        "delta2": float(measures["delta2"][p]),
+    } for p in range(min(top_pairs, n_measured))]
     n_rank = min(delta2_pairs, n_measured)
     spearman: dict[str, Any] = {"n_pairs": n_rank}
     if n_rank:
         cheap = {name: measures[name][:n_rank] for name in ("ratio", "hadamard")}
         cheap.update({name: top[name][:n_rank].double().cpu() for name in ("strength", "total")})
         spearman.update(measure_correlations(measures["delta2"][:n_rank], cheap))
+    return rows, spearman
 
-    # Reconstruction on the same tokens (SPEC §3.3 L_rec in normalised units, §3.6 FVU).
-    D = crosscoder.config.d_model
-    scale_X = math.sqrt(D) / (norm_sum_X / n)
+
+def summary_metrics(measured: MeasuredBatches, pairs: Any, setup: AnalysisSetup
+                    ) -> dict[str, Any]:
+    """The averages of interactions.json, the per-block rows, histograms and location."""
+    summary = measured.meter.result()
+    recon, n = measured.recon, measured.recon.n_tokens
+    H = setup.crosscoder.config.n_features
+    triplets = pairs.triplets()
+    mass_by_block = {b: float(triplets["total"][triplets["block"] == b].sum())
+                     for b in setup.blocks}
+    per_block, location = block_rows(setup.fblocks, summary, measured.located, mass_by_block, n)
+    pairwise_total = sum(mass_by_block.values())
     fvu_X = recon.fvu_X()
-    recon_loss = float((scale_X.pow(2) * recon.sq_error_X).sum() / n)
+    located = measured.located
+    return {
+        "n_tokens": n,
+        "blocks": setup.blocks,
+        "dominant_share": summary["dominant_share"],
+        "dominant_share_active": summary["dominant_share_active"],
+        "active_fraction": summary["active_fraction"],
+        "nondominant": summary["mean_nondominant"],
+        "nondominant_fraction": summary["nondominant_fraction"],
+        "bound": summary["mean_bound"],
+        "measured_gap": summary["mean_gap"],
+        "pairwise_interaction": pairwise_total,
+        "pairwise_interaction_mean": pairwise_total / (H * (H - 1)) if H > 1 else 0.0,
+        "interaction_score_mean": measured.score_sum / n,
+        "recon_loss": normalised_recon_loss(recon, measured.norm_sum_X,
+                                            setup.crosscoder.config.d_model),
+        "fvu": float(fvu_X.mean()),
+        "fvu_per_hookpoint": {h: float(fvu_X[x]) for x, h in enumerate(setup.hookpoints)},
+        "l0": recon.l0_sum / n,
+        "per_block": per_block,
+        "share_histogram": {
+            "bin_edges": [i / located.bins for i in range(located.bins + 1)],
+            "counts": {str(b): located.histograms[b].tolist() for b in setup.blocks},
+        },
+        "location": {"blocks": setup.blocks, **location},
+    }
 
-    # Per block: shares, gap and bound, pairwise mass, location profile.
-    triplets = result_pairs.triplets()
-    mass_by_block = {b: float(triplets["total"][triplets["block"] == b].sum()) for b in block_ids}
-    location, neuron_ranges = [], None
-    per_block = []
+
+def normalised_recon_loss(recon: ReconstructionStats, norm_sum_X: Tensor, d_model: int
+                          ) -> float:
+    """SPEC §3.3 L_rec on the held-out tokens in normalised units, s_x = √D / mean ‖a_x‖
+    estimated on those same tokens (a saved crosscoder has s folded away)."""
+    scale_X = math.sqrt(d_model) / (norm_sum_X / recon.n_tokens)
+    return float((scale_X.pow(2) * recon.sq_error_X).sum() / recon.n_tokens)
+
+
+def block_rows(fblocks: list[Any], summary: dict[str, Any], located: LocatedShareSummary,
+               mass_by_block: dict[int, float], n: int
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per block: shares, gap and bound, pairwise mass; and the location profile (mean
+    ‖W_out[n]‖·(S − Mx) per token in ``LOCATION_GROUPS`` groups of neurons)."""
+    strength, neuron_ranges, per_block = [], None, []
     for fblock in fblocks:
         b = fblock.block
         stats = summary["blocks"][b]
         per_neuron_N = located.nondominant_N[b] * fblock.w_out_N.double().cpu() / n
         groups = torch.tensor_split(torch.arange(per_neuron_N.numel()),
                                     min(LOCATION_GROUPS, per_neuron_N.numel()))
-        location.append([float(per_neuron_N[g].mean()) for g in groups])
+        strength.append([float(per_neuron_N[g].mean()) for g in groups])
         neuron_ranges = [[int(g[0]), int(g[-1]) + 1] for g in groups]
         per_block.append({
             "block": b,
@@ -334,41 +395,7 @@ def analyse_run(
             "lipschitz": fblock.mlp.lipschitz,
             "activation": fblock.mlp.act_name,
         })
-    pairwise_total = sum(mass_by_block.values())
-    result = {
-        "run": str(run_dir),
-        "crosscoder_sha256": sha256_file(Path(run_dir) / "model.safetensors"),
-        "model": adapter.name,
-        "corpus": corpus,
-        "seed": seed,
-        "context_length": context_length,
-        "n_tokens": n,
-        "blocks": block_ids,
-        "dominant_share": summary["dominant_share"],
-        "dominant_share_active": summary["dominant_share_active"],
-        "active_fraction": summary["active_fraction"],
-        "nondominant": summary["mean_nondominant"],
-        "nondominant_fraction": summary["nondominant_fraction"],
-        "bound": summary["mean_bound"],
-        "measured_gap": summary["mean_gap"],
-        "pairwise_interaction": pairwise_total,
-        "pairwise_interaction_mean": pairwise_total / (H * (H - 1)) if H > 1 else 0.0,
-        "interaction_score_mean": score_sum / n,
-        "recon_loss": recon_loss,
-        "fvu": float(fvu_X.mean()),
-        "fvu_per_hookpoint": {h: float(fvu_X[x]) for x, h in enumerate(hookpoints)},
-        "l0": recon.l0_sum / n,
-        "per_block": per_block,
-        "top_pairs": rows,
-        "delta2_spearman": spearman,
-        "share_histogram": {
-            "bin_edges": [i / located.bins for i in range(located.bins + 1)],
-            "counts": {str(b): located.histograms[b].tolist() for b in block_ids},
-        },
-        "location": {"blocks": block_ids, "neuron_ranges": neuron_ranges, "strength": location},
-        "request": request,
-    }
-    return _clean(result)
+    return per_block, {"neuron_ranges": neuron_ranges, "strength": strength}
 
 
 def pairs_csv(rows: list[dict[str, Any]]) -> str:

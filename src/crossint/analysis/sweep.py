@@ -1,10 +1,10 @@
-"""The interaction-penalty sweep (the paper's Figure 1): measuring a set of runs trained with
-different λ and collecting one summary row per λ.
+"""The interaction-penalty sweep (the paper's Figure 1): one crosscoder per λ on the same
+activations, settings and seed, each measured on held-out text, one summary row per λ.
 
-Training lives in `crossint sweep` (the analysis never trains); this module names the run
-directories, measures each finished run with :func:`crossint.analysis.interactions.analyse_run`
-(re-using a previous measurement of the same weights with the same settings), and writes
-``sweep.json`` and ``sweep.png``.
+:func:`run_sweep` trains every λ with :func:`crossint.interactions.penalty.train_with_penalty`
+into ``OUT/lambda_<λ>/`` (skipping finished runs, resuming interrupted ones), measures each with
+:func:`crossint.analysis.interactions.analyse_run` (re-using a previous measurement of the same
+weights with the same settings), and writes ``sweep.json``, ``sweep.png`` and the settings.
 
 Every row's numbers come from held-out text (SPEC §4 analysis of the run):
 
@@ -20,16 +20,20 @@ Every row's numbers come from held-out text (SPEC §4 analysis of the run):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from crossint import rundir
 from crossint.errors import CrossintError
 from crossint.io import atomic_write_json, read_json, sha256_file
+from crossint.rundir import RunDir
 
-SWEEP_JSON = "sweep.json"
-SWEEP_PNG = "sweep.png"
-INTERACTIONS_DIR = "interactions"
+if TYPE_CHECKING:
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.train import ActivationSource, TrainConfig
+    from crossint.interactions.penalty import Penalty
+
 ENTRY_KEYS = ("dominant_share", "dominant_share_active", "recon_loss", "fvu",
               "pairwise_interaction", "pairwise_interaction_mean", "nondominant",
               "nondominant_fraction", "measured_gap", "bound", "l0", "n_tokens")
@@ -68,49 +72,72 @@ def lambda_dir(out_dir: str | Path, value: float) -> Path:
 
 def is_finished(run_dir: str | Path) -> bool:
     """A run whose training ended and whose crosscoder was saved."""
-    run_dir = Path(run_dir)
-    config = run_dir / "config.json"
-    if not (config.is_file() and (run_dir / "model.safetensors").is_file()):
-        return False
-    document = read_json(config, "run config")
-    return isinstance(document, dict) and document.get("status") == "finished"
+    return RunDir(run_dir).is_finished()
 
 
-def measure_run(run_dir: str | Path, progress: bool = True, **settings: Any) -> dict[str, Any]:
-    """The interaction analysis of a finished run, written to RUN/interactions/. A previous one
-    is re-used when it measured these exact weights with the same ``settings`` (keyword
-    arguments of ``analyse_run``)."""
-    import inspect
-
+def measure_run(
+    run_dir: str | Path,
+    request: Any = None,
+    *,
+    progress: bool = True,
+    blocks: Sequence[int] | None = None,
+    top_pairs: int = 50,
+    delta2_pairs: int = 50,
+    chunk_tokens: int | None = None,
+    **text: Any,
+) -> dict[str, Any]:
+    """The interaction analysis of a finished run, written to RUN/interactions/: ``request``
+    (a ``crossint.analysis.heldout.HeldoutRequest``) or its fields as keywords, and the other
+    settings of ``analyse_run``. A previous result is re-used when it measured these exact
+    weights with the same resolved request (``analysis.interactions.request_record``); one
+    written before requests recorded the corpus split is re-used only for the built-in stories
+    (whose held-out text has not changed) and measured again otherwise."""
+    from crossint.analysis.heldout import request_from
     from crossint.analysis.interactions import (
-        RESULT_NAME,
+        INTERACTION_TOKENS,
         analyse_run,
         request_record,
         write_outputs,
     )
 
-    run_dir = Path(run_dir)
-    out_dir = run_dir / INTERACTIONS_DIR
-    previous = out_dir / RESULT_NAME
-    if previous.is_file():
-        result = read_json(previous, "interactions result")
-        arguments = inspect.signature(analyse_run).bind(run_dir, **settings)
-        arguments.apply_defaults()
-        request = request_record(arguments.arguments)
-        if (isinstance(result, dict) and result.get("request") == request
-                and result.get("crosscoder_sha256") == sha256_file(run_dir / "model.safetensors")):
-            return result
-    result = analyse_run(run_dir, progress=progress, **settings)
-    write_outputs(result, out_dir)
+    request = request_from(request, text, n_tokens=INTERACTION_TOKENS).resolve(run_dir)
+    run = RunDir(run_dir)
+    result = run.read_result(rundir.INTERACTIONS)
+    wanted = request_record(request, blocks, top_pairs, delta2_pairs)
+    if (isinstance(result, dict) and _same_request(result.get("request"), wanted, run_dir)
+            and result.get("crosscoder_sha256") == sha256_file(run.weights)):
+        return result
+    result = analyse_run(run_dir, request, blocks=blocks, top_pairs=top_pairs,
+                         delta2_pairs=delta2_pairs, chunk_tokens=chunk_tokens, progress=progress)
+    write_outputs(result, run.result_dir(rundir.INTERACTIONS))
     return result
+
+
+def _same_request(stored: Any, wanted: dict[str, Any], run_dir: str | Path) -> bool:
+    """Whether a stored interactions.json ``request`` asked for the ``wanted`` one."""
+    from crossint.analysis.heldout import HeldoutRequest
+    from crossint.analysis.interactions import request_record
+
+    if stored == wanted:
+        return True
+    if not isinstance(stored, dict) or "split" in stored or wanted["split"] is not None:
+        return False
+    # Recorded before requests recorded the split (corpus and context length as given): the
+    # same text as now only for stories, which split by seed.
+    try:
+        legacy = HeldoutRequest.from_record(stored).resolve(run_dir)
+        blocks = stored.get("blocks")
+        again = request_record(legacy, blocks, stored.get("top_pairs"), stored.get("delta2_pairs"))
+    except (CrossintError, TypeError):
+        return False
+    return again == wanted
 
 
 def sweep_entry(value: float, run_dir: str | Path, result: dict[str, Any]) -> dict[str, Any]:
     """One row of sweep.json from a run's interactions result and its final training metrics."""
     row = {"lambda": float(value)}
     row.update({key: result.get(key) for key in ENTRY_KEYS})
-    document = read_json(Path(run_dir) / "config.json", "run config")
-    final = (document.get("final_metrics") if isinstance(document, dict) else None) or {}
+    final = RunDir(run_dir).read_config().get("final_metrics") or {}
     row["train_recon_loss"] = final.get("rec_loss")
     row["train_fvu"] = final.get("fvu")
     row["run"] = str(run_dir)
@@ -128,8 +155,88 @@ def write_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str
         return [math.nan if row[key] is None else row[key] for row in rows]
 
     png = plot_sweep(column("lambda"), column("dominant_share"), column("recon_loss"),
-                     column("pairwise_interaction"), out_dir / SWEEP_PNG)
-    return {"json": atomic_write_json(out_dir / SWEEP_JSON, list(rows)), "png": png}
+                     column("pairwise_interaction"), out_dir / rundir.SWEEP.file("plot"))
+    return {"json": atomic_write_json(out_dir / rundir.SWEEP.name, list(rows)), "png": png}
+
+
+def check_finished_run(run_dir: str | Path, crosscoder_config: CrosscoderConfig,
+                       train_config: TrainConfig, penalty: Penalty) -> None:
+    """A finished run is re-used only if it was trained with exactly these settings."""
+    from crossint.crosscoder.train import RESUME_FREE_SETTINGS, read_run_configs
+    from crossint.interactions.penalty import CONFIG_KEY, run_penalty
+
+    saved_cc, saved_tc = read_run_configs(run_dir)
+    differences = [
+        f"{name}={saved[name]!r} (now {wanted[name]!r})"
+        for saved, wanted in ((saved_cc.to_dict(), crosscoder_config.to_dict()),
+                              (saved_tc.to_dict(), train_config.to_dict()))
+        for name in wanted
+        if name not in RESUME_FREE_SETTINGS and saved.get(name) != wanted[name]
+    ]
+    saved_penalty = run_penalty(run_dir)
+    if saved_penalty != penalty:
+        differences.append(f"{CONFIG_KEY}={saved_penalty.describe()} "
+                           f"(now {penalty.describe()})")
+    if differences:
+        raise CrossintError(
+            f"{run_dir} holds a finished run with other settings: {', '.join(differences)}; "
+            "use the same settings or a new --out"
+        )
+
+
+def run_sweep(
+    source: ActivationSource,
+    lambdas: Sequence[float],
+    crosscoder_config: CrosscoderConfig,
+    train_config: TrainConfig,
+    out_dir: str | Path,
+    penalty: Penalty | None = None,
+    *,
+    measure: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train one crosscoder per λ into ``out_dir/lambda_<λ>/`` with ``penalty``'s kind and
+    options (its own weight is ignored), measure each on held-out text (``measure``: keyword
+    arguments of ``analyse_run``) and write sweep.json, sweep.png and the sweep's settings.
+    Re-running skips finished runs (refusing ones trained with other settings) and resumes
+    interrupted ones. Every run logs its dominant share, so the subject model is loaded once.
+    ``log`` receives a line per λ saying what happens to it. Returns the rows of sweep.json."""
+    from crossint.interactions.penalty import (
+        DominancePenalty,
+        load_penalty_mlps,
+        source_blocks,
+        train_with_penalty,
+    )
+
+    template = penalty if penalty is not None else DominancePenalty()
+    measure = dict(measure or {})
+    mlps = load_penalty_mlps(source, device=train_config.device)
+    out_dir = Path(out_dir)
+    runs = [(float(value), lambda_dir(out_dir, value)) for value in lambdas]
+    for value, run_dir in runs:
+        wanted = template.with_weight(value)
+        if is_finished(run_dir):
+            check_finished_run(run_dir, crosscoder_config, train_config, wanted)
+            if log:
+                log(f"λ={value:g}: finished run in {run_dir}, skipped")
+            continue
+        if log:
+            log(f"λ={value:g}: training {run_dir}")
+        train_with_penalty(crosscoder_config, train_config, source, run_dir, wanted, resume=True,
+                           log_interactions=True, mlps=mlps, progress=progress)
+    rows = [sweep_entry(value, run_dir, measure_run(run_dir, progress=progress, **measure))
+            for value, run_dir in runs]
+    atomic_write_json(out_dir / rundir.SWEEP.file("settings"), {
+        "activations": str(Path(source.path).resolve()) if hasattr(source, "path") else None,
+        "lambdas": [value for value, _ in runs],
+        "crosscoder": crosscoder_config.to_dict(),
+        "train": train_config.to_dict(),
+        "penalty": template.with_weight(0.0).record(source_blocks(source)),
+        "measurement": measure,
+    })
+    write_sweep(rows, out_dir)
+    return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -154,7 +261,7 @@ PAPER_FIGURE1 = ((0.0, 0.305, 1962.0), (100.0, 0.447, 1849.0), (200.0, 0.516, 17
 
 def read_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``sweep_dir/sweep.json`` (from `crossint sweep`), checked."""
-    path = Path(sweep_dir) / SWEEP_JSON
+    path = Path(sweep_dir) / rundir.SWEEP.name
     rows = read_json(path, "sweep results")
     needed = ("lambda", "dominant_share", "recon_loss")
     if not isinstance(rows, list) or not rows or not all(

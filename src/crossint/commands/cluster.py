@@ -73,19 +73,19 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossint.analysis.clustering import cluster_run, write_cluster_outputs
+    from crossint.commands.common import heldout_request
     from crossint.io import atomic_write_json
 
+    request = heldout_request(args)  # bad text flags fail before anything is loaded
     endpoint = None
     if args.judge:  # fail before the long pass when the endpoint is not configured
         from crossint.analysis.judge import JudgeEndpoint
 
         endpoint = JudgeEndpoint.from_env()
     document, profiles, similarities = cluster_run(
-        args.run_dir, n_tokens=args.tokens, corpus=args.corpus, seed=args.text_seed,
-        context_length=args.context_length, batch_size=args.text_batch_size, model=args.model,
+        args.run_dir, request,
         min_count=args.min_count, max_features=args.max_features, top_k=args.top_k,
         preference=args.preference, n_random=args.n_random, n_contexts=args.contexts,
-        device=args.device,
         progress=not args.quiet,
     )
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "clusters"

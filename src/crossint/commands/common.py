@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 # = crossint.analysis.heldout.HELDOUT_SEED; not imported so that `--help` never loads torch.
 HELDOUT_SEED = 12345
@@ -10,51 +11,60 @@ HELDOUT_SEED = 12345
 
 def add_heldout_text_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    tokens: int | None,
+    tokens: int | None = None,
     seed_flag: str = "--seed",
     batch_flag: str = "--batch-size",
+    *,
+    texts: int | None = None,
 ) -> None:
-    """Which held-out text an analysis runs the subject model on (``crossint.analysis.heldout``).
+    """Which held-out text an analysis runs the subject model on: the flags behind a
+    ``crossint.analysis.heldout.HeldoutRequest`` (``heldout_request(args)`` builds it).
 
-    Values land in ``tokens``, ``corpus``, ``text_seed``, ``context_length`` and
-    ``text_batch_size``; `crossint sweep` renames the seed and batch flags because its own
-    ``--seed`` and ``--batch-size`` are the training ones. ``tokens=None``: no ``--tokens`` flag
-    (the command counts texts instead).
+    Either ``--tokens`` (default ``tokens``) or ``--texts`` (default ``texts``: a count of
+    contexts), then ``--corpus``, the seed, ``--context-length`` and the batch size; `crossint
+    sweep` renames the seed and batch flags because its own ``--seed`` and ``--batch-size`` are
+    the training ones. Values land in ``tokens``/``texts``, ``corpus``, ``text_seed``,
+    ``context_length`` and ``text_batch_size``.
     """
+    if (tokens is None) == (texts is None):
+        raise ValueError("give exactly one of tokens and texts")
     if tokens is not None:
-        parser.add_argument(
-            "--tokens",
-            type=int,
-            default=tokens,
-            metavar="N",
-            help="held-out (non-special) tokens to use (default %(default)s)",
-        )
+        parser.add_argument("--tokens", type=int, default=tokens, metavar="N",
+                            help="held-out (non-special) tokens to use (default %(default)s)")
+    else:
+        parser.add_argument("--texts", type=int, default=texts, metavar="N",
+                            help="held-out texts (contexts of --context-length tokens; the "
+                                 "bootstrap resamples them; default %(default)s)")
     parser.add_argument(
         "--corpus",
-        help="stories | FILE.txt | FILE.jsonl | hf:NAME (default: the training cache's corpus)",
+        help="stories | FILE.txt | FILE.jsonl | hf:NAME (default: the training cache's corpus; "
+             "a file or hf: corpus is read only in its held-out part, the ~10%% of documents "
+             "that harvests leave out)",
     )
-    parser.add_argument(
-        seed_flag,
-        dest="text_seed",
-        type=int,
-        default=HELDOUT_SEED,
-        metavar="SEED",
-        help="held-out text seed (default %(default)s; harvests use 0)",
-    )
-    parser.add_argument(
-        "--context-length",
-        type=int,
-        metavar="S",
-        help="default: the training cache's context length",
-    )
-    parser.add_argument(
-        batch_flag,
-        dest="text_batch_size",
-        type=int,
-        default=16,
-        metavar="N",
-        help="contexts per forward pass of the subject model (default %(default)s)",
-    )
+    parser.add_argument(seed_flag, dest="text_seed", type=int, default=HELDOUT_SEED,
+                        metavar="SEED",
+                        help="held-out story seed (default %(default)s; harvests use 0; file "
+                             "corpora ignore it)")
+    parser.add_argument("--context-length", type=int, metavar="S",
+                        help="default: the training cache's context length")
+    parser.add_argument(batch_flag, dest="text_batch_size", type=int, default=16, metavar="N",
+                        help="contexts per forward pass of the subject model (default "
+                             "%(default)s)")
+
+
+def heldout_request(args: argparse.Namespace, **overrides: Any):  # noqa: ANN201 (lazy import)
+    """The ``HeldoutRequest`` of an analysis command's flags (``add_heldout_text_arguments``,
+    plus ``--model`` and ``--device`` where the command has them); ``overrides`` replace
+    fields. Invalid values raise CrossintError naming the flag."""
+    from crossint.analysis.heldout import HeldoutRequest
+
+    count = ({"n_texts": args.texts} if getattr(args, "texts", None) is not None
+             else {"n_tokens": args.tokens})
+    fields = {"corpus": args.corpus, "seed": args.text_seed,
+              "context_length": args.context_length, "batch_size": args.text_batch_size,
+              "model": getattr(args, "model", None),
+              "device": getattr(args, "device", None) or "cpu", **count}
+    return HeldoutRequest(**{**fields, **overrides})
 
 
 def add_analysis_run_arguments(parser: argparse.ArgumentParser) -> None:

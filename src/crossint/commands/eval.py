@@ -30,22 +30,10 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from crossint.analysis.evaluate import evaluate, format_table
-    from crossint.errors import CrossintError
+    from crossint.commands.common import heldout_request
     from crossint.io import atomic_write_json
 
-    if args.tokens <= 0:
-        raise CrossintError(f"--tokens must be positive, got {args.tokens}")
-    result = evaluate(
-        args.run_dir,
-        n_tokens=args.tokens,
-        corpus=args.corpus,
-        seed=args.text_seed,
-        context_length=args.context_length,
-        batch_size=args.text_batch_size,
-        model=args.model,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    result = evaluate(args.run_dir, heldout_request(args), progress=not args.quiet)
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "eval"
     atomic_write_json(out_dir / "eval.json", result)
     print(format_table(result))

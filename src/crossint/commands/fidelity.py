@@ -35,10 +35,7 @@ def register(subparsers) -> None:
     where.add_argument("--all-blocks", action="store_true",
                        help="every block that all runs can rebuild, one at a time")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--texts", type=int, default=200, metavar="N",
-                        help="held-out texts (contexts of --context-length tokens; the bootstrap "
-                             "resamples them; default %(default)s)")
-    add_heldout_text_arguments(parser, tokens=None)
+    add_heldout_text_arguments(parser, texts=200)
     parser.add_argument("--scheme-seed", type=int, default=0,
                         help="seed of drop_random and of the bootstrap (default %(default)s)")
     add_analysis_run_arguments(parser)
@@ -47,20 +44,15 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossint.analysis.fidelity import SCHEMES, fidelity, format_table
+    from crossint.commands.common import heldout_request
     from crossint.io import atomic_write_json
     from crossint.report.plots import plot_fidelity
 
     result = fidelity(
         args.run_dirs,
+        heldout_request(args),
         blocks=None if args.all_blocks else [args.block],
-        n_texts=args.texts,
-        corpus=args.corpus,
-        seed=args.text_seed,
-        context_length=args.context_length,
-        batch_size=args.text_batch_size,
         scheme_seed=args.scheme_seed,
-        model=args.model,
-        device=args.device,
         progress=not args.quiet,
     )
     out_dir = Path(args.out)

@@ -71,20 +71,15 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossint.analysis.interactions import analyse_run, format_table, write_outputs
+    from crossint.commands.common import heldout_request
 
     result = analyse_run(
         args.run_dir,
-        n_tokens=args.tokens,
-        corpus=args.corpus,
-        seed=args.text_seed,
-        context_length=args.context_length,
-        batch_size=args.text_batch_size,
-        model=args.model,
+        heldout_request(args),
         blocks=parse_blocks(args.blocks),
         top_pairs=args.top_pairs,
         delta2_pairs=args.delta2_pairs,
         chunk_tokens=args.chunk_tokens,
-        device=args.device,
         progress=not args.quiet,
     )
     out_dir = Path(args.out) if args.out else Path(args.run_dir) / "interactions"

@@ -46,98 +46,23 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def _check_finished(run_dir: Path, cc_config, train_config, record: dict) -> None:  # noqa: ANN001
-    """A finished run is re-used only if it was trained with exactly these settings."""
-    from crossint.commands.train import PENALTY_CONFIG_KEY, recorded_penalty
-    from crossint.crosscoder.train import read_run_configs
-    from crossint.errors import CrossintError
-
-    saved_cc, saved_tc = read_run_configs(run_dir)
-    free = {"checkpoint_every", "log_every", "device"}
-    differences = [
-        f"{name}={saved[name]!r} (now {wanted[name]!r})"
-        for saved, wanted in ((saved_cc.to_dict(), cc_config.to_dict()),
-                              (saved_tc.to_dict(), train_config.to_dict()))
-        for name in wanted if name not in free and saved.get(name) != wanted[name]
-    ]
-    saved_penalty = recorded_penalty(run_dir)
-    if saved_penalty != record:
-        differences.append(f"{PENALTY_CONFIG_KEY}={saved_penalty!r} (now {record!r})")
-    if differences:
-        raise CrossintError(
-            f"{run_dir} holds a finished run with other settings: {', '.join(differences)}; "
-            "use the same settings or a new --out"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
-    from crossint.analysis.sweep import (
-        format_table,
-        is_finished,
-        lambda_dir,
-        measure_run,
-        parse_lambdas,
-        sweep_entry,
-        write_sweep,
-    )
-    from crossint.commands.train import (
-        PENALTY_CONFIG_KEY,
-        cache_blocks,
-        load_penalty_mlps,
-        new_configs,
-        penalty_plugins,
-        penalty_settings,
-    )
-    from crossint.crosscoder.train import train
+    from crossint.analysis.sweep import format_table, parse_lambdas, run_sweep
+    from crossint.commands.common import heldout_request
+    from crossint.commands.train import new_configs, penalty_from_args
     from crossint.data.cache import ActivationCache
-    from crossint.errors import CrossintError
-    from crossint.io import atomic_write_json
+    from crossint.rundir import SWEEP
 
     lambdas = parse_lambdas(args.lambdas)
-    if args.tokens < 1:
-        raise CrossintError(f"--tokens must be positive, got {args.tokens}")
+    request = heldout_request(args, device="cpu")  # bad text flags fail before any training
     cache = ActivationCache(args.activations)
     cc_config, train_config = new_configs(args, cache)
-    blocks = cache_blocks(cache)
-    # Every run (λ = 0 included) logs its dominant share, so the model is always needed.
-    mlps = load_penalty_mlps(cache, device=train_config.device)
-    out = Path(args.out)
-    runs = []
-    for value in lambdas:
-        settings = penalty_settings(args, weight=value)
-        record = settings.record(blocks)
-        run_dir = lambda_dir(out, value)
-        runs.append((value, run_dir))
-        if is_finished(run_dir):
-            _check_finished(run_dir, cc_config, train_config, record)
-            print(f"λ={value:g}: finished run in {run_dir}, skipped")
-            continue
-        losses, metrics = penalty_plugins(settings, mlps, log=True)
-        if not args.quiet:
-            print(f"λ={value:g}: training {run_dir}")
-        train(cc_config, train_config, cache, run_dir, resume=True, progress=not args.quiet,
-              extra_losses=losses, extra_metrics=metrics,
-              extra_config={PENALTY_CONFIG_KEY: record})
-    rows = []
-    for value, run_dir in runs:
-        result = measure_run(
-            run_dir, progress=not args.quiet, n_tokens=args.tokens, corpus=args.corpus,
-            seed=args.text_seed, context_length=args.context_length,
-            batch_size=args.text_batch_size, top_pairs=args.top_pairs,
-            delta2_pairs=args.delta2_pairs, chunk_tokens=args.chunk_tokens,
-            device=train_config.device,
-        )
-        rows.append(sweep_entry(value, run_dir, result))
-    atomic_write_json(out / "sweep_config.json", {
-        "activations": str(Path(args.activations).resolve()),
-        "lambdas": lambdas,
-        "crosscoder": cc_config.to_dict(),
-        "train": train_config.to_dict(),
-        "penalty": penalty_settings(args, weight=0.0).record(blocks),
-        "measurement": {"tokens": args.tokens, "corpus": args.corpus, "seed": args.text_seed,
-                        "context_length": args.context_length},
-    })
-    paths = write_sweep(rows, out)
+    measure = {**request.keywords(), "device": train_config.device,
+               "top_pairs": args.top_pairs, "delta2_pairs": args.delta2_pairs,
+               "chunk_tokens": args.chunk_tokens}
+    rows = run_sweep(cache, lambdas, cc_config, train_config, args.out,
+                     penalty_from_args(args, weight=0.0), measure=measure,
+                     progress=not args.quiet, log=print)
     print(format_table(rows))
-    print(f"wrote {paths['json']} and {paths['png'].name}")
+    print(f"wrote {Path(args.out) / SWEEP.name} and {SWEEP.file('plot')}")
     return 0

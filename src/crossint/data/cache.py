@@ -41,6 +41,10 @@ SETTING_KEYS: tuple[str, ...] = (
     "corpus_sha256", "text_field", "seed", "include_special", "batch_size", "shard_tokens",
     "n_tokens_target",
 )
+# How the corpus was split between harvests and analyses (``CorpusSplit.record()``): written
+# for file and hf: corpora, absent for ``stories`` (split by seed) and in caches harvested before
+# crossint split file corpora (those read the whole file). A resume must match it too.
+SPLIT_KEY = "corpus_split"
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of shard data a cache keeps in memory across epochs
 DEFAULT_WINDOW_SHARDS = 4  # shards whose tokens are mixed together by ``batches``
 
@@ -92,33 +96,56 @@ def validate_manifest(manifest: Any, path: Path, require_settings: bool = False)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise bad(f"format version {version!r} is not supported (this crossint reads up to "
                   f"{FORMAT_VERSION})")
-    hookpoints = manifest.get("hookpoints")
-    if not (isinstance(hookpoints, list) and hookpoints
-            and all(isinstance(h, str) for h in hookpoints)):
-        raise bad("'hookpoints' must be a non-empty list of names")
-    dims = manifest.get("dims")
-    if not (isinstance(dims, dict) and set(dims) == set(hookpoints)
-            and all(isinstance(d, int) and d > 0 for d in dims.values())):
-        raise bad("'dims' must give a positive width for every hookpoint")
-    if manifest.get("dtype") not in DTYPES:
-        raise bad(f"'dtype' must be one of {', '.join(DTYPES)}")
-    for key, kind in (("n_tokens", int), ("complete", bool), ("shards", list),
-                      ("model", str)):
-        if not isinstance(manifest.get(key), kind):
-            raise bad(f"'{key}' is missing or not a {kind.__name__}")
-    for i, entry in enumerate(manifest["shards"]):
-        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                and isinstance(entry.get("n_tokens"), int) and entry["n_tokens"] > 0
-                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
-            raise bad(f"shard entry {i} needs file, n_tokens, bytes and sha256")
-        if Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
-            raise bad(f"shard entry {i} names {entry['file']!r}, not a file in the cache")
-    if sum(e["n_tokens"] for e in manifest["shards"]) != manifest["n_tokens"]:
-        raise bad("'n_tokens' differs from the sum of the shard token counts")
+    problem = _layout_problem(manifest) or _shards_problem(manifest) or _split_problem(manifest)
+    if problem:
+        raise bad(problem)
     if require_settings:
         missing = [k for k in (*SETTING_KEYS, "corpus_exhausted") if k not in manifest]
         if missing:
             raise bad(f"missing {', '.join(missing)}")
+
+
+def _layout_problem(manifest: dict) -> str | None:
+    hookpoints = manifest.get("hookpoints")
+    if not (isinstance(hookpoints, list) and hookpoints
+            and all(isinstance(h, str) for h in hookpoints)):
+        return "'hookpoints' must be a non-empty list of names"
+    dims = manifest.get("dims")
+    if not (isinstance(dims, dict) and set(dims) == set(hookpoints)
+            and all(isinstance(d, int) and d > 0 for d in dims.values())):
+        return "'dims' must give a positive width for every hookpoint"
+    if manifest.get("dtype") not in DTYPES:
+        return f"'dtype' must be one of {', '.join(DTYPES)}"
+    for key, kind in (("n_tokens", int), ("complete", bool), ("shards", list),
+                      ("model", str)):
+        if not isinstance(manifest.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    return None
+
+
+def _shards_problem(manifest: dict) -> str | None:
+    for i, entry in enumerate(manifest["shards"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("n_tokens"), int) and entry["n_tokens"] > 0
+                and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+            return f"shard entry {i} needs file, n_tokens, bytes and sha256"
+        if Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
+            return f"shard entry {i} names {entry['file']!r}, not a file in the cache"
+    if sum(e["n_tokens"] for e in manifest["shards"]) != manifest["n_tokens"]:
+        return "'n_tokens' differs from the sum of the shard token counts"
+    return None
+
+
+def _split_problem(manifest: dict) -> str | None:
+    if manifest.get(SPLIT_KEY) is None:
+        return None
+    from crossint.data.corpus import CorpusSplit
+
+    try:
+        CorpusSplit.from_record(manifest[SPLIT_KEY], f"'{SPLIT_KEY}'")
+    except CrossintError as e:
+        return str(e)
+    return None
 
 
 class _ShuffledStream:

@@ -13,6 +13,14 @@
 Files are read lazily, in order; the seed only matters for ``stories`` (the harvest shuffles at
 token level, so file order does not leak into training batches).
 
+Harvested and held-out text never overlap. ``stories`` is split by its seed (harvests use seed
+0, analyses 12345). Every other corpus is split by document (``split_corpus``): a document is
+held out when the first 8 bytes of the sha256 of its text, read as a number in [0, 2^64), fall
+below ``HELDOUT_FRACTION`` (10%) of that range, so the split depends only on each document's
+text, never on its position or a seed, and copies of a document fall on the same side.
+``iter_texts(spec, part="harvest")`` reads the rest, ``part="heldout"`` the held-out documents,
+``part="all"`` (the default) everything.
+
 ``iter_contexts`` packs a document stream into fixed-length token contexts: documents are joined
 with the EOS token between them and cut every ``context_length`` tokens, each context starting
 with BOS when ``add_bos``. Documents longer than a context simply continue into the next one.
@@ -20,9 +28,13 @@ with BOS when ``add_bos``. Documents longer than a context simply continue into 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -34,28 +46,125 @@ from crossint.errors import CrossintError
 CORPUS_FORMS = "'stories', a .txt file, a .jsonl file, or hf:NAME[:SPLIT[:FIELD]]"
 # Documents tokenized per call: the fast tokenizers batch across documents in Rust.
 _TOKENIZE_CHUNK = 256
+HELDOUT_FRACTION = 0.1  # share of a file or hf: corpus's documents held out from harvests
+CORPUS_PARTS = ("all", "harvest", "heldout")
+_KEY_RANGE = 2**64  # document keys are the first 8 bytes of a sha256
 
 
-def iter_texts(spec: str | Path, seed: int = 0, text_field: str = "text") -> Iterator[str]:
+def iter_texts(
+    spec: str | Path,
+    seed: int = 0,
+    text_field: str = "text",
+    part: str = "all",
+    split: CorpusSplit | None = None,
+) -> Iterator[str]:
     """Stream the documents of a corpus (see the module docstring for the forms of ``spec``).
 
-    Raises CrossintError for an unknown form, a missing file, a malformed line, or a corpus that
-    turns out to hold no text (raised when the iterator is exhausted without yielding).
+    ``part``: ``all``, ``harvest`` (what harvests read) or ``heldout`` (what analyses read); for
+    ``stories`` the part is ignored (its ``seed`` splits it). ``split``: the split to apply,
+    default ``split_corpus(spec, text_field)``. Raises CrossintError for an unknown form or part,
+    a missing file, a malformed line, a corpus too small to split, or a corpus (part) that turns
+    out to hold no text (raised when the iterator is exhausted without yielding).
     """
+    if part not in CORPUS_PARTS:
+        raise CrossintError(f"unknown corpus part {part!r}: use one of {', '.join(CORPUS_PARTS)}")
     spec_str = str(spec)
     if spec_str == "stories":
-        texts: Iterator[str] = _story_texts(seed)
-    elif spec_str.startswith("hf:"):
-        texts = _hf_texts(spec_str, seed)
-    else:
-        path = Path(spec_str)
-        suffix = path.suffix.lower()
-        if suffix not in (".txt", ".jsonl"):
-            raise CrossintError(f"unknown corpus {spec_str!r}: use {CORPUS_FORMS}")
-        if not path.is_file():
-            raise CrossintError(f"corpus file not found: {path}")
-        texts = _txt_texts(path) if suffix == ".txt" else _jsonl_texts(path, text_field)
-    return _require_text(texts, spec_str)
+        return _require_text(_story_texts(seed), spec_str)
+    texts = _source_texts(spec_str, seed, text_field)
+    if part == "all":
+        return _require_text(texts, spec_str)
+    split = split or split_corpus(spec_str, text_field)
+    heldout = part == "heldout"
+    chosen = (text for text in texts if split.is_heldout(text) == heldout)
+    return _require_text(chosen, f"{spec_str} ({part} part)")
+
+
+def _source_texts(spec: str, seed: int, text_field: str) -> Iterator[str]:
+    """Every document of a file or ``hf:`` corpus, in order."""
+    if spec.startswith("hf:"):
+        return _hf_texts(spec, seed)
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise CrossintError(f"unknown corpus {spec!r}: use {CORPUS_FORMS}")
+    if not path.is_file():
+        raise CrossintError(f"corpus file not found: {path}")
+    return _txt_texts(path) if suffix == ".txt" else _jsonl_texts(path, text_field)
+
+
+def document_key(text: str) -> int:
+    """A document's place in the split: the first 8 bytes of the sha256 of its UTF-8 text,
+    big-endian, an integer in [0, 2^64)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+@dataclass(frozen=True)
+class CorpusSplit:
+    """The documents of a file or ``hf:`` corpus held out from harvests: those whose
+    ``document_key`` is below ``heldout_below`` (about ``heldout_fraction`` of them)."""
+
+    heldout_fraction: float
+    heldout_below: int
+
+    def is_heldout(self, text: str) -> bool:
+        return document_key(text) < self.heldout_below
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``corpus_split``: enough to repeat the split exactly."""
+        return {"method": "sha256", "heldout_fraction": self.heldout_fraction,
+                "heldout_below": f"{self.heldout_below:016x}"}
+
+    @classmethod
+    def from_record(cls, record: Any, where: str = "corpus split") -> CorpusSplit:
+        """The split a ``record()`` describes (CrossintError naming ``where`` if malformed)."""
+        try:
+            fraction = float(record["heldout_fraction"])
+            below = int(record["heldout_below"], 16)
+            ok = record["method"] == "sha256" and 0 < fraction < 1 and 0 < below <= _KEY_RANGE
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CrossintError(
+                f"{where} {record!r} is not a corpus split: expected {{method: sha256, "
+                f"heldout_fraction in (0, 1), heldout_below: hex}}"
+            )
+        return cls(fraction, below)
+
+
+def split_corpus(
+    spec: str | Path, text_field: str = "text", heldout_fraction: float = HELDOUT_FRACTION
+) -> CorpusSplit | None:
+    """How harvests and analyses share a corpus: None for ``stories`` (split by seed), else the
+    documents whose key is below ``heldout_fraction`` · 2^64 are held out.
+
+    A corpus where that holds out nothing (or everything) — a small one — holds out the
+    documents with the smallest key (or harvests those with the largest). Documents are read
+    only until both parts have one, so this is quick unless the corpus is small. Raises
+    CrossintError when the corpus cannot be split: one document, or copies of one.
+    """
+    if str(spec) == "stories":
+        return None
+    if not 0 < heldout_fraction < 1:
+        raise CrossintError(f"heldout_fraction must be in (0, 1), got {heldout_fraction!r}")
+    threshold = math.ceil(Fraction(str(heldout_fraction)) * _KEY_RANGE)  # 0.1 means 1/10
+    lowest, highest, n_docs = _KEY_RANGE, -1, 0
+    for text in iter_texts(spec, text_field=text_field):
+        key = document_key(text)
+        lowest, highest, n_docs = min(lowest, key), max(highest, key), n_docs + 1
+        if lowest < threshold <= highest:
+            return CorpusSplit(heldout_fraction, threshold)
+    if lowest == highest:
+        copies = " (all the same text)" if n_docs > 1 else ""
+        raise CrossintError(
+            f"corpus {spec} is too small to split into harvested and held-out text: it holds "
+            f"{n_docs} document{'s' if n_docs > 1 else ''}{copies}. crossint holds out about "
+            f"{heldout_fraction:.0%} of a corpus's documents (chosen by a hash of their text) so "
+            f"that eval and the analyses never read harvested text; give a corpus of at least "
+            f"two different documents (one per non-empty line of a .txt file, one per line of "
+            f"a .jsonl file)"
+        )
+    return CorpusSplit(heldout_fraction, lowest + 1 if lowest >= threshold else highest)
 
 
 def corpus_fingerprint(spec: str | Path) -> str | None:

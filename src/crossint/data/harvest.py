@@ -26,6 +26,7 @@ from crossint.data.cache import (
     MANIFEST_NAME,
     RNG_SHARD,
     SETTING_KEYS,
+    SPLIT_KEY,
     ActivationCache,
     canonical_dtype,
     permutation,
@@ -56,11 +57,14 @@ def harvest(
     """Harvest ``n_tokens`` tokens of activations at ``hookpoints`` into a cache at ``out_dir``.
 
     ``adapter`` is a ``ModelAdapter`` (or a model name/path, loaded on the CPU). ``hookpoints``
-    is a layout name (``paper``, ``resid``) or a list of hookpoint names. If ``out_dir`` already
-    holds a cache with the same settings it is resumed (or returned as is when complete); any
-    other non-empty directory is an error and nothing in it is touched. A finite corpus that
-    runs out early ends the harvest with fewer tokens (the manifest says ``corpus_exhausted``).
-    ``on_shard(index, entry)`` is called after each shard and its manifest entry are on disk.
+    is a layout name (``paper``, ``resid``) or a list of hookpoint names. Only the harvest part
+    of ``corpus`` is read (``crossint.data.corpus.split_corpus``: file and hf: corpora hold out
+    about 10% of their documents for the analyses; the split goes into the manifest as
+    ``corpus_split``). If ``out_dir`` already holds a cache with the same settings it is resumed
+    (or returned as is when complete); any other non-empty directory is an error and nothing in
+    it is touched. A finite corpus that runs out early ends the harvest with fewer tokens (the
+    manifest says ``corpus_exhausted``). ``on_shard(index, entry)`` is called after each shard
+    and its manifest entry are on disk.
     """
     if isinstance(adapter, (str, Path)):
         from crossint.models.adapter import load_model
@@ -69,6 +73,30 @@ def harvest(
     names = list(adapter.resolve_layout(hookpoints))
     dims = {name: int(adapter.hookpoint_dim(name)) for name in names}
     dtype_name = canonical_dtype(dtype)
+    _check_arguments(adapter, n_tokens, batch_size, shard_tokens, seed, context_length)
+
+    from crossint.data.corpus import iter_contexts, iter_texts, split_corpus
+
+    # Split the corpus, open its harvest part and pack the first context before touching the
+    # output directory: a bad, empty or unsplittable corpus writes nothing.
+    split = split_corpus(corpus, text_field)
+    texts = iter_texts(corpus, seed=seed, text_field=text_field, part="harvest", split=split)
+    contexts = iter_contexts(texts, adapter.tokenizer, context_length, corpus_name=str(corpus))
+    contexts = itertools.chain([next(contexts)], contexts)
+    settings = _harvest_settings(adapter, names, dims, dtype_name, {
+        "context_length": context_length, "corpus": corpus, "text_field": text_field,
+        "seed": seed, "include_special": include_special, "batch_size": batch_size,
+        "shard_tokens": shard_tokens, "n_tokens_target": n_tokens,
+    }, split)
+    out = Path(out_dir)
+    manifest = _open_for_harvest(out, settings)
+    if not manifest["complete"]:
+        _harvest_shards(adapter, out, manifest, contexts, progress, on_shard)
+    return ActivationCache(out)
+
+
+def _check_arguments(adapter: Any, n_tokens: int, batch_size: int, shard_tokens: int, seed: int,
+                     context_length: int) -> None:
     for field, value in (("n_tokens", n_tokens), ("batch_size", batch_size),
                          ("shard_tokens", shard_tokens)):
         if not isinstance(value, int) or value < 1:
@@ -86,14 +114,14 @@ def harvest(
     if adapter.tokenizer is None:
         raise CrossintError(f"model {adapter.name} has no tokenizer, so it cannot read a corpus")
 
-    from crossint.data.corpus import corpus_fingerprint, iter_contexts, iter_texts
 
-    # Open the corpus and pack its first context before touching the output directory: a bad
-    # or empty corpus writes nothing.
-    contexts = iter_contexts(iter_texts(corpus, seed=seed, text_field=text_field),
-                             adapter.tokenizer, context_length, corpus_name=str(corpus))
-    contexts = itertools.chain([next(contexts)], contexts)
+def _harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype_name: str,
+                      given: dict[str, Any], split: Any) -> dict[str, Any]:
+    """The manifest's settings (``SETTING_KEYS``, and ``corpus_split`` for a split corpus)."""
+    from crossint.data.corpus import corpus_fingerprint
+
     config = getattr(adapter.model, "config", None)
+    corpus = given["corpus"]
     settings = {
         "model": str(adapter.name),
         "model_info": {
@@ -105,34 +133,40 @@ def harvest(
         "hookpoints": names,
         "dims": dims,
         "dtype": dtype_name,
-        "context_length": int(context_length),
+        "context_length": int(given["context_length"]),
         "corpus": str(corpus),
         "corpus_sha256": corpus_fingerprint(corpus),
-        "text_field": text_field,
-        "seed": int(seed),
-        "include_special": bool(include_special),
-        "batch_size": int(batch_size),
-        "shard_tokens": int(shard_tokens),
-        "n_tokens_target": int(n_tokens),
+        "text_field": given["text_field"],
+        "seed": int(given["seed"]),
+        "include_special": bool(given["include_special"]),
+        "batch_size": int(given["batch_size"]),
+        "shard_tokens": int(given["shard_tokens"]),
+        "n_tokens_target": int(given["n_tokens_target"]),
     }
-    out = Path(out_dir)
-    manifest = _open_for_harvest(out, settings)
-    if manifest["complete"]:
-        return ActivationCache(out)
+    if split is not None:  # stories (split by seed) keep the manifest they always had
+        settings[SPLIT_KEY] = split.record()
+    return settings
 
+
+def _harvest_shards(adapter: Any, out: Path, manifest: dict, contexts: Iterator[torch.Tensor],
+                    progress: bool, on_shard: Callable[[int, dict], None] | None) -> None:
+    """Capture batches and file them into shards from where ``manifest`` stopped until the
+    target (or the end of the corpus)."""
     shards = manifest["shards"]
     first_batch, first_skip = (
         (shards[-1]["next_batch"], shards[-1]["next_skip"]) if shards else (0, 0)
     )
+    batch_size = manifest["batch_size"]
     contexts = itertools.islice(contexts, first_batch * batch_size, None)
     special_ids = torch.tensor(sorted(adapter.special_token_ids()), dtype=torch.long)
     writer = _ShardWriter(out, manifest, on_shard)
-    capture = _Capture(adapter, names, dims, DTYPES[dtype_name], special_ids, include_special)
+    capture = _Capture(adapter, manifest["hookpoints"], manifest["dims"],
+                       DTYPES[manifest["dtype"]], special_ids, manifest["include_special"])
 
     from tqdm import tqdm
 
-    with tqdm(total=n_tokens, initial=writer.written, unit="tok", unit_scale=True,
-              desc="harvest", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=manifest["n_tokens_target"], initial=writer.written, unit="tok",
+              unit_scale=True, desc="harvest", disable=not progress, dynamic_ncols=True) as bar:
         try:
             pending: _Pending | None = None
             batches = enumerate(_batches_of(contexts, batch_size), start=first_batch)
@@ -150,7 +184,6 @@ def harvest(
             raise
     if not writer.finished:
         writer.finish_exhausted()
-    return ActivationCache(out)
 
 
 def tokens_fingerprint(ids_n: torch.Tensor) -> str:
@@ -403,17 +436,7 @@ def _open_for_harvest(out: Path, settings: dict) -> dict:
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "activation cache manifest")
         validate_manifest(manifest, manifest_path, require_settings=True)
-        diffs = [
-            f"{key}: {manifest.get(key)!r} there, {settings[key]!r} now"
-            for key in SETTING_KEYS
-            if _jsonable(manifest.get(key)) != _jsonable(settings[key])
-        ]
-        if diffs:
-            raise CrossintError(
-                f"{out} already holds an activation cache harvested with other settings "
-                f"({'; '.join(diffs)}); repeat its settings to resume it, or choose another "
-                f"output directory"
-            )
+        _check_same_settings(out, manifest, settings)
         _truncate_at_first_bad_shard(out, manifest)
         _remove_stale_temporaries(out)
         return manifest
@@ -434,6 +457,25 @@ def _open_for_harvest(out: Path, settings: dict) -> dict:
     }
     atomic_write_json(manifest_path, manifest)
     return manifest
+
+
+def _check_same_settings(out: Path, manifest: dict, settings: dict) -> None:
+    diffs = [
+        f"{key}: {manifest.get(key)!r} there, {settings.get(key)!r} now"
+        for key in (*SETTING_KEYS, SPLIT_KEY)
+        if _jsonable(manifest.get(key)) != _jsonable(settings.get(key))
+    ]
+    if not diffs:
+        return
+    if SPLIT_KEY not in manifest and SPLIT_KEY in settings:
+        remedy = ("it was started by an older crossint that read the whole corpus, without "
+                  "holding out any text; harvest into a new output directory")
+    else:
+        remedy = "repeat its settings to resume it, or choose another output directory"
+    raise CrossintError(
+        f"{out} already holds an activation cache harvested with other settings "
+        f"({'; '.join(diffs)}); {remedy}"
+    )
 
 
 def _jsonable(value: Any) -> Any:

@@ -33,7 +33,6 @@ from crossint.interactions.mlp import (
     interaction_penalty,
     interaction_score,
     keep_dominant_gap,
-    mlp_interaction_loss,
     token_interaction_scores,
 )
 from crossint.interactions.pairwise import (
@@ -59,7 +58,7 @@ __all__ = [
     "feature_blocks",
     "hadamard_measure", "interaction_mass", "interaction_penalty", "interaction_score",
     "iter_contributions", "keep_dominant_gap", "magnitude_stats", "measure_correlations",
-    "mlp_in_blocks", "mlp_interaction_loss", "neuron_stats", "ratio_measure",
+    "mlp_in_blocks", "neuron_stats", "ratio_measure",
     "reconstructed_mlp_in", "resolve_chunk", "second_difference", "slot_contributions", "spearman",
     "token_interaction_scores", "virtual_weights",
 ]

@@ -17,7 +17,6 @@ slots with the neuron axis contiguous; ``p_BNK`` is the SPEC-oriented view of th
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,7 +27,7 @@ from torch import Tensor
 
 from crossint.crosscoder.sparse import sparse_codes
 from crossint.errors import CrossintError
-from crossint.models.hookpoints import hookpoint
+from crossint.models.hookpoints import blocks_with_site, hookpoint
 
 if TYPE_CHECKING:
     from crossint.crosscoder.model import Crosscoder
@@ -40,7 +39,6 @@ SHARE_EPS = 1e-8  # SPEC §4.2 ε of the dominant share
 # kernel launches.
 CPU_CHUNK_ELEMENTS = 1 << 18
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 25
-_MLP_IN = re.compile(r"^blocks\.(0|[1-9]\d*)\.mlp_in$")
 
 
 # --- active features ---------------------------------------------------------------------------
@@ -327,12 +325,7 @@ class MLPFeatureBlock:
 
 def mlp_in_blocks(crosscoder: Crosscoder) -> list[int]:
     """Blocks whose ``mlp_in`` the crosscoder reads (sorted)."""
-    blocks = []
-    for name in crosscoder.config.hookpoints:
-        match = _MLP_IN.match(name)
-        if match:
-            blocks.append(int(match.group(1)))
-    return sorted(blocks)
+    return blocks_with_site(crosscoder.config.hookpoints, "mlp_in")
 
 
 def mlp_on(mlp: MLPWeights, device: torch.device, dtype: torch.dtype) -> MLPWeights:

@@ -1,5 +1,6 @@
 """MLP feature interactions (SPEC §4.2–§4.4, §9.2): dominant share, the keep-dominant bound and its
-measured gap, the interaction penalty and its training plug-in, and the per-token score.
+measured gap, the interaction penalty (its training plug-in is :mod:`crossint.interactions.penalty`)
+and the per-token score.
 
 Every statistic comes from :func:`crossint.interactions.contributions.magnitude_stats`; the
 penalty finds the same maxima with :func:`crossint.interactions.kernels.dominant_magnitudes`
@@ -28,7 +29,6 @@ from crossint.interactions.contributions import (
     distinct_virtual_weights,
     feature_blocks,
     iter_contributions,
-    mlp_on,
     neuron_stats,
     reconstructed_mlp_in,
     resolve_chunk,
@@ -36,7 +36,7 @@ from crossint.interactions.contributions import (
 from crossint.interactions.kernels import chunks, dominant_gradients, dominant_magnitudes
 
 if TYPE_CHECKING:
-    from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
+    from crossint.crosscoder.model import Crosscoder
     from crossint.interactions.pairwise import PairwiseAccumulator, PairwiseResult
     from crossint.models.adapter import MLPWeights
 
@@ -285,8 +285,9 @@ def normalisation_mode(normalise: str | bool) -> str:
     return normalise
 
 
-def _check_options(weighting: str, normalise: str | bool) -> str:
-    """Validate the penalty options; returns the normalisation as one of NORMALISATIONS."""
+def check_penalty_options(weighting: str, normalise: str | bool) -> str:
+    """Validate the dominance penalty's options; returns the normalisation as one of
+    NORMALISATIONS."""
     if weighting not in WEIGHTINGS:
         raise CrossintError(
             f"unknown interaction weighting {weighting!r}: valid choices are "
@@ -323,7 +324,7 @@ def interaction_penalty(
     O(U·N + B·N) for "none"/"total" and two chunked O(B·K·N) passes for "neuron" (see
     ``_NondominantSum`` and ``_NondominantShare``).
     """
-    mode = _check_options(weighting, normalise)
+    mode = check_penalty_options(weighting, normalise)
     if not blocks:
         raise CrossintError("the interaction penalty needs at least one MLP block")
     active = f_BH if isinstance(f_BH, ActiveFeatures) else active_features(f_BH)
@@ -353,46 +354,6 @@ def interaction_penalty(
         assert total is not None
         return nondominant / total.clamp_min(torch.finfo(total.dtype).tiny)
     return nondominant / max(weight_sum, 1.0)
-
-
-def mlp_interaction_loss(
-    mlp_weights_by_block: dict[int, MLPWeights],
-    weight: float,
-    weighting: str = "uniform",
-    normalise: str | bool = "none",
-    chunk_tokens: int | None = None,
-    model: str | None = None,
-) -> Callable[[Crosscoder, Tensor, CrosscoderOutput], dict[str, Tensor]]:
-    """The SPEC §4.4 penalty as a training ``extra_losses`` callable.
-
-    Returns ``fn(crosscoder, acts_BXD, output) -> {"interaction": weight · L_int}`` where L_int is
-    :func:`interaction_penalty` of ``output.f_BH`` with the crosscoder's current decoder at every
-    given block's ``mlp_in`` (the trainer adds the value to its loss and logs it). ``model``
-    selects the model of a multi-model crosscoder.
-    """
-    _check_options(weighting, normalise)
-    if chunk_tokens is not None:
-        resolve_chunk(chunk_tokens, torch.device("cpu"))
-    if not mlp_weights_by_block:
-        raise CrossintError("no MLP blocks given: pass {block: adapter.mlp_weights(block)}")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-        raise CrossintError(f"interaction weight must be a number >= 0, got {weight!r}")
-    weight = float(weight)
-    # The MLP weights moved to the crosscoder's device and dtype once, not at every step.
-    placed: dict[tuple[torch.device, torch.dtype], dict[int, MLPWeights]] = {}
-
-    def interaction_loss(
-        crosscoder: Crosscoder, acts_BXD: Tensor, output: CrosscoderOutput
-    ) -> dict[str, Tensor]:
-        key = (crosscoder.W_dec_HXD.device, crosscoder.W_dec_HXD.dtype)
-        if key not in placed:
-            placed.clear()
-            placed[key] = {b: mlp_on(m, *key) for b, m in mlp_weights_by_block.items()}
-        blocks = feature_blocks(crosscoder, placed[key], model=model)
-        penalty = interaction_penalty(output.f_BH, blocks, weighting, normalise, chunk_tokens)
-        return {"interaction": weight * penalty}
-
-    return interaction_loss
 
 
 # --- one pass over data: all of the above at once ----------------------------------------------

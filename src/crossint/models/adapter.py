@@ -796,6 +796,270 @@ def _no_transformers_progress_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+# -- GGUF checkpoints (llama.cpp) ---------------------------------------------------------------
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_INSTALL = "pip install 'crossint[gguf]'"
+# What transformers' GGUF loader needs (its own minimum for gguf; accelerate as the extra pins it).
+_GGUF_PACKAGES: tuple[tuple[str, str], ...] = (("gguf", "0.10.0"), ("accelerate", "1.1.0"))
+
+
+def _is_gguf(source: Path) -> bool:
+    """A path named ``*.gguf`` (existing or not), or a file that starts with the GGUF magic."""
+    if source.is_dir():
+        return False
+    if source.suffix.lower() == ".gguf":
+        return True
+    try:
+        with source.open("rb") as f:
+            return f.read(len(_GGUF_MAGIC)) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _require_gguf_packages() -> None:
+    """One line naming the extra when a package transformers' GGUF loader needs is missing."""
+    import importlib
+    import importlib.metadata
+
+    from packaging.version import InvalidVersion, Version
+
+    for package, minimum in _GGUF_PACKAGES:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise CrossintError(
+                f"loading a GGUF file needs the {package!r} package: {_GGUF_INSTALL}"
+            ) from None
+        try:
+            too_old = Version(importlib.metadata.version(package)) < Version(minimum)
+        except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+            too_old = False  # importable but not pip-installed (e.g. a source checkout): try it
+        if too_old:
+            raise CrossintError(
+                f"loading a GGUF file needs {package}>={minimum}, found "
+                f"{importlib.metadata.version(package)}: pip install -U 'crossint[gguf]'"
+            )
+
+
+# GGUF metadata value types of fixed width -> struct format (the GGUF spec's numbering).
+_GGUF_SCALARS: Mapping[int, str] = MappingProxyType(
+    {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+)
+
+
+def _gguf_problem(source: Path) -> str | None:
+    """Why ``source`` cannot be a complete GGUF file, or None: a walk over its header, metadata
+    and tensor table (no tensor data is read) that checks the tensors fit in the file. Catches
+    truncated and garbled files with a clear reason before transformers' reader fails on them
+    with a numpy or struct error."""
+    import mmap
+    import struct
+
+    from gguf import GGML_QUANT_SIZES
+
+    size = source.stat().st_size
+    with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+
+        def unpack(fmt: str, pos: int) -> tuple[tuple, int]:
+            return struct.unpack_from("<" + fmt, blob, pos), pos + struct.calcsize("<" + fmt)
+
+        def string(pos: int) -> tuple[bytes, int]:
+            (length,), pos = unpack("Q", pos)
+            if pos + length > size:
+                raise struct.error("string past the end of the file")
+            return bytes(blob[pos : pos + length]), pos + length
+
+        def value(value_type: int, pos: int) -> tuple[Any, int]:
+            if value_type in _GGUF_SCALARS:
+                (v,), pos = unpack(_GGUF_SCALARS[value_type], pos)
+                return v, pos
+            if value_type == 8:
+                return string(pos)
+            if value_type == 9:
+                (element_type, count), pos = unpack("IQ", pos)
+                if element_type in _GGUF_SCALARS:
+                    pos += count * struct.calcsize("<" + _GGUF_SCALARS[element_type])
+                    if pos > size:
+                        raise struct.error("array past the end of the file")
+                    return None, pos
+                for _ in range(count):
+                    _, pos = value(element_type, pos)
+                return None, pos
+            raise ValueError(f"a metadata value has unknown type {value_type}")
+
+        try:
+            (version, n_tensors, n_values), pos = unpack("IQQ", len(_GGUF_MAGIC))
+            if version not in (2, 3):
+                return f"corrupt or unsupported: GGUF version {version} (readable: 2 and 3)"
+            alignment = 32  # llama.cpp's default
+            for _ in range(n_values):
+                key, pos = string(pos)
+                (value_type,), pos = unpack("I", pos)
+                v, pos = value(value_type, pos)
+                if key == b"general.alignment" and isinstance(v, int) and v > 0:
+                    alignment = v
+            end = 0
+            for _ in range(n_tensors):
+                name, pos = string(pos)
+                (n_dims,), pos = unpack("I", pos)
+                dims, pos = unpack(f"{n_dims}Q", pos)
+                (ggml_type, offset), pos = unpack("IQ", pos)
+                if ggml_type not in GGML_QUANT_SIZES:
+                    return None  # a type this gguf package does not know: let transformers say
+                block_elements, block_bytes = GGML_QUANT_SIZES[ggml_type]
+                elements = math.prod(dims)
+                end = max(end, offset + elements // block_elements * block_bytes)
+        except struct.error:
+            return f"truncated or corrupt: its header ends early (the file has {size} bytes)"
+        except ValueError as e:
+            return f"corrupt: {e}"
+        needed = -(-pos // alignment) * alignment + end
+        if needed > size:
+            return f"truncated: its {n_tensors} tensors need {needed} bytes, the file has {size}"
+    return None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, shortened: why a GGUF file could not be read."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _no_gguf_progress_bar() -> Iterator[None]:
+    # transformers' GGUF reader draws its own tqdm bar while it dequantises, outside the
+    # progress-bar switch of its logging module.
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        import functools
+
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+
+
+def _as_dense(model: nn.Module, source: Path, dtype: torch.dtype) -> None:
+    """Check every weight was dequantised, then drop the GGUF quantizer transformers attaches,
+    so that the model is a plain dense one (savable with save_pretrained, trainable)."""
+    packed = sorted(name for name, p in model.named_parameters() if not p.is_floating_point())
+    if packed:
+        raise CrossintError(
+            f"could not load GGUF file {source}: {len(packed)} weights stayed quantized "
+            f"(e.g. {packed[0]}) instead of being dequantised to {dtype}"
+        )
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+
+
+def _gguf_model_types() -> list[str]:
+    """Model types whose GGUF files transformers can read and crossint's adapter supports."""
+    from crossint.models.architectures import ARCHITECTURES
+
+    readable: set[str] = set()
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+        readable.update(GGUF_CONFIG_MAPPING)
+    except ImportError:
+        pass
+    try:
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+
+        readable.update(GGUF_CONFIG_ARCHS)
+    except ImportError:
+        pass
+    return sorted(readable & set(ARCHITECTURES))
+
+
+def _load_gguf(
+    name: str, source: Path, torch_dtype: torch.dtype, torch_device: torch.device
+) -> ModelAdapter:
+    """A GGUF file (llama.cpp) through transformers' GGUF loader, every weight dequantised to
+    ``torch_dtype``; the tokenizer is rebuilt from the file's metadata."""
+    if not source.is_file():
+        raise CrossintError(f"could not load model {name!r}: GGUF file {source} does not exist")
+    try:
+        with source.open("rb") as f:
+            magic = f.read(len(_GGUF_MAGIC))
+    except OSError as e:
+        raise CrossintError(f"could not read GGUF file {source}: {_one_line(e)}") from None
+    if magic != _GGUF_MAGIC:
+        raise CrossintError(
+            f"could not load GGUF file {source}: not a GGUF file (it starts with {magic!r}, "
+            f"not {_GGUF_MAGIC!r})"
+        )
+    _require_gguf_packages()
+    try:
+        problem = _gguf_problem(source)
+    except OSError as e:
+        problem = _one_line(e)
+    if problem is not None:
+        raise CrossintError(f"could not load GGUF file {source}: {problem}")
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    extra: dict[str, Any] = {}
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is not None:
+        # Newer transformers can keep GGUF blocks packed in their own modules; crossint reads
+        # raw weights, so always ask for a plain dense model.
+        extra["quantization_config"] = gguf_config(dequantize=True)
+    directory, filename = str(source.parent), source.name
+    # A corrupt file can fail anywhere in transformers' reader (ValueError, struct.error,
+    # KeyError, ...): every failure becomes one line naming the file.
+    try:
+        with _no_transformers_progress_bar(), _no_gguf_progress_bar():
+            config = AutoConfig.from_pretrained(
+                directory, gguf_file=filename, local_files_only=True
+            )
+    except Exception as e:  # noqa: BLE001
+        raise CrossintError(f"could not load GGUF file {source}: {_one_line(e)}") from None
+    if config.model_type not in _gguf_model_types():
+        raise CrossintError(
+            f"could not load GGUF file {source}: unsupported model type {config.model_type!r}; "
+            f"crossint reads GGUF files of {', '.join(_gguf_model_types())}"
+        )
+    arch = get_architecture(config.model_type)
+    model_cls = AutoModelForMaskedLM if arch.encoder else AutoModelForCausalLM
+    try:
+        with _no_transformers_progress_bar(), _no_gguf_progress_bar():
+            model = model_cls.from_pretrained(
+                directory, gguf_file=filename, config=config, local_files_only=True,
+                **{dtype_kw: torch_dtype}, **extra,
+            )  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        raise CrossintError(f"could not load GGUF file {source}: {_one_line(e)}") from None
+    _as_dense(model, source, torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            directory, gguf_file=filename, local_files_only=True
+        )
+    except Exception:  # noqa: BLE001 - the tokenizer is optional, as for directories
+        tokenizer = None
+    if tokenizer is not None and len(tokenizer) <= len(
+        set(getattr(tokenizer, "all_special_ids", []))
+    ):
+        tokenizer = None
+    model.to(torch_device)
+    return ModelAdapter(model, tokenizer, name=name)
+
+
 def load_model(
     name_or_path: str | Path,
     device: str | torch.device = "cpu",
@@ -804,7 +1068,8 @@ def load_model(
     """Load a model by name and wrap it in a :class:`ModelAdapter` (never touches the network).
 
     ``"storylm"`` is the packaged embedded model; otherwise a local ``save_pretrained``
-    directory, or a hub id that is already in the local Hugging Face cache. Causal models load
+    directory, a hub id that is already in the local Hugging Face cache, or a llama.cpp ``.gguf``
+    file (needs the ``gguf`` extra; weights are dequantised to ``dtype``). Causal models load
     with their LM head; BERT-style encoders with their masked-LM head.
     """
     from transformers import (
@@ -818,17 +1083,21 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     torch_device = _parse_device(device)
     source = _storylm_path() if name == "storylm" else Path(name).expanduser()
+    if name != "storylm" and _is_gguf(source):
+        return _load_gguf(name, source, torch_dtype, torch_device)
     if source.is_dir():
         if not (source / "config.json").is_file():
+            ggufs = sorted(p.name for p in source.glob("*.gguf"))
+            hint = f"; to load a GGUF file, pass its path: {source / ggufs[0]}" if ggufs else ""
             raise CrossintError(
                 f"could not load model {name!r}: directory {source} has no config.json "
-                f"(expected a directory written by save_pretrained)"
+                f"(expected a directory written by save_pretrained){hint}"
             )
         source_id = str(source)
     elif source.exists():
         raise CrossintError(
             f"could not load model {name!r}: {source} is a file; pass the directory written by "
-            f"save_pretrained"
+            f"save_pretrained, or a .gguf file"
         )
     elif name == "storylm":
         raise CrossintError(f"the embedded model 'storylm' has no weights at {source}")
@@ -859,3 +1128,25 @@ def load_model(
     tokenizer = _load_tokenizer(AutoTokenizer, source_id)
     model.to(torch_device)
     return ModelAdapter(model, tokenizer, name=name)
+
+
+def check_model_matches(adapter: ModelAdapter, model_info: dict[str, Any], widths: set[int],
+                        what: str) -> None:
+    """Refuse a subject model whose architecture differs from the one ``what`` (a cache, a
+    crosscoder) was made from: ``model_info`` as a cache manifest records it, ``widths`` the
+    activation widths ``what`` holds."""
+    if widths and widths != {adapter.d_model}:
+        raise CrossintError(
+            f"model {adapter.name!r} has d_model {adapter.d_model}, but {what} has width "
+            f"{'/'.join(str(w) for w in sorted(widths))}: pass the model it was made from"
+        )
+    differences = [
+        f"{key} {model_info[key]!r} (model has {getattr(adapter, key)!r})"
+        for key in ("model_type", "n_blocks", "d_model")
+        if key in model_info and model_info[key] != getattr(adapter, key)
+    ]
+    if differences:
+        raise CrossintError(
+            f"model {adapter.name!r} does not match {what}, which records "
+            f"{', '.join(differences)}: pass the model it was made from"
+        )

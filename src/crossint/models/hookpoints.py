@@ -38,11 +38,31 @@ def all_hookpoints(n_blocks: int) -> list[str]:
     return [hookpoint(l, s) for l in range(n_blocks) for s in SITES]
 
 
+def split_hookpoint(name: str) -> tuple[int, str] | None:
+    """(l, site) of a well-formed ``blocks.{l}.{site}`` name, else None (no block-count check:
+    for names read back from files, where the model may not be loaded)."""
+    match = _PATTERN.match(name) if isinstance(name, str) else None
+    if match and match.group(2) in SITES:
+        return int(match.group(1)), match.group(2)
+    return None
+
+
+def blocks_with_site(names: Sequence[str], site: str) -> list[int]:
+    """The blocks l (sorted) whose ``blocks.{l}.{site}`` is among ``names``."""
+    return sorted({parsed[0] for parsed in map(split_hookpoint, names)
+                   if parsed is not None and parsed[1] == site})
+
+
+def n_blocks_spanned(names: Sequence[str]) -> int:
+    """One more than the largest block any of ``names`` reads (0 for none)."""
+    return 1 + max((parsed[0] for parsed in map(split_hookpoint, names) if parsed), default=-1)
+
+
 def parse_hookpoint(name: str, n_blocks: int) -> tuple[int, str]:
     """Split ``blocks.{l}.{site}`` into (l, site), or raise an error listing the valid names."""
-    match = _PATTERN.match(name)
-    if match and int(match.group(1)) < n_blocks and match.group(2) in SITES:
-        return int(match.group(1)), match.group(2)
+    parsed = split_hookpoint(name)
+    if parsed is not None and parsed[0] < n_blocks:
+        return parsed
     raise CrossintError(
         f"unknown hookpoint {name!r}: valid hookpoints are blocks.{{0..{n_blocks - 1}}}.{{site}} "
         f"with site one of {', '.join(SITES)} (e.g. {hookpoint(0, 'mlp_in')})"

@@ -1,0 +1,153 @@
+"""Penalties as library objects (crossint.interactions.penalty): kinds, records of every
+version, the training plug-in, resume, and the CLI's view of the registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from crossint.crosscoder.config import CrosscoderConfig
+from crossint.crosscoder.train import TrainConfig, train
+from crossint.data.cache import TensorActivations
+from crossint.errors import CrossintError
+from crossint.interactions.penalty import (
+    CONFIG_KEY,
+    PENALTY_KINDS,
+    DominancePenalty,
+    make_penalty,
+    penalty_from_record,
+    run_penalty,
+    same_penalty,
+    train_with_penalty,
+)
+from crossint.rundir import RunDir
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny GPT-2's paper-layout activations in memory and its MLP weights."""
+    from crossint.models.adapter import load_model
+
+    adapter = load_model(str(tiny_model_dir))
+    hookpoints = adapter.resolve_layout("paper")
+    ids_BS = torch.randint(0, adapter.vocab_size, (12, 32),
+                           generator=torch.Generator().manual_seed(0))
+    captured = adapter.capture(ids_BS, hookpoints)
+    acts_NXD = torch.stack([captured[h].reshape(-1, adapter.d_model) for h in hookpoints], dim=1)
+    mlps = {block: adapter.mlp_weights(block) for block in range(adapter.n_blocks)}
+    config = CrosscoderConfig(hookpoints=hookpoints, models=["tiny"], d_model=adapter.d_model,
+                              n_features=48, k=4)
+    return TensorActivations(acts_NXD, hookpoints), mlps, config
+
+
+def settings(steps: int = 20) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=64, lr=3e-3, checkpoint_every=5, log_every=5,
+                       normalisation_tokens=384)
+
+
+def test_kinds_options_and_errors():
+    penalty = make_penalty("dominance", 3.0, normalise="neuron")
+    assert penalty == DominancePenalty(3.0, normalise="neuron")
+    assert penalty.options() == {"weighting": "uniform", "normalise": "neuron"}
+    with pytest.raises(CrossintError, match="unknown penalty kind 'curly'.*dominance"):
+        make_penalty("curly", 1.0)
+    with pytest.raises(CrossintError, match="no option sharpness.*weighting, normalise"):
+        make_penalty("dominance", 1.0, sharpness=2)
+    for weight in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(CrossintError, match="--interaction-penalty"):
+            DominancePenalty(weight)
+    with pytest.raises(CrossintError, match="weighting"):
+        DominancePenalty(1.0, weighting="l2")
+
+
+def test_records_of_every_version_read_back():
+    penalty = DominancePenalty(100.0, normalise="total")
+    record = penalty.record([0, 1])
+    assert record == {"kind": "dominance", "lambda": 100.0, "weighting": "uniform",
+                      "normalise": "total", "blocks": [0, 1]}
+    assert penalty_from_record(record) == penalty
+    # before kinds existed: no "kind"; before the per-neuron normalisation: a bool
+    old = {"lambda": 100.0, "weighting": "uniform", "normalise": True, "blocks": [0, 1]}
+    assert penalty_from_record(old) == penalty and same_penalty(old, penalty)
+    assert penalty_from_record(None) == DominancePenalty(0.0)
+    assert not same_penalty({"kind": "curly"}, penalty)
+
+
+def test_cli_help_names_every_registered_kind():
+    from crossint.commands.train import PENALTY_KINDS_HELP, PENALTY_OPTION_FLAGS
+
+    for kind in PENALTY_KINDS:
+        assert kind in PENALTY_KINDS_HELP
+    options = {name for cls in PENALTY_KINDS.values() for name in cls.option_names()}
+    assert options == set(PENALTY_OPTION_FLAGS)
+
+
+def test_train_with_penalty_records_logs_and_resumes_exactly(tiny, tmp_path):
+    source, mlps, config = tiny
+    penalty = DominancePenalty(5.0, normalise="total")
+    whole = train_with_penalty(config, settings(), source, tmp_path / "whole", penalty,
+                               mlps=mlps, progress=False)
+    run = RunDir(tmp_path / "whole")
+    assert run.read_config()[CONFIG_KEY] == penalty.record([0, 1])
+    assert run_penalty(run.path) == penalty
+    last = run.last_metrics()
+    assert last["interaction"] == pytest.approx(5.0 * last["interaction_penalty"], rel=1e-5)
+    assert 0 < last["dominant_share"] <= 1
+
+    # Interrupt the same run at step 12 (after the checkpoint at 10), then resume it.
+    def stop_at_12(crosscoder, acts_BXD, output, calls=[0]):  # noqa: B006
+        if calls[0] == 12:
+            raise Interrupt
+        calls[0] += 1
+        return {}
+
+    from crossint.interactions.penalty import penalty_loss
+
+    with pytest.raises(Interrupt):
+        train(config, settings(), source, tmp_path / "cut", progress=False,
+              extra_losses=[penalty_loss(penalty, mlps), stop_at_12],
+              extra_config={CONFIG_KEY: penalty.record([0, 1])})
+    resumed = train_with_penalty(config, settings(), source, tmp_path / "cut", penalty,
+                                 resume=True, mlps=mlps, progress=False)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_resume_keeps_an_older_record_of_the_same_penalty(tiny, tmp_path):
+    source, mlps, config = tiny
+    old = {"lambda": 2.0, "weighting": "uniform", "normalise": True, "blocks": [0, 1]}
+    from crossint.interactions.penalty import penalty_loss
+
+    penalty = DominancePenalty(2.0, normalise="total")
+
+    def stop_at_7(crosscoder, acts_BXD, output, calls=[0]):  # noqa: B006
+        if calls[0] == 7:
+            raise Interrupt
+        calls[0] += 1
+        return {}
+
+    with pytest.raises(Interrupt):
+        train(config, settings(10), source, tmp_path / "old", progress=False,
+              extra_losses=[penalty_loss(penalty, mlps), stop_at_7],
+              extra_config={CONFIG_KEY: old})
+    train_with_penalty(config, settings(10), source, tmp_path / "old", penalty, resume=True,
+                       mlps=mlps, progress=False)
+    document = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert document["status"] == "finished" and document[CONFIG_KEY] == old
+    with pytest.raises(CrossintError, match="cannot resume"):
+        train_with_penalty(config, settings(10), source, tmp_path / "old",
+                           DominancePenalty(3.0), resume=True, mlps=mlps, progress=False)
+
+
+def test_penalty_needs_mlp_weights_or_a_named_model(tiny, tmp_path):
+    source, _, config = tiny
+    with pytest.raises(CrossintError, match="do not name their model"):
+        train_with_penalty(config, settings(), source, tmp_path / "r", DominancePenalty(1.0),
+                           progress=False)
+    assert not (tmp_path / "r").exists()
