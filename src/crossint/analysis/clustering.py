@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from crossint import rundir
 from crossint.errors import CrossintError
 
 METHODS = ("interaction", "decoder", "activation")
-CLUSTERS_NAME = "clusters.json"
-FEATURES_NAME = "features.json"
 AP_SCHEDULE = ((0.9, 1000), (0.97, 4000))  # (damping, max_iter), tried in turn
 AFFINITY_CLUSTERS = 30  # clusters drawn in affinity.png (all of them would be unreadable)
 
@@ -343,8 +342,7 @@ def write_cluster_outputs(document: dict[str, Any], profiles: list[dict[str, Any
     from crossint.report.plots import plot_cluster_coherence, plot_ordered_affinity
 
     out_dir = Path(out_dir)
-    paths = {"json": out_dir / CLUSTERS_NAME, "features": out_dir / FEATURES_NAME,
-             "coherence": out_dir / "coherence.png", "affinity": out_dir / "affinity.png"}
+    paths = {**rundir.CLUSTERS.paths(out_dir), "features": out_dir / rundir.FEATURES.name}
     plot_cluster_coherence(document["coherence"], paths["coherence"])
     largest = document["clusters"]["interaction"][:AFFINITY_CLUSTERS]
     index = {h: m for m, h in enumerate(document["features"])}

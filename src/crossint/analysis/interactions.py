@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossint import rundir
 from crossint.analysis.evaluate import ReconstructionStats
 from crossint.analysis.heldout import (
     HeldoutRequest,
@@ -50,16 +51,10 @@ from crossint.interactions import (
 from crossint.interactions.contributions import NeuronStats
 from crossint.io import atomic_write_json, atomic_write_text, sha256_file
 from crossint.models.hookpoints import parse_hookpoint
+from crossint.rundir import RunDir
 
 SHARE_BINS = 20
 LOCATION_GROUPS = 32
-RESULT_NAME = "interactions.json"
-PAIRS_CSV = "top_pairs.csv"
-PLOT_NAMES = {
-    "share": "dominant_share_hist.png",
-    "location": "interaction_location.png",
-    "pairs": "top_pairs.png",
-}
 INTERACTION_TOKENS = 50_000  # default held-out tokens
 PAIR_COLUMNS = ("i", "j", "block", "total", "strength", "frequency", "coactive_tokens", "ratio",
                 "hadamard", "delta2")
@@ -227,7 +222,7 @@ def analyse_run(
                                    delta2_pairs, progress)
     result = {
         "run": str(run_dir),
-        "crosscoder_sha256": sha256_file(Path(run_dir) / "model.safetensors"),
+        "crosscoder_sha256": sha256_file(RunDir(run_dir).weights),
         "model": setup.adapter.name,
         "corpus": setup.request.corpus,
         "seed": setup.request.seed,
@@ -417,10 +412,8 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, n_bar_pairs: int 
         plot_top_pairs,
     )
 
-    out_dir = Path(out_dir)
-    paths = {"json": out_dir / RESULT_NAME, "csv": out_dir / PAIRS_CSV}
-    paths.update({key: out_dir / name for key, name in PLOT_NAMES.items()})
-    atomic_write_text(paths["csv"], pairs_csv(result["top_pairs"]))
+    paths = rundir.INTERACTIONS.paths(out_dir)
+    atomic_write_text(paths["pairs_csv"], pairs_csv(result["top_pairs"]))
     histogram = result["share_histogram"]
     plot_share_histograms(histogram["bin_edges"],
                           {f"{b}": c for b, c in histogram["counts"].items()}, paths["share"])

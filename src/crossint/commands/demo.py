@@ -7,7 +7,7 @@ from dataclasses import fields
 
 
 def register(subparsers) -> None:
-    from crossint.demo import DemoSettings
+    from crossint.analysis.recipe import DemoSettings
 
     parser = subparsers.add_parser(
         "demo",
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from crossint.demo import DemoSettings, format_summary, run_demo
+    from crossint.analysis.demo import DemoSettings, format_summary, run_demo
 
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})
     summary = run_demo(args.out, settings, progress=not args.quiet)

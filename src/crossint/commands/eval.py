@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
+from crossint.rundir import EVAL, RunDir
 
 
 def register(subparsers) -> None:
@@ -34,8 +35,8 @@ def run(args) -> int:
     from crossint.io import atomic_write_json
 
     result = evaluate(args.run_dir, heldout_request(args), progress=not args.quiet)
-    out_dir = Path(args.out) if args.out else Path(args.run_dir) / "eval"
-    atomic_write_json(out_dir / "eval.json", result)
+    out_dir = Path(args.out) if args.out else RunDir(args.run_dir).result_dir(EVAL)
+    atomic_write_json(out_dir / EVAL.name, result)
     print(format_table(result))
     print(f"wrote {out_dir / 'eval.json'}")
     return 0

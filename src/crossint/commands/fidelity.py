@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
+from crossint.rundir import FIDELITY
 
 
 def register(subparsers) -> None:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     out_dir = Path(args.out)
-    json_path = atomic_write_json(out_dir / "fidelity.json", result)
+    json_path = atomic_write_json(out_dir / FIDELITY.name, result)
     blocks = [b["block"] for b in next(iter(result.values()))["per_block"]]
     phi, ci = {}, {}
     for block in blocks:
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             summary = next(b for b in entry["per_block"] if b["block"] == block)
             phi.setdefault(panel, {})[name] = [summary["phi"][s] for s in SCHEMES]
             ci.setdefault(panel, {})[name] = [summary["phi_ci"][s] for s in SCHEMES]
-    plot_fidelity(SCHEMES, phi, ci, out_dir / "fidelity.png")
+    plot_fidelity(SCHEMES, phi, ci, out_dir / FIDELITY.file("plot"))
     print(format_table(result))
     print(f"wrote {json_path} and {out_dir / 'fidelity.png'}")
     return 0

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
+from crossint.rundir import INTERACTIONS, RunDir
 
 
 def parse_blocks(text: str | None) -> list[int] | None:
@@ -82,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         chunk_tokens=args.chunk_tokens,
         progress=not args.quiet,
     )
-    out_dir = Path(args.out) if args.out else Path(args.run_dir) / "interactions"
+    out_dir = Path(args.out) if args.out else RunDir(args.run_dir).result_dir(INTERACTIONS)
     paths = write_outputs(result, out_dir)
     print(format_table(result))
-    print(f"wrote {paths['json']}, {paths['csv'].name} and 3 plots")
+    print(f"wrote {paths['json']}, {paths['pairs_csv'].name} and 3 plots")
     return 0

