@@ -103,29 +103,11 @@ def select_blocks(crosscoder: Any, blocks: Sequence[int] | None, run_dir: str | 
     return sorted(set(blocks))
 
 
-def check_model_matches(adapter: Any, model_info: dict[str, Any], widths: set[int],
-                        what: str) -> None:
-    """Refuse a subject model whose architecture differs from the one ``what`` was made from."""
-    if widths and widths != {adapter.d_model}:
-        raise CrossintError(
-            f"model {adapter.name!r} has d_model {adapter.d_model}, but {what} has width "
-            f"{'/'.join(str(w) for w in sorted(widths))}: pass the model it was made from"
-        )
-    differences = [
-        f"{key} {model_info[key]!r} (model has {getattr(adapter, key)!r})"
-        for key in ("model_type", "n_blocks", "d_model")
-        if key in model_info and model_info[key] != getattr(adapter, key)
-    ]
-    if differences:
-        raise CrossintError(
-            f"model {adapter.name!r} does not match {what}, which records "
-            f"{', '.join(differences)}: pass the model it was made from"
-        )
-
-
 def check_model(crosscoder: Any, adapter: Any, manifest: dict[str, Any], run_dir: str | Path,
                 ) -> None:
     """Refuse a subject model that is not the one the crosscoder was trained on."""
+    from crossint.models.adapter import check_model_matches
+
     check_model_matches(adapter, manifest.get("model_info") or {}, {crosscoder.config.d_model},
                         f"the crosscoder in {run_dir}")
     for name in crosscoder.config.hookpoints:
