@@ -44,8 +44,8 @@ def timed_run(crosscoder_config, source, steps: int, batch: int) -> float:
 def bench(n_blocks: int, D: int, H: int, K: int, batch: int, steps: int, extra_steps: int) -> dict:
     hookpoints = resolve_layout("paper", n_blocks)
     generator = torch.Generator().manual_seed(0)
-    acts_NXD = torch.randn(8 * batch, len(hookpoints), D, generator=generator)
-    source = TensorActivations(acts_NXD, hookpoints)
+    acts_TXD = torch.randn(8 * batch, len(hookpoints), D, generator=generator)
+    source = TensorActivations(acts_TXD, hookpoints)
     config = CrosscoderConfig(
         hookpoints=hookpoints,
         models=["bench"],

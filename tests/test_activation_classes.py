@@ -168,8 +168,8 @@ def test_a_new_registered_activation_trains_end_to_end(monkeypatch, tmp_path):
     loaded = Crosscoder.from_pretrained(run.path)
     assert isinstance(loaded.activation, ShiftedReLU)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode(source.acts_NXD[:64]),
-                                   final.encode(source.acts_NXD[:64]))
+        torch.testing.assert_close(loaded.encode(source.acts_TXD[:64]),
+                                   final.encode(source.acts_TXD[:64]))
     # Reruns are bit-identical for the new kind as for the built-in ones.
     again = train(cc, tc, source, tmp_path / "again", progress=False)
     assert run.weights.read_bytes() == RunDir(tmp_path / "again").weights.read_bytes()

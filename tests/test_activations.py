@@ -72,18 +72,18 @@ def expected_stream(adapter, n_tokens, context_length=32, corpus="stories"):
     return torch.cat(rows)[:n_tokens]
 
 
-def assert_same_rows(got_NXD, want_NXD, rtol):
+def assert_same_rows(got_TXD, want_TXD, rtol):
     """``got`` is a row permutation of ``want`` up to rounding (rows may repeat: the first token
     after BOS sees only BOS and itself, so equal tokens there give equal rows)."""
-    assert got_NXD.shape == want_NXD.shape
-    got, want = got_NXD.double().flatten(1), want_NXD.double().flatten(1)
+    assert got_TXD.shape == want_TXD.shape
+    got, want = got_TXD.double().flatten(1), want_TXD.double().flatten(1)
     rows, cols = linear_sum_assignment(torch.cdist(got, want).numpy())
     err = (got[rows] - want[cols]).abs().max()
     assert err <= rtol * want.abs().max(), float(err)
 
 
-def sorted_rows(x_NXD):
-    flat = x_NXD.reshape(len(x_NXD), -1).numpy()
+def sorted_rows(x_TXD):
+    flat = x_TXD.reshape(len(x_TXD), -1).numpy()
     return flat[np.lexsort(flat.T[::-1])]
 
 
@@ -596,7 +596,7 @@ def test_tensor_activations_interface():
 
 
 def test_tensor_activations_validation():
-    with pytest.raises(CrossintError, match=r"3-d tensor \[N, X, D\], got \(4, 8\)"):
+    with pytest.raises(CrossintError, match=r"3-d tensor \[T, X, D\], got \(4, 8\)"):
         TensorActivations(torch.zeros(4, 8), ["a"])
     with pytest.raises(CrossintError, match="need 2 distinct hookpoint names"):
         TensorActivations(torch.zeros(4, 2, 8), ["a"])

@@ -334,15 +334,15 @@ def test_patch_with_wrong_shape_is_an_error(adapter):
 # --- attention weights -------------------------------------------------------------------------
 
 
-def _rotate(x_BHSd: Tensor, rotary_dim: int, theta: float) -> Tensor:
+def _rotate(x_BASd: Tensor, rotary_dim: int, theta: float) -> Tensor:
     """Naive rotary embedding: dims i and i + rotary_dim/2 turn by position·theta^(-2i/rd)."""
-    out = x_BHSd.clone()
+    out = x_BASd.clone()
     half = rotary_dim // 2
-    positions = torch.arange(x_BHSd.shape[2], dtype=torch.float64)
+    positions = torch.arange(x_BASd.shape[2], dtype=torch.float64)
     for i in range(half):
         angle_S = positions * theta ** (-2.0 * i / rotary_dim)
         cos, sin = angle_S.cos(), angle_S.sin()
-        a, b = x_BHSd[..., i], x_BHSd[..., i + half]
+        a, b = x_BASd[..., i], x_BASd[..., i + half]
         out[..., i] = a * cos - b * sin
         out[..., i + half] = b * cos + a * sin
     return out
@@ -353,9 +353,9 @@ def _reference_attention(w: AttentionWeights, attn_in_BSD: Tensor) -> Tensor:
     x = attn_in_BSD.double()
     S = x.shape[1]
     rep = w.n_heads // w.n_kv_heads
-    q = torch.einsum("bsD,hDd->bhsd", x, w.W_Q_HDd.double()) + w.b_Q_Hd.double()[None, :, None]
-    k = torch.einsum("bsD,hDd->bhsd", x, w.W_K_HDd.double()) + w.b_K_Hd.double()[None, :, None]
-    v = torch.einsum("bsD,hDd->bhsd", x, w.W_V_HDd.double()) + w.b_V_Hd.double()[None, :, None]
+    q = torch.einsum("bsD,hDd->bhsd", x, w.W_Q_ADd.double()) + w.b_Q_Ad.double()[None, :, None]
+    k = torch.einsum("bsD,hDd->bhsd", x, w.W_K_ADd.double()) + w.b_K_Ad.double()[None, :, None]
+    v = torch.einsum("bsD,hDd->bhsd", x, w.W_V_ADd.double()) + w.b_V_Ad.double()[None, :, None]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if w.positional == "rotary":
         q, k = _rotate(q, w.rotary_dim, w.rope_theta), _rotate(k, w.rotary_dim, w.rope_theta)
@@ -368,18 +368,18 @@ def _reference_attention(w: AttentionWeights, attn_in_BSD: Tensor) -> Tensor:
         allowed &= (i - j) < w.window
     pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     z = torch.einsum("bhij,bhjd->bhid", pattern, v)
-    return torch.einsum("bhid,hdD->biD", z, w.W_O_HdD.double()) + w.b_O_D.double()
+    return torch.einsum("bhid,hdD->biD", z, w.W_O_AdD.double()) + w.b_O_D.double()
 
 
 def test_attention_recomputed_from_weights_matches_attn_out(adapter):
     acts = adapter.capture(_ids(seq=12), adapter.hookpoints())
     for l in range(adapter.n_blocks):
         w = adapter.attention_weights(l)
-        H, d = w.n_heads, w.head_dim
-        assert w.W_Q_HDd.shape == (H, adapter.d_model, d)
-        assert w.W_K_HDd.shape == w.W_V_HDd.shape == (w.n_kv_heads, adapter.d_model, d)
-        assert w.W_O_HdD.shape == (H, d, adapter.d_model)
-        assert w.b_Q_Hd.shape == (H, d) and w.b_K_Hd.shape == (w.n_kv_heads, d)
+        A, d = w.n_heads, w.head_dim
+        assert w.W_Q_ADd.shape == (A, adapter.d_model, d)
+        assert w.W_K_ADd.shape == w.W_V_ADd.shape == (w.n_kv_heads, adapter.d_model, d)
+        assert w.W_O_AdD.shape == (A, d, adapter.d_model)
+        assert w.b_Q_Ad.shape == (A, d) and w.b_K_Ad.shape == (w.n_kv_heads, d)
         recomputed = _reference_attention(w, acts[f"blocks.{l}.attn_in"])
         assert _close(recomputed, acts[f"blocks.{l}.attn_out"], 1e-4), f"block {l}"
 
@@ -409,7 +409,7 @@ def test_query_from_W_Q_matches_the_projection_module(adapter):
     acts = adapter.capture(_ids(), ["blocks.0.attn_in"])
     x = acts["blocks.0.attn_in"]
     w = adapter.attention_weights(0)
-    q_BSHd = torch.einsum("bsD,hDd->bshd", x, w.W_Q_HDd) + w.b_Q_Hd
+    q_BSAd = torch.einsum("bsD,hDd->bshd", x, w.W_Q_ADd) + w.b_Q_Ad
     with torch.no_grad():
         if arch.qkv_style == "separate":
             module_q = adapter.module("q_proj", 0)(x)
@@ -419,7 +419,7 @@ def test_query_from_W_Q_matches_the_projection_module(adapter):
                 module_q = fused[..., : adapter.d_model]
             else:  # per head [q | k | v]
                 module_q = fused.view(*x.shape[:2], w.n_heads, 3 * w.head_dim)[..., : w.head_dim]
-    assert _close(q_BSHd.reshape(*x.shape[:2], -1), module_q.reshape(*x.shape[:2], -1))
+    assert _close(q_BSAd.reshape(*x.shape[:2], -1), module_q.reshape(*x.shape[:2], -1))
 
 
 # --- MLP activation ----------------------------------------------------------------------------
@@ -503,7 +503,7 @@ def test_dtype_and_device_plumbing(tiny_model_dir):
     acts = wide.capture(ids, ["blocks.1.mlp_pre", "blocks.0.resid_mid"])
     assert all(t.dtype == torch.float64 for t in acts.values())
     assert wide.mlp_weights(0).W_in_DN.dtype == torch.float64
-    assert wide.attention_weights(0).W_Q_HDd.dtype == torch.float64
+    assert wide.attention_weights(0).W_Q_ADd.dtype == torch.float64
     with torch.no_grad():
         assert wide.logits(ids).dtype == torch.float64
         assert _close(wide.logits(ids), ref.logits(ids), 1e-4)

@@ -174,7 +174,7 @@ def test_top_contexts_are_the_largest_activations_on_the_heldout_tokens(clustere
     request = HeldoutRequest(n_tokens=600, context_length=32).resolve(trained_paper_run)
     batches = heldout_batches(adapter, request)
     f = torch.cat([crosscoder.encode(capture_tokens(adapter, ids, list(
-        crosscoder.config.hookpoints), special).acts_NXD) for ids in batches]).detach().double()
+        crosscoder.config.hookpoints), special).acts_TXD) for ids in batches]).detach().double()
     for profile in profiles:
         h = profile["id"]
         column = f[:, h]

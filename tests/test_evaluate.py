@@ -37,9 +37,9 @@ def exact_crosscoder(model_name: str) -> Crosscoder:
         folded=True,
     )
     crosscoder = Crosscoder(config)
-    eye_ND = torch.eye(X * D).reshape(X * D, X, D)
+    eye_FXD = torch.eye(X * D).reshape(X * D, X, D)
     with torch.no_grad():
-        crosscoder.W_dec_HXD.copy_(torch.stack([eye_ND, -eye_ND], dim=1).reshape(-1, X, D))
+        crosscoder.W_dec_HXD.copy_(torch.stack([eye_FXD, -eye_FXD], dim=1).reshape(-1, X, D))
         crosscoder.W_enc_XDH.copy_(crosscoder.W_dec_HXD.permute(1, 2, 0))
     return crosscoder
 

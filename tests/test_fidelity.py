@@ -123,9 +123,9 @@ def test_text_losses_are_ratios_of_means_with_a_bootstrap():
     assert losses.recovered("patch", "zero") == pytest.approx(
         loss_recovered(losses.mean("model"), losses.mean("patch"), losses.mean("zero")))
     assert 0.7 < losses.recovered("patch", "zero") < 0.8
-    weights_RT = losses.resample_weights(500, seed=1)
-    assert torch.all(weights_RT.sum(dim=1) == 12)
-    low, high = percentile_interval(losses.recovered_samples("patch", "zero", weights_RT))
+    weights_RC = losses.resample_weights(500, seed=1)
+    assert torch.all(weights_RC.sum(dim=1) == 12)
+    low, high = percentile_interval(losses.recovered_samples("patch", "zero", weights_RC))
     assert low < losses.recovered("patch", "zero") < high
     assert high - low < 0.05
     with pytest.raises(RuntimeError, match="missed a batch"):
@@ -202,9 +202,9 @@ def naive_fidelity(model_dir: Path, crosscoder: Crosscoder, block: int, n_texts:
     W_in, b_in = mlp.W_in_DN.double(), mlp.b_in_N.double()
     W_out, b_out = mlp.W_out_ND.double(), mlp.b_out_D.double()
     for ids_BS in batches:
-        acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, hookpoints, special)
+        acts, keep_BS, acts_TXD = capture_tokens(adapter, ids_BS, hookpoints, special)
         with torch.no_grad():
-            out = crosscoder(acts_NXD)
+            out = crosscoder(acts_TXD)
             mask_BS = keep_BS[:, :-1]
             sums["model"] += float(adapter.token_losses(ids_BS)[mask_BS].double().sum())
             d_HD = crosscoder.W_dec_HXD[:, mlp_in].double()

@@ -185,7 +185,7 @@ def test_gguf_capture_weights_and_unpermuted_attention(tiny_llama, adapter):
     # llama.cpp's q/k row permutation is undone: per-head weights equal the original's.
     for block in range(N_BLOCKS):
         a, b = adapter.attention_weights(block), reference.attention_weights(block)
-        assert torch.equal(a.W_Q_HDd, b.W_Q_HDd) and torch.equal(a.W_K_HDd, b.W_K_HDd)
+        assert torch.equal(a.W_Q_ADd, b.W_Q_ADd) and torch.equal(a.W_K_ADd, b.W_K_ADd)
         assert a.n_kv_heads == N_KV_HEADS
 
 

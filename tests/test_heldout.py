@@ -126,11 +126,11 @@ def test_capture_tokens_names_its_parts(tiny_model_dir):
     ids_BS = torch.tensor([[adapter.tokenizer.bos_token_id, 5, 6, 7]])
     captured = capture_tokens(adapter, ids_BS, ["blocks.0.mlp_in", "blocks.1.resid_pre"],
                               adapter.special_token_ids())
-    assert captured.acts_NXD.shape == (3, 2, 32) and captured.keep_BS.tolist() == [
+    assert captured.acts_TXD.shape == (3, 2, 32) and captured.keep_BS.tolist() == [
         [False, True, True, True]]
     assert set(captured.acts) == {"blocks.0.mlp_in", "blocks.1.resid_pre"}
-    acts, keep_BS, acts_NXD = captured  # still unpacks like the tuple it was
-    assert acts_NXD is captured.acts_NXD
+    acts, keep_BS, acts_TXD = captured  # still unpacks like the tuple it was
+    assert acts_TXD is captured.acts_TXD
 
 
 OLD_REQUEST = {"n_tokens": 600, "corpus": None, "seed": 12345, "context_length": None,
@@ -158,11 +158,11 @@ def test_sweep_reuses_a_measurement_of_the_previous_version_only_for_stories(
     (run / "interactions" / "interactions.json").write_text(json.dumps(stored))
     calls = []
 
-    def analyse_run(run_dir, request, **settings):
+    def analyse_interactions(run_dir, request, **settings):
         calls.append(request)
         return {"request": interactions.request_record(request, None, 5, 5), "new": True}
 
-    monkeypatch.setattr(interactions, "analyse_run", analyse_run)
+    monkeypatch.setattr(interactions, "analyse_interactions", analyse_interactions)
     monkeypatch.setattr(interactions, "write_outputs", lambda result, out_dir: None)
     result = measure_run(run, n_tokens=600, top_pairs=5, delta2_pairs=5, progress=False)
     assert (result == stored) is reused and len(calls) == (0 if reused else 1)

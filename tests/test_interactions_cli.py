@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crossint.analysis.heldout import HeldoutRequest, heldout_batches, non_special_BS
-from crossint.analysis.interactions import analyse_run
+from crossint.analysis.interactions import analyse_interactions
 from crossint.cli import main
 from crossint.crosscoder.model import Crosscoder
 from crossint.data.harvest import harvest
@@ -138,7 +138,7 @@ def test_interactions_cli_writes_every_output(runs, tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
     # The penalised crosscoder's dominant share on held-out text exceeds the plain one's.
-    plain = analyse_run(runs["plain"], n_tokens=600, context_length=32, top_pairs=0,
+    plain = analyse_interactions(runs["plain"], n_tokens=600, context_length=32, top_pairs=0,
                         delta2_pairs=0, progress=False)
     assert result["dominant_share"] > plain["dominant_share"] + 0.1
     assert plain["top_pairs"] == [] and plain["delta2_spearman"] == {"n_pairs": 0}
@@ -147,7 +147,7 @@ def test_interactions_cli_writes_every_output(runs, tmp_path, capsys):
 def test_analysis_matches_naive_float64(runs, tiny_text_file):
     """Shares, S − Mx, the §4.3 bound and L_rec against dense loops over every feature."""
     run = runs["plain"]
-    result = analyse_run(run, n_tokens=300, corpus=str(tiny_text_file), context_length=32,
+    result = analyse_interactions(run, n_tokens=300, corpus=str(tiny_text_file), context_length=32,
                          batch_size=4, top_pairs=3, delta2_pairs=0, progress=False)
     crosscoder = Crosscoder.from_pretrained(run)
     adapter = load_model(crosscoder.config.models[0])
@@ -159,27 +159,27 @@ def test_analysis_matches_naive_float64(runs, tiny_text_file):
         captured = adapter.capture(ids_BS, hookpoints)
         keep_BS = non_special_BS(ids_BS, adapter.special_token_ids())
         acts.append(torch.stack([captured[h][keep_BS] for h in hookpoints], dim=1))
-    acts_NXD = torch.cat(acts)
-    assert acts_NXD.shape[0] == result["n_tokens"]
+    acts_TXD = torch.cat(acts)
+    assert acts_TXD.shape[0] == result["n_tokens"]
     with torch.no_grad():  # encoded in float32 as the analysis does; everything after in float64
-        f_NH = crosscoder.encode(acts_NXD)
-        recon_NXD = crosscoder.decode(f_NH).double()
-    f_NH, acts_NXD = f_NH.double(), acts_NXD.double()
+        f_TH = crosscoder.encode(acts_TXD)
+        recon_TXD = crosscoder.decode(f_TH).double()
+    f_TH, acts_TXD = f_TH.double(), acts_TXD.double()
     for row in result["per_block"]:
         block = row["block"]
         mlp = adapter.mlp_weights(block)
         d_HD = crosscoder.decoder(f"blocks.{block}.mlp_in").detach().double()
         V_HN = d_HD @ mlp.W_in_DN.double()
-        p_NHN = f_NH[:, :, None] * V_HN[None]  # every feature, dense
-        S_NN, Mx_NN = p_NHN.abs().sum(dim=1), p_NHN.abs().amax(dim=1)
-        share = ((Mx_NN + 1e-8) / (S_NN + 1e-8)).mean().item()
+        p_THN = f_TH[:, :, None] * V_HN[None]  # every feature, dense
+        S_TN, Mx_TN = p_THN.abs().sum(dim=1), p_THN.abs().amax(dim=1)
+        share = ((Mx_TN + 1e-8) / (S_TN + 1e-8)).mean().item()
         w_out_N = mlp.W_out_ND.double().norm(dim=1)
-        bound = (mlp.lipschitz * ((S_NN - Mx_NN) * w_out_N).sum(dim=1)).mean().item()
+        bound = (mlp.lipschitz * ((S_TN - Mx_TN) * w_out_N).sum(dim=1)).mean().item()
         assert row["dominant_share"] == pytest.approx(share, rel=1e-4)
-        assert row["nondominant"] == pytest.approx((S_NN - Mx_NN).mean().item(), rel=1e-4)
+        assert row["nondominant"] == pytest.approx((S_TN - Mx_TN).mean().item(), rel=1e-4)
         assert row["bound"] == pytest.approx(bound, rel=1e-4)
-    scale_X = math.sqrt(crosscoder.config.d_model) / acts_NXD.norm(dim=-1).mean(dim=0)
-    naive_rec = ((acts_NXD - recon_NXD) * scale_X[:, None]).pow(2).sum(dim=(1, 2)).mean().item()
+    scale_X = math.sqrt(crosscoder.config.d_model) / acts_TXD.norm(dim=-1).mean(dim=0)
+    naive_rec = ((acts_TXD - recon_TXD) * scale_X[:, None]).pow(2).sum(dim=(1, 2)).mean().item()
     assert result["recon_loss"] == pytest.approx(naive_rec, rel=1e-3)
 
 

@@ -539,8 +539,8 @@ def test_training_with_the_penalty_raises_the_dominant_share(tiny_model_dir, tmp
     g = torch.Generator().manual_seed(0)
     ids_BS = torch.randint(0, adapter.vocab_size, (24, 32), generator=g)
     captured = adapter.capture(ids_BS, hookpoints)
-    acts_NXD = torch.stack([captured[h].reshape(-1, adapter.d_model) for h in hookpoints], dim=1)
-    source = TensorActivations(acts_NXD, hookpoints)
+    acts_TXD = torch.stack([captured[h].reshape(-1, adapter.d_model) for h in hookpoints], dim=1)
+    source = TensorActivations(acts_TXD, hookpoints)
     mlps = {block: adapter.mlp_weights(block) for block in range(adapter.n_blocks)}
     config = CrosscoderConfig(hookpoints=hookpoints, models=["tiny"], d_model=adapter.d_model,
                               n_features=64, k=4)
@@ -553,7 +553,7 @@ def test_training_with_the_penalty_raises_the_dominant_share(tiny_model_dir, tmp
                            extra_losses=[loss_fn], progress=False)
         meter = MLPInteractionMeter(feature_blocks(crosscoder, mlps, dtype=torch.float64))
         with torch.no_grad():
-            meter.update(crosscoder(acts_NXD).f_BH)
+            meter.update(crosscoder(acts_TXD).f_BH)
         shares[weight] = meter.result()["dominant_share_active"]
         assert math.isfinite(shares[weight])
     assert shares[100.0] > shares[0.0] + 0.1, shares

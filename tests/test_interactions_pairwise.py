@@ -196,17 +196,17 @@ def naive_pair_measures(f_BH, block, i, j):
 
 def test_pair_measures_match_naive(case):
     f_BH, blocks, _ = case
-    i_P = torch.tensor([2, 0, 3, 7, 1])
-    j_P = torch.tensor([7, 4, 5, 2, 1])
-    block_P = torch.tensor([0, 2, 0, 2, 0])
-    measures = PairMeasureAccumulator(blocks, i_P, j_P, block_P, chunk_pairs=2)
+    i_Q = torch.tensor([2, 0, 3, 7, 1])
+    j_Q = torch.tensor([7, 4, 5, 2, 1])
+    block_Q = torch.tensor([0, 2, 0, 2, 0])
+    measures = PairMeasureAccumulator(blocks, i_Q, j_Q, block_Q, chunk_pairs=2)
     measures.update(f_BH[:9])
     measures.update(f_BH[9:])
     result = measures.result()
     by_id = {b.block: b for b in blocks}
     for p in range(5):
         ratio, delta, count, hadamard = naive_pair_measures(
-            f_BH, by_id[int(block_P[p])], int(i_P[p]), int(j_P[p]))
+            f_BH, by_id[int(block_Q[p])], int(i_Q[p]), int(j_Q[p]))
         assert result["coactive"][p].item() == count
         assert result["hadamard"][p].item() == pytest.approx(hadamard)
         if count:
@@ -223,9 +223,9 @@ def test_second_difference_is_zero_for_a_linear_mlp(case):
     measures = PairMeasureAccumulator([linear], torch.tensor([2, 0]), torch.tensor([7, 3]),
                                       torch.tensor([0, 0]))
     measures.update(f_BH)
-    delta_P = measures.result()["delta2"]
-    assert torch.isfinite(delta_P[0])
-    assert delta_P[torch.isfinite(delta_P)].abs().max() < 1e-12
+    delta_Q = measures.result()["delta2"]
+    assert torch.isfinite(delta_Q[0])
+    assert delta_Q[torch.isfinite(delta_Q)].abs().max() < 1e-12
 
 
 def test_hadamard_measure():

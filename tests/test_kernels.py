@@ -41,10 +41,10 @@ def test_slots_maxima_and_sums_match_a_naive_loop(kernel_path, chunk_tokens):
     args = inputs(torch.float64)
     assert fused_available(args[1]) == (kernel_path == "fused")
     slot, Mx, S = dominant_magnitudes(*args, chunk_tokens=chunk_tokens, with_sum=True)
-    want_slot, want_Mx, want_S = naive(*args)
+    want_slot, want_Mx_BN, want_S_BN = naive(*args)
     assert torch.equal(slot, want_slot)
-    assert torch.allclose(Mx, want_Mx, rtol=1e-12, atol=0)
-    assert torch.allclose(S, want_S, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(Mx, want_Mx_BN, rtol=1e-12, atol=0)
+    assert torch.allclose(S, want_S_BN, rtol=1e-12, atol=1e-15)
     assert dominant_magnitudes(*args, chunk_tokens=chunk_tokens)[2] is None
 
 
@@ -74,7 +74,7 @@ def test_dominant_gradients_match_a_naive_loop(kernel_path):
     W_BN = torch.randn(Mx_BN.shape, generator=generator, dtype=torch.float64)
     spread_BK = torch.randn(f_BK.shape, generator=generator, dtype=torch.float64)
     unsigned_UN = torch.randn(V_UN.shape, generator=generator, dtype=torch.float64)
-    grad_f, grad_V = dominant_gradients(f_BK, V_UN, row_BK, slot_BN, Mx_BN, W_BN, spread_BK,
+    grad_f, grad_V_UN = dominant_gradients(f_BK, V_UN, row_BK, slot_BN, Mx_BN, W_BN, spread_BK,
                                         unsigned_UN.clone())
     (B, K), (U, N) = f_BK.shape, V_UN.shape
     for b in range(B):
@@ -91,7 +91,7 @@ def test_dominant_gradients_match_a_naive_loop(kernel_path):
                              for b in range(B) if row_BK[b, slot_BN[b, n]] == u)
             v = float(V_UN[u, n])
             want = ((v > 0) - (v < 0)) * (float(unsigned_UN[u, n]) - correction)
-            assert float(grad_V[u, n]) == pytest.approx(want, abs=1e-12)
+            assert float(grad_V_UN[u, n]) == pytest.approx(want, abs=1e-12)
 
 
 def test_a_failing_kernel_falls_back_to_torch(monkeypatch):
@@ -111,6 +111,6 @@ def test_a_failing_kernel_falls_back_to_torch(monkeypatch):
     args = inputs(torch.float64)
     with pytest.warns(RuntimeWarning, match="no LLVM here"):
         slot, Mx, _ = dominant_magnitudes(*args, chunk_tokens=8)
-    want_slot, want_Mx, _ = naive(*args)
-    assert torch.equal(slot, want_slot) and torch.allclose(Mx, want_Mx)
+    want_slot, want_Mx_BN, _ = naive(*args)
+    assert torch.equal(slot, want_slot) and torch.allclose(Mx, want_Mx_BN)
     assert not fused_available(args[1])  # not tried again

@@ -39,11 +39,11 @@ def tiny(tiny_model_dir):
     ids_BS = torch.randint(0, adapter.vocab_size, (12, 32),
                            generator=torch.Generator().manual_seed(0))
     captured = adapter.capture(ids_BS, hookpoints)
-    acts_NXD = torch.stack([captured[h].reshape(-1, adapter.d_model) for h in hookpoints], dim=1)
+    acts_TXD = torch.stack([captured[h].reshape(-1, adapter.d_model) for h in hookpoints], dim=1)
     mlps = {block: adapter.mlp_weights(block) for block in range(adapter.n_blocks)}
     config = CrosscoderConfig(hookpoints=hookpoints, models=["tiny"], d_model=adapter.d_model,
                               n_features=48, k=4)
-    return TensorActivations(acts_NXD, hookpoints), mlps, config
+    return TensorActivations(acts_TXD, hookpoints), mlps, config
 
 
 def settings(steps: int = 20) -> TrainConfig:

@@ -216,10 +216,10 @@ def test_storylm_config_builds_a_four_block_gelu_gpt_neo():
 
 def test_pack_contexts_starts_every_row_with_bos():
     stream_T = torch.arange(1, 40)
-    rows_NC = pack_contexts(stream_T, context_length=8, bos_id=0)
-    assert rows_NC.shape == (5, 8)
-    assert (rows_NC[:, 0] == 0).all()
-    assert rows_NC[:, 1:].flatten().tolist() == list(range(1, 36))
+    rows_CS = pack_contexts(stream_T, context_length=8, bos_id=0)
+    assert rows_CS.shape == (5, 8)
+    assert (rows_CS[:, 0] == 0).all()
+    assert rows_CS[:, 1:].flatten().tolist() == list(range(1, 36))
     with pytest.raises(CrossintError):
         pack_contexts(torch.arange(3), context_length=8, bos_id=0)
 
@@ -308,10 +308,10 @@ def test_tiny_training_run_saves_a_loadable_model_whose_loss_drops(tiny_run):
     assert model.config.hidden_size == 32 and len(tok) == 300
     assert model.config.bos_token_id == tok.bos_token_id == tok.eos_token_id
     # The reloaded model reproduces the reported held-out loss.
-    held_NC = pack_contexts(
+    held_CS = pack_contexts(
         tokenize_stream(iter_stories(HELDOUT_DATA_SEED), tok, 8 * 47, tok.eos_token_id),
         48, tok.bos_token_id)
-    assert mean_token_loss(model, held_NC) == pytest.approx(result["heldout_loss_nats"], abs=1e-3)
+    assert mean_token_loss(model, held_CS) == pytest.approx(result["heldout_loss_nats"], abs=1e-3)
 
 
 def test_training_replaces_an_existing_directory(tmp_path):
@@ -397,9 +397,9 @@ def test_packaged_model_beats_the_unigram_baseline_on_held_out_stories():
     assert isinstance(model, GPTNeoForCausalLM) and len(model.transformer.h) == 4
     assert model.config.activation_function == "gelu_new"
     # Fresh held-out stories (a seed the model never trained on).
-    held_NC = pack_contexts(
+    held_CS = pack_contexts(
         tokenize_stream(iter_stories(HELDOUT_DATA_SEED + 100), tok, 8 * 255, tok.eos_token_id),
         256, tok.bos_token_id)
-    loss = mean_token_loss(model, held_NC, batch_size=8)
-    baseline = unigram_entropy(held_NC[:, 1:])
+    loss = mean_token_loss(model, held_CS, batch_size=8)
+    baseline = unigram_entropy(held_CS[:, 1:])
     assert loss < baseline / 2, (loss, baseline)

@@ -204,7 +204,7 @@ def test_aux_loss_revives_a_dead_feature(source, tmp_path):
                       tc_config(steps=140, aux_alpha=aux_alpha, decay_fraction=0.0), source, run,
                       extra_losses=[kill_feature(20, killed)], progress=False)
         with torch.no_grad():
-            f = model.encode(source.acts_NXD[:2048])
+            f = model.encode(source.acts_TXD[:2048])
         fired[aux_alpha] = int((f[:, killed["j"]] != 0).sum())
         if aux_alpha > 0:
             assert any(r["aux_loss"] > 0 for r in metrics(run))
@@ -325,7 +325,7 @@ def test_run_directory_contents_and_saved_model(source, tmp_path):
     unfolded = Crosscoder(cc_config())
     unfolded.load_state_dict(state["model"])
     unfolded.eval().double()
-    raw = source.acts_NXD[:256]
+    raw = source.acts_TXD[:256]
     with torch.no_grad():
         want = unfolded(raw.double())
         got = loaded.double()(raw.double())
@@ -336,7 +336,7 @@ def test_run_directory_contents_and_saved_model(source, tmp_path):
 def test_trained_batchtopk_features_do_not_depend_on_the_batch(source, tmp_path):
     train(cc_config(), tc_config(), source, tmp_path / "run", progress=False)
     model = Crosscoder.from_pretrained(tmp_path / "run")
-    raw = source.acts_NXD[:64]
+    raw = source.acts_TXD[:64]
     with torch.no_grad():
         together = model.encode(raw)
         alone = torch.cat([model.encode(raw[i : i + 1]) for i in range(64)])
@@ -350,11 +350,11 @@ def test_trained_batchtopk_features_do_not_depend_on_the_batch(source, tmp_path)
 class TwoModelSource:
     """Activations of two models at the same hookpoints, positions model-major."""
 
-    def __init__(self, acts_NXD: torch.Tensor, hookpoints: list[str], models: list[str]):
-        self.inner = TensorActivations(acts_NXD, [f"{m}/{h}" for m in models for h in hookpoints])
+    def __init__(self, acts_TXD: torch.Tensor, hookpoints: list[str], models: list[str]):
+        self.inner = TensorActivations(acts_TXD, [f"{m}/{h}" for m in models for h in hookpoints])
         self.hookpoints, self.models = hookpoints, models
-        self.dims = {h: acts_NXD.shape[2] for h in hookpoints}
-        self.n_tokens = acts_NXD.shape[0]
+        self.dims = {h: acts_TXD.shape[2] for h in hookpoints}
+        self.n_tokens = acts_TXD.shape[0]
 
     def batches(self, batch_size, seed, start_batch=0):
         return self.inner.batches(batch_size, seed, start_batch)

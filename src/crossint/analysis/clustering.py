@@ -33,10 +33,10 @@ AFFINITY_CLUSTERS = 30  # clusters drawn in affinity.png (all of them would be u
 
 
 # --- similarities --------------------------------------------------------------------------------
-def normalised_interaction(interaction_HH: Any, features_M: Sequence[int] | None = None,
+def normalised_interaction(interaction_HH: Any, features_U: Sequence[int] | None = None,
                            ) -> np.ndarray:
     """A_ij / sqrt(a_i a_j) with A = (I + Iᵀ)/2 and a_i = Σ_{j≠i} A_ij (over all features), for
-    the ``features_M`` (default all) as a dense M×M array; zero diagonal, and zero rows for
+    the ``features_U`` (default all) as a dense U×U array; zero diagonal, and zero rows for
     features with no interaction mass. ``interaction_HH`` may be dense or scipy-sparse."""
     from scipy import sparse
 
@@ -45,34 +45,34 @@ def normalised_interaction(interaction_HH: Any, features_M: Sequence[int] | None
     A = ((I + I.T) / 2).tocsr()
     a = np.asarray(A.sum(axis=1)).ravel()
     inv = np.where(a > 0, 1.0 / np.sqrt(np.where(a > 0, a, 1.0)), 0.0)
-    index = np.arange(A.shape[0]) if features_M is None else np.asarray(features_M)
-    A_MM = A[index][:, index].toarray()
-    return A_MM * inv[index][:, None] * inv[index][None, :]
+    index = np.arange(A.shape[0]) if features_U is None else np.asarray(features_U)
+    A_UU = A[index][:, index].toarray()
+    return A_UU * inv[index][:, None] * inv[index][None, :]
 
 
-def cosine_rows(X_MF: np.ndarray) -> np.ndarray:
-    """Cosine similarity between the rows of ``X_MF`` (zero rows have similarity 0)."""
-    norm = np.linalg.norm(X_MF, axis=1)
-    unit = X_MF / np.where(norm > 0, norm, 1.0)[:, None]
+def cosine_rows(X_UF: np.ndarray) -> np.ndarray:
+    """Cosine similarity between the rows of ``X_UF`` (zero rows have similarity 0)."""
+    norm = np.linalg.norm(X_UF, axis=1)
+    unit = X_UF / np.where(norm > 0, norm, 1.0)[:, None]
     return unit @ unit.T
 
 
-def cosine_from_gram(gram_MM: np.ndarray) -> np.ndarray:
+def cosine_from_gram(gram_UU: np.ndarray) -> np.ndarray:
     """Cosine similarity from a Gram matrix G_ij = <x_i, x_j>."""
-    diag = np.sqrt(np.clip(np.diag(gram_MM), 0.0, None))
+    diag = np.sqrt(np.clip(np.diag(gram_UU), 0.0, None))
     inv = np.where(diag > 0, 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
-    return gram_MM * inv[:, None] * inv[None, :]
+    return gram_UU * inv[:, None] * inv[None, :]
 
 
 # --- affinity propagation ------------------------------------------------------------------------
-def resolve_preference(similarity_MM: np.ndarray, preference: str | float) -> float:
+def resolve_preference(similarity_UU: np.ndarray, preference: str | float) -> float:
     """``"median"`` / ``"min"`` of the off-diagonal similarities, or a number."""
     if isinstance(preference, (int, float)) and not isinstance(preference, bool):
         if not np.isfinite(preference):
             raise CrossintError(f"preference must be finite, got {preference!r}")
         return float(preference)
-    M = similarity_MM.shape[0]
-    off = similarity_MM[~np.eye(M, dtype=bool)]
+    U = similarity_UU.shape[0]
+    off = similarity_UU[~np.eye(U, dtype=bool)]
     if preference == "median":
         return float(np.median(off)) if off.size else 0.0
     if preference == "min":
@@ -80,7 +80,7 @@ def resolve_preference(similarity_MM: np.ndarray, preference: str | float) -> fl
     raise CrossintError(f"preference must be 'median', 'min' or a number, got {preference!r}")
 
 
-def affinity_propagation(similarity_MM: np.ndarray, preference: float, seed: int = 0,
+def affinity_propagation(similarity_UU: np.ndarray, preference: float, seed: int = 0,
                          schedule: Sequence[tuple[float, int]] = AP_SCHEDULE,
                          ) -> tuple[np.ndarray, bool]:
     """Cluster labels (0..C-1) of affinity propagation on precomputed similarities, and whether
@@ -90,10 +90,10 @@ def affinity_propagation(similarity_MM: np.ndarray, preference: float, seed: int
     from sklearn.cluster import AffinityPropagation
     from sklearn.exceptions import ConvergenceWarning
 
-    M = similarity_MM.shape[0]
-    if M == 0:
+    U = similarity_UU.shape[0]
+    if U == 0:
         return np.zeros(0, dtype=np.int64), True
-    if M == 1:
+    if U == 1:
         return np.zeros(1, dtype=np.int64), True
     for damping, max_iter in schedule:
         model = AffinityPropagation(affinity="precomputed", preference=preference,
@@ -101,7 +101,7 @@ def affinity_propagation(similarity_MM: np.ndarray, preference: float, seed: int
                                     random_state=seed)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            labels = model.fit_predict(similarity_MM)
+            labels = model.fit_predict(similarity_UU)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         if converged:
             break
@@ -114,10 +114,10 @@ def affinity_propagation(similarity_MM: np.ndarray, preference: float, seed: int
     return labels, converged
 
 
-def clusters_from_labels(labels_M: np.ndarray, features_M: Sequence[int]) -> list[list[int]]:
+def clusters_from_labels(labels_U: np.ndarray, features_U: Sequence[int]) -> list[list[int]]:
     """Feature ids per cluster, largest cluster first (ties by smallest feature id)."""
-    features_M = np.asarray(features_M)
-    groups = [sorted(int(f) for f in features_M[labels_M == c]) for c in np.unique(labels_M)]
+    features_U = np.asarray(features_U)
+    groups = [sorted(int(f) for f in features_U[labels_U == c]) for c in np.unique(labels_U)]
     return sorted(groups, key=lambda g: (-len(g), g[0]))
 
 
@@ -137,31 +137,31 @@ def jaccard_matrix(sets: Sequence[set[int]]) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def mean_cluster_coherence(J_MM: np.ndarray, members: Sequence[np.ndarray]) -> tuple[float, int]:
+def mean_cluster_coherence(J_UU: np.ndarray, members: Sequence[np.ndarray]) -> tuple[float, int]:
     """Mean over clusters of ≥ 2 members of their mean pairwise J; and how many such clusters."""
     scores = []
     for m in members:
         if len(m) < 2:
             continue
-        block = J_MM[np.ix_(m, m)]
+        block = J_UU[np.ix_(m, m)]
         scores.append((block.sum() - np.trace(block)) / (len(m) * (len(m) - 1)))
     return (float(np.mean(scores)) if scores else float("nan")), len(scores)
 
 
-def coherence(J_MM: np.ndarray, labels_M: np.ndarray, n_random: int = 200, seed: int = 0,
+def coherence(J_UU: np.ndarray, labels_U: np.ndarray, n_random: int = 200, seed: int = 0,
               ) -> dict[str, Any]:
     """The clusters' coherence, the same for ``n_random`` random clusterings with the same
     sizes, and the z-score of the real one against them."""
-    members = [np.flatnonzero(labels_M == c) for c in np.unique(labels_M)]
-    score, n_scored = mean_cluster_coherence(J_MM, members)
+    members = [np.flatnonzero(labels_U == c) for c in np.unique(labels_U)]
+    score, n_scored = mean_cluster_coherence(J_UU, members)
     sizes = [len(m) for m in members]
     rng = np.random.default_rng(seed)
     boundaries = np.cumsum(sizes)[:-1]
     random_scores = []
     if n_scored:
         for _ in range(n_random):
-            permuted = np.split(rng.permutation(len(labels_M)), boundaries)
-            random_scores.append(mean_cluster_coherence(J_MM, permuted)[0])
+            permuted = np.split(rng.permutation(len(labels_U)), boundaries)
+            random_scores.append(mean_cluster_coherence(J_UU, permuted)[0])
     mean = float(np.mean(random_scores)) if random_scores else float("nan")
     std = float(np.std(random_scores)) if random_scores else float("nan")
     z = (score - mean) / std if random_scores and std > 0 else float("nan")
@@ -171,36 +171,36 @@ def coherence(J_MM: np.ndarray, labels_M: np.ndarray, n_random: int = 200, seed:
 
 def cluster_similarities(
     similarities: dict[str, np.ndarray],
-    features_M: Sequence[int],
+    features_U: Sequence[int],
     token_sets: Sequence[set[int]],
     preference: str | float = "median",
     n_random: int = 200,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Affinity propagation on every method's similarity matrix over ``features_M`` and the
+    """Affinity propagation on every method's similarity matrix over ``features_U`` and the
     coherence of each clustering; the clusters.json dict (without provenance)."""
-    if len(features_M) < 2:
+    if len(features_U) < 2:
         raise CrossintError(
-            f"clustering needs at least 2 active features, got {len(features_M)}: use more "
+            f"clustering needs at least 2 active features, got {len(features_U)}: use more "
             "held-out tokens (--tokens) or a lower --min-count"
         )
-    J_MM = jaccard_matrix(token_sets)
-    document: dict[str, Any] = {"n_features": len(features_M), "features": list(features_M),
+    J_UU = jaccard_matrix(token_sets)
+    document: dict[str, Any] = {"n_features": len(features_U), "features": list(features_U),
                                 "n_clusters": {}, "sizes": {}, "coherence": {}, "clusters": {},
                                 "preference": {}, "converged": {}}
-    for method, S_MM in similarities.items():
-        if S_MM.shape != (len(features_M), len(features_M)):
-            raise CrossintError(f"{method} similarity has shape {S_MM.shape}, expected "
-                                f"{(len(features_M),) * 2}")
-        value = resolve_preference(S_MM, preference)
-        labels, converged = affinity_propagation(S_MM, value, seed=seed)
-        clusters = clusters_from_labels(labels, features_M)
+    for method, S_UU in similarities.items():
+        if S_UU.shape != (len(features_U), len(features_U)):
+            raise CrossintError(f"{method} similarity has shape {S_UU.shape}, expected "
+                                f"{(len(features_U),) * 2}")
+        value = resolve_preference(S_UU, preference)
+        labels, converged = affinity_propagation(S_UU, value, seed=seed)
+        clusters = clusters_from_labels(labels, features_U)
         document["n_clusters"][method] = len(clusters)
         document["sizes"][method] = [len(c) for c in clusters]
         document["clusters"][method] = clusters
         document["preference"][method] = value
         document["converged"][method] = converged
-        document["coherence"][method] = coherence(J_MM, labels, n_random=n_random, seed=seed)
+        document["coherence"][method] = coherence(J_UU, labels, n_random=n_random, seed=seed)
     return document
 
 
@@ -274,7 +274,7 @@ def choose_features(interaction_HH: Any, counts_H: np.ndarray, min_count: int,
                     max_features: int) -> tuple[np.ndarray, np.ndarray]:
     """The candidates (active on at least ``min_count`` tokens, with interaction mass) and the
     clustered features: the ``max_features`` most frequent candidates, in id order (affinity
-    propagation is M×M)."""
+    propagation is U×U)."""
     mass_H = (np.asarray(interaction_HH.sum(axis=1)).ravel()
               + np.asarray(interaction_HH.sum(axis=0)).ravel())
     candidates = np.flatnonzero((counts_H >= min_count) & (mass_H > 0))
@@ -284,7 +284,7 @@ def choose_features(interaction_HH: Any, counts_H: np.ndarray, min_count: int,
 
 def feature_similarities(sample: Any, features: np.ndarray, decoder_HF: np.ndarray,
                          ) -> dict[str, np.ndarray]:
-    """The three M×M similarities over ``features`` (``METHODS``)."""
+    """The three U×U similarities over ``features`` (``METHODS``)."""
     gram = sample.gram_HH()[np.ix_(features, features)]
     return {
         "interaction": normalised_interaction(sample.interaction_HH, features),
@@ -308,9 +308,9 @@ def run_provenance(run_dir: Any, sample: Any, counts_H: np.ndarray, candidates: 
         "run": str(run_dir),
         "crosscoder_sha256": sha256_file(f"{run_dir}/model.safetensors"),
         "model": sample.model,
-        "corpus": sample.corpus,
-        "seed": sample.seed,
-        "context_length": sample.context_length,
+        "corpus": sample.request.corpus,
+        "seed": sample.request.seed,
+        "context_length": sample.request.context_length,
         "request": sample.request.record(),
         "n_tokens": sample.n_tokens,
         "blocks": sample.blocks,

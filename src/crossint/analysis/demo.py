@@ -7,11 +7,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crossint import rundir
 from crossint.analysis.recipe import DemoSettings, harvest_and_train
 from crossint.io import atomic_write_json
 from crossint.rundir import RunDir
+
+if TYPE_CHECKING:
+    from crossint.models.adapter import ModelAdapter
 
 
 def run_demo(
@@ -21,7 +25,7 @@ def run_demo(
     settings = settings or DemoSettings()
     from crossint.analysis.clustering import cluster_run, write_cluster_outputs
     from crossint.analysis.evaluate import evaluate
-    from crossint.analysis.interactions import analyse_run, write_outputs
+    from crossint.analysis.interactions import analyse_interactions, write_outputs
     from crossint.models.adapter import load_model
     from crossint.report.html import write_report
 
@@ -43,7 +47,7 @@ def run_demo(
 
     # The point of crossint: how far each MLP neuron is from one feature (SPEC §4).
     stage = time.perf_counter()
-    interactions = analyse_run(
+    interactions = analyse_interactions(
         run_dir,
         n_tokens=settings.eval_tokens // 2,
         context_length=settings.context_length,
@@ -61,8 +65,23 @@ def run_demo(
     timings["clusters_report_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - start
 
+    summary = _summary(
+        settings=settings, adapter=adapter, hookpoints=cache.hookpoints, out_dir=out_dir,
+        run_dir=run_dir, result=result, interactions=interactions, clusters=clusters,
+        report=report, timings=timings,
+    )
+    atomic_write_json(out_dir / rundir.SUMMARY.name, summary)
+    return summary
+
+
+def _summary(*, settings: DemoSettings, adapter: ModelAdapter, hookpoints: list[str],
+             out_dir: Path, run_dir: Path, result: dict, interactions: dict, clusters: tuple,
+             report: Path, timings: dict[str, float]) -> dict:
+    """``summary.json``: the settings, the model, where every output is and the headline
+    numbers of each stage."""
+    run = RunDir(run_dir)
     ce = list(result["ce_recovered"].values())
-    summary = {
+    return {
         "settings": asdict(settings),
         "model": {
             "name": adapter.name,
@@ -71,7 +90,7 @@ def run_demo(
             "d_model": adapter.d_model,
             "d_mlp": adapter.d_mlp,
         },
-        "hookpoints": cache.hookpoints,
+        "hookpoints": hookpoints,
         "cache": str(out_dir / "cache"),
         "run": str(run_dir),
         "eval": str(run.result(rundir.EVAL)),
@@ -94,8 +113,6 @@ def run_demo(
         "report": str(report),
         "timings": {key: round(value, 1) for key, value in timings.items()},
     }
-    atomic_write_json(out_dir / rundir.SUMMARY.name, summary)
-    return summary
 
 
 def format_summary(summary: dict) -> str:

@@ -101,7 +101,7 @@ def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], t
                 raise CrossintError(f"prompt without the trigger {trigger!r}: {text[:60]!r}")
             ids_S, mask_S = encode_with_span(adapters[0].tokenizer, text, (at, at + len(trigger)))
             # No special ids: every token's activations, BOS included, in order.
-            parts = [capture_tokens(adapter, ids_S[None], hookpoints, set()).acts_NXD
+            parts = [capture_tokens(adapter, ids_S[None], hookpoints, set()).acts_TXD
                      for adapter in adapters]
             f_SH = crosscoder.encode(torch.cat(parts, dim=1))[1:].double()  # BOS left out
             mask_S = mask_S[1:]
@@ -178,7 +178,7 @@ def heldout_interactions(adapters: list[Any], crosscoder: Any, context_length: i
     request = HeldoutRequest(n_tokens=n_tokens, corpus="stories", context_length=context_length)
     batches = []
     for ids_BS in heldout_batches(adapters[0], request):
-        parts = [capture_tokens(adapter, ids_BS, hookpoints, special).acts_NXD
+        parts = [capture_tokens(adapter, ids_BS, hookpoints, special).acts_TXD
                  for adapter in adapters]
         batches.append(torch.cat(parts, dim=1))
     blocks = mlp_in_blocks(crosscoder)

@@ -48,16 +48,16 @@ class ReconstructionStats:
         self.sq_norm_X = torch.zeros(self.n_positions, dtype=torch.float64)
         self.fires_H = torch.zeros(self.n_features, dtype=torch.int64)
 
-    def update(self, acts_NXD: Tensor, recon_NXD: Tensor, f_NH: Tensor) -> None:
-        acts_NXD = acts_NXD.double()
-        self.sq_error_X += (acts_NXD - recon_NXD.double()).pow(2).sum(dim=(0, 2))
-        self.sq_norm_X += acts_NXD.pow(2).sum(dim=(0, 2))
-        batch_sum_XD = acts_NXD.sum(dim=0)
+    def update(self, acts_TXD: Tensor, recon_TXD: Tensor, f_TH: Tensor) -> None:
+        acts_TXD = acts_TXD.double()
+        self.sq_error_X += (acts_TXD - recon_TXD.double()).pow(2).sum(dim=(0, 2))
+        self.sq_norm_X += acts_TXD.pow(2).sum(dim=(0, 2))
+        batch_sum_XD = acts_TXD.sum(dim=0)
         self.sum_XD = batch_sum_XD if self.sum_XD is None else self.sum_XD + batch_sum_XD
-        active_NH = f_NH != 0
-        self.fires_H += active_NH.sum(dim=0)
-        self.l0_sum += float(active_NH.sum())
-        self.n_tokens += acts_NXD.shape[0]
+        active_TH = f_TH != 0
+        self.fires_H += active_TH.sum(dim=0)
+        self.l0_sum += float(active_TH.sum())
+        self.n_tokens += acts_TXD.shape[0]
 
     def mean_XD(self) -> Tensor:
         return self.sum_XD / self.n_tokens
@@ -75,7 +75,7 @@ def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], spe
     """The captured pass (``Captured``) and the crosscoder's output on its tokens."""
     captured = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
     with torch.no_grad():
-        out = crosscoder(captured.acts_NXD)
+        out = crosscoder(captured.acts_TXD)
     return captured, out
 
 
@@ -139,7 +139,7 @@ class _Passes:
         for ids_BS in batches:
             captured, out = _reconstruct(self.adapter, self.crosscoder, ids_BS.to(self.device),
                                          self.hookpoints, self.special_ids)
-            stats.update(captured.acts_NXD, out.recon_BXD, out.f_BH)
+            stats.update(captured.acts_TXD, out.recon_BXD, out.f_BH)
             self.tick()
         return stats
 
@@ -175,7 +175,7 @@ class _Passes:
 def eval_metrics(stats: ReconstructionStats, losses: TextLosses, hookpoints: list[str],
                  resid_hookpoints: list[str]) -> dict[str, Any]:
     """The metrics of eval.json from the two passes' accumulators (pure)."""
-    weights_RT = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=0)
+    weights_RC = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=0)
     fvu_X = stats.fvu_X()
     firing_rate_H = stats.fires_H.double() / stats.n_tokens
     return {
@@ -193,7 +193,7 @@ def eval_metrics(stats: ReconstructionStats, losses: TextLosses, hookpoints: lis
             h: losses.recovered(f"{h}/splice", f"{h}/zero") for h in resid_hookpoints
         },
         "ce_recovered_ci": {
-            h: percentile_interval(losses.recovered_samples(f"{h}/splice", f"{h}/zero", weights_RT))
+            h: percentile_interval(losses.recovered_samples(f"{h}/splice", f"{h}/zero", weights_RC))
             for h in resid_hookpoints
         },
         "ce_recovered_mean_ablation": {

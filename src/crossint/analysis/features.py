@@ -33,8 +33,7 @@ class FeatureSample:
     ``f_TH``: sparse (CSR, float32) activations of the T non-special tokens. ``ids_CS``: the
     contexts (token ids); ``where_T2``: (context, position) of each token. ``interaction_HH``:
     SPEC §4.5 I summed over ``blocks`` (sparse CSR float64, mass per token: only co-active pairs
-    have entries, so large dictionaries fit). ``request``: the resolved held-out request (with
-    ``corpus``, ``seed`` and ``context_length`` as properties).
+    have entries, so large dictionaries fit). ``request``: the resolved held-out request.
     """
 
     f_TH: sparse.csr_matrix
@@ -47,24 +46,8 @@ class FeatureSample:
     request: HeldoutRequest
 
     @property
-    def corpus(self) -> str:
-        return self.request.corpus
-
-    @property
-    def seed(self) -> int:
-        return self.request.seed
-
-    @property
-    def context_length(self) -> int:
-        return self.request.context_length
-
-    @property
     def n_tokens(self) -> int:
         return self.f_TH.shape[0]
-
-    @property
-    def n_features(self) -> int:
-        return self.f_TH.shape[1]
 
     def active_counts_H(self) -> np.ndarray:
         """Tokens on which each feature is active."""
@@ -75,7 +58,7 @@ class FeatureSample:
         first (fewer if it fired on fewer tokens)."""
         f_csc = self.f_TH.tocsc()
         tops = []
-        for h in range(self.n_features):
+        for h in range(f_csc.shape[1]):
             lo, hi = f_csc.indptr[h], f_csc.indptr[h + 1]
             rows, values = f_csc.indices[lo:hi], f_csc.data[lo:hi]
             order = np.argsort(-values, kind="stable")[:k]
@@ -137,14 +120,14 @@ def sample_features(setup: Any, progress: bool = True) -> FeatureSample:
     with torch.no_grad():
         for ids_BS in tqdm(batches, desc="features", unit="batch", disable=not progress,
                            dynamic_ncols=True):
-            _, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS.to(setup.request.device),
+            _, keep_BS, acts_TXD = capture_tokens(adapter, ids_BS.to(setup.request.device),
                                                   setup.hookpoints, setup.special_ids)
-            f_NH = crosscoder.encode(acts_NXD)
-            for _, records in block_records(setup.fblocks, active_features(f_NH)):
+            batch_f_TH = crosscoder.encode(acts_TXD)
+            for _, records in block_records(setup.fblocks, active_features(batch_f_TH)):
                 pairwise.update(records)
-            pieces.append(sparse.csr_matrix(f_NH.float().cpu().numpy()))
-            context_N, position_N = keep_BS.cpu().nonzero(as_tuple=True)
-            where.append(np.stack([context_N.numpy() + first_context, position_N.numpy()], 1))
+            pieces.append(sparse.csr_matrix(batch_f_TH.float().cpu().numpy()))
+            context_T, position_T = keep_BS.cpu().nonzero(as_tuple=True)
+            where.append(np.stack([context_T.numpy() + first_context, position_T.numpy()], 1))
             first_context += ids_BS.shape[0]
     f_TH = sparse.vstack(pieces, format="csr") if pieces else sparse.csr_matrix((0, H))
     if f_TH.shape[0] == 0:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossint import rundir
 from crossint.analysis.heldout import (
     HeldoutRequest,
     capture_tokens,
@@ -115,20 +116,20 @@ def scheme_mlp_output(
 
 
 def spliced_resid_post(
-    f_NH: Tensor,
-    resid_mid_ND: Tensor,
+    f_TH: Tensor,
+    resid_mid_TD: Tensor,
     block: MLPFeatureBlock,
     schemes: Sequence[str],
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
-    """SPEC §6.1 â(resid_mid) + MLP_scheme for every scheme, over all tokens (N×D each)."""
+    """SPEC §6.1 â(resid_mid) + MLP_scheme for every scheme, over all tokens (T×D each)."""
     parts: dict[str, list[Tensor]] = {scheme: [] for scheme in schemes}
-    for _, contrib in iter_contributions(f_NH, block.d_HD, block.mlp.W_in_DN):
+    for _, contrib in iter_contributions(f_TH, block.d_HD, block.mlp.W_in_DN):
         for scheme in schemes:
             parts[scheme].append(scheme_mlp_output(contrib, block, scheme, generator))
-    empty_ND = resid_mid_ND.new_zeros((0, resid_mid_ND.shape[1]))
+    empty_TD = resid_mid_TD.new_zeros((0, resid_mid_TD.shape[1]))
     return {
-        scheme: resid_mid_ND + (torch.cat(chunks) if chunks else empty_ND).to(resid_mid_ND.dtype)
+        scheme: resid_mid_TD + (torch.cat(chunks) if chunks else empty_TD).to(resid_mid_TD.dtype)
         for scheme, chunks in parts.items()
     }
 
@@ -177,7 +178,7 @@ def _choose_blocks(
     return list(dict.fromkeys(requested))
 
 
-def block_summary(losses: TextLosses, prefix: str, weights_RT: Tensor) -> dict[str, Any]:
+def block_summary(losses: TextLosses, prefix: str, weights_RC: Tensor) -> dict[str, Any]:
     """Φ per scheme with bootstrap intervals and the keep ratio, from one run's losses at one
     block (variant keys ``{prefix}/{scheme}``)."""
     zero = f"{prefix}/zero"
@@ -185,7 +186,7 @@ def block_summary(losses: TextLosses, prefix: str, weights_RT: Tensor) -> dict[s
     for scheme in SCHEMES:
         key = f"{prefix}/{scheme}"
         phi[scheme] = losses.recovered(key, zero)
-        samples[scheme] = losses.recovered_samples(key, zero, weights_RT)
+        samples[scheme] = losses.recovered_samples(key, zero, weights_RC)
         phi_ci[scheme] = percentile_interval(samples[scheme])
     keep_ratio = phi["keep_largest"] / phi["none"] if phi["none"] else float("nan")
     return {
@@ -237,11 +238,11 @@ def fidelity(
     with tqdm(total=n_passes, desc="fidelity", unit="pass", disable=not progress) as bar:
         for ids_BS in batches:
             splicer.add(losses, ids_BS.to(request.device), bar.update)
-    weights_RT = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=scheme_seed)
+    weights_RC = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=scheme_seed)
     result: dict[str, Any] = {}
     for name, run_dir in zip(names, run_dirs, strict=True):
         per_block = [
-            {"block": l, **block_summary(losses, f"{name}/{l}", weights_RT)} for l in chosen
+            {"block": l, **block_summary(losses, f"{name}/{l}", weights_RC)} for l in chosen
         ]
         entry: dict[str, Any] = {"run": str(run_dir)}
         if len(per_block) == 1:
@@ -297,27 +298,47 @@ class _SchemeSplicer:
     def add(self, losses: TextLosses, ids_BS: Tensor, tick: Callable[[], Any]) -> None:
         adapter = self.adapter
         with torch.no_grad():
-            acts, keep_BS, acts_NXD = capture_tokens(adapter, ids_BS, self.hookpoints,
+            acts, keep_BS, acts_TXD = capture_tokens(adapter, ids_BS, self.hookpoints,
                                                      adapter.special_token_ids())
             losses.new_batch(keep_BS[:, :-1])
             losses.add("model", adapter.token_losses(ids_BS))
             tick()
             for name, crosscoder in self.crosscoders.items():
                 hookpoints = crosscoder.config.hookpoints
-                out = crosscoder(acts_NXD[:, [self.hookpoints.index(h) for h in hookpoints]])
+                out = crosscoder(acts_TXD[:, [self.hookpoints.index(h) for h in hookpoints]])
                 for l in self.blocks:
                     resid_post = spliced_resid_post(
                         out.f_BH, out.recon_BXD[:, hookpoints.index(hookpoint(l, "resid_mid"))],
                         self.blocks_by_run[name][l], SCHEMES, self.generator,
                     )
                     shape_BSD = acts[hookpoint(l, "resid_mid")].shape
-                    for scheme, resid_post_ND in resid_post.items():
-                        new_BSD = acts_NXD.new_zeros(shape_BSD)
-                        new_BSD[keep_BS] = resid_post_ND.to(new_BSD.dtype)
+                    for scheme, resid_post_TD in resid_post.items():
+                        new_BSD = acts_TXD.new_zeros(shape_BSD)
+                        new_BSD[keep_BS] = resid_post_TD.to(new_BSD.dtype)
                         patches = {hookpoint(l, "resid_post"): replace_where(new_BSD, ~keep_BS)}
                         losses.add(f"{name}/{l}/{scheme}",
                                    adapter.token_losses(ids_BS, patches=patches))
                         tick()
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """fidelity.json and fidelity.png (one panel per block, one bar group per run)."""
+    from crossint.io import atomic_write_json
+    from crossint.report.plots import plot_fidelity
+
+    paths = rundir.FIDELITY.paths(out_dir)
+    blocks = [b["block"] for b in next(iter(result.values()))["per_block"]]
+    phi: dict[str, dict[str, list]] = {}
+    ci: dict[str, dict[str, list]] = {}
+    for block in blocks:
+        panel = f"block {block}"
+        for name, entry in result.items():
+            summary = next(b for b in entry["per_block"] if b["block"] == block)
+            phi.setdefault(panel, {})[name] = [summary["phi"][s] for s in SCHEMES]
+            ci.setdefault(panel, {})[name] = [summary["phi_ci"][s] for s in SCHEMES]
+    plot_fidelity(SCHEMES, phi, ci, paths["plot"])
+    atomic_write_json(paths["json"], result)
+    return paths
 
 
 def format_table(result: dict[str, Any]) -> str:

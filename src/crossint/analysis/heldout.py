@@ -255,11 +255,11 @@ def non_special_BS(ids_BS: Tensor, special_ids: set[int]) -> Tensor:
 
 class Captured(NamedTuple):
     """One forward pass of the subject model: the captured tensors (B, S, D) by hookpoint, the
-    non-special mask (B, S), and the non-special tokens' activations as (N, X, D) float32."""
+    non-special mask (B, S), and the non-special tokens' activations as (T, X, D) float32."""
 
     acts: dict[str, Tensor]
     keep_BS: Tensor
-    acts_NXD: Tensor
+    acts_TXD: Tensor
 
 
 def capture_tokens(
@@ -269,8 +269,8 @@ def capture_tokens(
     with torch.no_grad():
         acts = adapter.capture(ids_BS, hookpoints)
     keep_BS = non_special_BS(ids_BS, special_ids)
-    acts_NXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
-    n_bad = int((~torch.isfinite(acts_NXD)).sum())
+    acts_TXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
+    n_bad = int((~torch.isfinite(acts_TXD)).sum())
     if n_bad:
         raise CrossintError(f"model {adapter.name!r} produced {n_bad} NaN/Inf activations")
-    return Captured(acts, keep_BS, acts_NXD)
+    return Captured(acts, keep_BS, acts_TXD)

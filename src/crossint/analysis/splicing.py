@@ -73,7 +73,7 @@ class TextLosses:
         return int(sum(float(c.sum()) for c in self._counts))
 
     def sums(self, key: str) -> Tensor:
-        """Per-text loss sums (T,) of one variant."""
+        """Per-text loss sums (C,) of one variant."""
         parts = self._sums.get(key)
         if parts is None or len(parts) != len(self._counts):
             raise RuntimeError(f"variant {key!r} was not added for every batch")
@@ -88,22 +88,22 @@ class TextLosses:
         return loss_recovered(self.mean(model), self.mean(patched), self.mean(ablated))
 
     def resample_weights(self, n_resamples: int, seed: int) -> Tensor:
-        """(R, T) multiplicities of a text bootstrap: row r counts how often resample r drew
+        """(R, C) multiplicities of a text bootstrap: row r counts how often resample r drew
         each text. The same weights for every variant keep paired comparisons paired."""
         n_texts = self.n_texts
         g = torch.Generator().manual_seed(seed)
-        draws_RT = torch.randint(n_texts, (n_resamples, n_texts), generator=g)
-        weights_RT = torch.zeros(n_resamples, n_texts, dtype=torch.float64)
-        return weights_RT.scatter_add_(1, draws_RT, torch.ones_like(weights_RT))
+        draws_RC = torch.randint(n_texts, (n_resamples, n_texts), generator=g)
+        weights_RC = torch.zeros(n_resamples, n_texts, dtype=torch.float64)
+        return weights_RC.scatter_add_(1, draws_RC, torch.ones_like(weights_RC))
 
     def recovered_samples(
-        self, patched: str, ablated: str, weights_RT: Tensor, model: str = "model"
+        self, patched: str, ablated: str, weights_RC: Tensor, model: str = "model"
     ) -> Tensor:
         """Loss recovered under each bootstrap resample (R,). The token counts cancel: with
         per-text sums, (ΣL_ablated − ΣL_patched) / (ΣL_ablated − ΣL_model)."""
-        model_R = weights_RT @ self.sums(model)
-        ablated_R = weights_RT @ self.sums(ablated)
-        patched_R = weights_RT @ self.sums(patched)
+        model_R = weights_RC @ self.sums(model)
+        ablated_R = weights_RC @ self.sums(ablated)
+        patched_R = weights_RC @ self.sums(patched)
         return (ablated_R - patched_R) / (ablated_R - model_R)
 
 

@@ -2,9 +2,10 @@
 activations, settings and seed, each measured on held-out text, one summary row per λ.
 
 :func:`run_sweep` trains every λ with :func:`crossint.interactions.penalty.train_with_penalty`
-into ``OUT/lambda_<λ>/`` (skipping finished runs, resuming interrupted ones), measures each with
-:func:`crossint.analysis.interactions.analyse_run` (re-using a previous measurement of the same
-weights with the same settings), and writes ``sweep.json``, ``sweep.png`` and the settings.
+into ``OUT/lambda_<λ>/`` (skipping finished runs, resuming interrupted ones), measures each
+with :func:`crossint.analysis.interactions.analyse_interactions` (re-using a previous
+measurement of the same weights with the same settings), and writes ``sweep.json``,
+``sweep.png`` and the settings.
 
 Every row's numbers come from held-out text (SPEC §4 analysis of the run):
 
@@ -30,6 +31,7 @@ from crossint.io import atomic_write_json, read_json, sha256_file
 from crossint.rundir import RunDir
 
 if TYPE_CHECKING:
+    from crossint.analysis.heldout import HeldoutRequest
     from crossint.crosscoder.config import CrosscoderConfig
     from crossint.crosscoder.train import ActivationSource, TrainConfig
     from crossint.interactions.penalty import Penalty
@@ -88,14 +90,14 @@ def measure_run(
 ) -> dict[str, Any]:
     """The interaction analysis of a finished run, written to RUN/interactions/: ``request``
     (a ``crossint.analysis.heldout.HeldoutRequest``) or its fields as keywords, and the other
-    settings of ``analyse_run``. A previous result is re-used when it measured these exact
+    settings of ``analyse_interactions``. A previous result is re-used when it measured these exact
     weights with the same resolved request (``analysis.interactions.request_record``); one
     written before requests recorded the corpus split is re-used only for the built-in stories
     (whose held-out text has not changed) and measured again otherwise."""
     from crossint.analysis.heldout import request_from
     from crossint.analysis.interactions import (
         INTERACTION_TOKENS,
-        analyse_run,
+        analyse_interactions,
         request_record,
         write_outputs,
     )
@@ -107,7 +109,7 @@ def measure_run(
     if (isinstance(result, dict) and _same_request(result.get("request"), wanted, run_dir)
             and result.get("crosscoder_sha256") == sha256_file(run.weights)):
         return result
-    result = analyse_run(run_dir, request, blocks=blocks, top_pairs=top_pairs,
+    result = analyse_interactions(run_dir, request, blocks=blocks, top_pairs=top_pairs,
                          delta2_pairs=delta2_pairs, chunk_tokens=chunk_tokens, progress=progress)
     write_outputs(result, run.result_dir(rundir.INTERACTIONS))
     return result
@@ -191,14 +193,17 @@ def run_sweep(
     train_config: TrainConfig,
     out_dir: str | Path,
     penalty: Penalty | None = None,
+    request: HeldoutRequest | None = None,
     *,
     measure: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one crosscoder per λ into ``out_dir/lambda_<λ>/`` with ``penalty``'s kind and
-    options (its own weight is ignored), measure each on held-out text (``measure``: keyword
-    arguments of ``analyse_run``) and write sweep.json, sweep.png and the sweep's settings.
+    options (its own weight is ignored), measure each on the held-out text of ``request``
+    (default: ``HeldoutRequest(n_tokens=50_000)`` on the training corpus; ``measure``: the
+    other keyword arguments of ``analyse_interactions``, e.g. ``top_pairs``) and write
+    sweep.json, sweep.png and the sweep's settings.
     Re-running skips finished runs (refusing ones trained with other settings) and resumes
     interrupted ones. Every run logs its dominant share, so the subject model is loaded once.
     ``log`` receives a line per λ saying what happens to it. Returns the rows of sweep.json."""
@@ -210,7 +215,11 @@ def run_sweep(
     )
 
     template = penalty if penalty is not None else DominancePenalty()
+    from crossint.analysis.heldout import HeldoutRequest
+    from crossint.analysis.interactions import INTERACTION_TOKENS
+
     measure = dict(measure or {})
+    request = request or HeldoutRequest(n_tokens=INTERACTION_TOKENS)
     mlps = load_penalty_mlps(source, device=train_config.device)
     out_dir = Path(out_dir)
     runs = [(float(value), lambda_dir(out_dir, value)) for value in lambdas]
@@ -225,7 +234,7 @@ def run_sweep(
             log(f"λ={value:g}: training {run_dir}")
         train_with_penalty(crosscoder_config, train_config, source, run_dir, wanted, resume=True,
                            log_interactions=True, mlps=mlps, progress=progress)
-    rows = [sweep_entry(value, run_dir, measure_run(run_dir, progress=progress, **measure))
+    rows = [sweep_entry(value, run_dir, measure_run(run_dir, request, progress=progress, **measure))
             for value, run_dir in runs]
     atomic_write_json(out_dir / rundir.SWEEP.file("settings"), {
         "activations": str(Path(source.path).resolve()) if hasattr(source, "path") else None,
@@ -233,7 +242,7 @@ def run_sweep(
         "crosscoder": crosscoder_config.to_dict(),
         "train": train_config.to_dict(),
         "penalty": template.with_weight(0.0).record(source_blocks(source)),
-        "measurement": measure,
+        "measurement": {**request.record(), **measure},
     })
     write_sweep(rows, out_dir)
     return rows

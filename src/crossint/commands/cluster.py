@@ -4,10 +4,9 @@ and by two baselines, with an offline coherence score (SPEC §10)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
-from crossint.rundir import CLUSTERS, JUDGE, RunDir
+from crossint.commands import common
+from crossint.rundir import CLUSTERS, JUDGE
 
 
 def parse_preference(text: str) -> str | float:
@@ -41,11 +40,9 @@ def register(subparsers) -> None:
         ),
         epilog="example: crossint cluster runs/pen --out runs/pen/clusters",
     )
-    parser.add_argument("run_dir", metavar="RUN",
-                        help="run directory with model.safetensors + config.json")
-    parser.add_argument("--out", help="output directory (default: RUN/clusters)")
+    common.add_run_arguments(parser, CLUSTERS)
     group = parser.add_argument_group("held-out text")
-    add_heldout_text_arguments(group, tokens=20_000)
+    common.add_heldout_text_arguments(group, tokens=20_000)
     group = parser.add_argument_group("clustering")
     group.add_argument("--min-count", type=int, default=5,
                        help="cluster features active on at least this many held-out tokens "
@@ -68,16 +65,15 @@ def register(subparsers) -> None:
                        help="also run the judge protocol against CROSSINT_JUDGE_URL")
     group.add_argument("--judge-clusters", type=int, default=20,
                        help="clusters judged per method (default %(default)s)")
-    add_analysis_run_arguments(parser)
+    common.add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from crossint.analysis.clustering import cluster_run, write_cluster_outputs
-    from crossint.commands.common import heldout_request
     from crossint.io import atomic_write_json
 
-    request = heldout_request(args)  # bad text flags fail before anything is loaded
+    request = common.heldout_request(args)  # bad text flags fail before anything is loaded
     endpoint = None
     if args.judge:  # fail before the long pass when the endpoint is not configured
         from crossint.analysis.judge import JudgeEndpoint
@@ -89,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         preference=args.preference, n_random=args.n_random, n_contexts=args.contexts,
         progress=not args.quiet,
     )
-    out_dir = Path(args.out) if args.out else RunDir(args.run_dir).result_dir(CLUSTERS)
+    out_dir = common.output_dir(args, CLUSTERS)
     paths = write_cluster_outputs(document, profiles, similarities, out_dir)
     print(f"{document['n_features']} features clustered on {document['n_tokens']} held-out "
           f"tokens -> {out_dir}")

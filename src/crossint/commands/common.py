@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from crossint.rundir import Result, RunDir
 
 # = crossint.analysis.heldout.HELDOUT_SEED; not imported so that `--help` never loads torch.
 HELDOUT_SEED = 12345
@@ -65,6 +68,19 @@ def heldout_request(args: argparse.Namespace, **overrides: Any):  # noqa: ANN201
               "model": getattr(args, "model", None),
               "device": getattr(args, "device", None) or "cpu", **count}
     return HeldoutRequest(**{**fields, **overrides})
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, result: Result) -> None:
+    """The analysed run (positional RUN) and --out, by default the run's directory for
+    ``result`` (RUN/eval, RUN/interactions, ...)."""
+    parser.add_argument("run_dir", metavar="RUN",
+                        help="run directory with model.safetensors + config.json")
+    parser.add_argument("--out", help=f"output directory (default: RUN/{result.subdir})")
+
+
+def output_dir(args: argparse.Namespace, result: Result) -> Path:
+    """--out, or the run's own directory for ``result``."""
+    return Path(args.out) if args.out else RunDir(args.run_dir).result_dir(result)
 
 
 def add_analysis_run_arguments(parser: argparse.ArgumentParser) -> None:

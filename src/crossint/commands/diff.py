@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossint.commands.common import add_recipe_arguments
+from crossint.commands import common
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--base", required=True, help="base model (storylm or a local HF dir)")
     parser.add_argument("--finetuned", required=True, help="fine-tuned model directory")
     parser.add_argument("--out", required=True, help="output directory")
-    add_recipe_arguments(parser)
+    common.add_recipe_arguments(parser)
     parser.add_argument("--heldout-tokens", type=int, default=20_000,
                         help="held-out tokens for the interaction diff (default 20000)")
     parser.add_argument("--top", type=int, default=50,
@@ -41,12 +41,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossint.analysis.diffing import diff_models
-    from crossint.commands.common import recipe_settings
     from crossint.errors import CrossintError
 
     if args.top < 1 or args.heldout_tokens < 1:
         raise CrossintError("--top and --heldout-tokens must be positive integers")
-    document = diff_models(args.base, args.finetuned, args.out, recipe_settings(args),
+    document = diff_models(args.base, args.finetuned, args.out, common.recipe_settings(args),
                            heldout_tokens=args.heldout_tokens, top=args.top,
                            trigger=args.trigger, progress=not args.quiet)
     specific = document["model_specific_features"]

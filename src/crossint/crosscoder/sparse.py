@@ -19,13 +19,13 @@ from torch import Tensor
 class SparseCodes:
     """The non-zero features of a batch, grouped by token (the "bags" of ``embedding_bag``).
 
-    Token b's features are ``indices_N[offsets_B[b]:offsets_B[b+1]]`` with values ``values_N``
+    Token b's features are ``indices_E[offsets_B[b]:offsets_B[b+1]]`` with values ``values_E``
     at the same places (the last token runs to the end).
     """
 
-    indices_N: Tensor  # int64 feature index of every non-zero
-    values_N: Tensor  # its activation (differentiable)
-    offsets_B: Tensor  # int64 start of every token's run in indices_N
+    indices_E: Tensor  # int64 feature index of every non-zero
+    values_E: Tensor  # its activation (differentiable)
+    offsets_B: Tensor  # int64 start of every token's run in indices_E
 
     @property
     def n_tokens(self) -> int:
@@ -33,21 +33,21 @@ class SparseCodes:
 
 
 def sparse_codes(f_BH: Tensor) -> SparseCodes:
-    """Extract the non-zeros of ``f_BH``; ``values_N`` keeps the gradient path to ``f_BH``."""
-    rows_N, cols_N = f_BH.detach().nonzero(as_tuple=True)  # row-major, so grouped by token
-    offsets_B = torch.searchsorted(rows_N, torch.arange(f_BH.shape[0], device=f_BH.device))
-    return SparseCodes(indices_N=cols_N, values_N=f_BH[rows_N, cols_N], offsets_B=offsets_B)
+    """Extract the non-zeros of ``f_BH``; ``values_E`` keeps the gradient path to ``f_BH``."""
+    rows_E, cols_E = f_BH.detach().nonzero(as_tuple=True)  # row-major, so grouped by token
+    offsets_B = torch.searchsorted(rows_E, torch.arange(f_BH.shape[0], device=f_BH.device))
+    return SparseCodes(indices_E=cols_E, values_E=f_BH[rows_E, cols_E], offsets_B=offsets_B)
 
 
 def sparse_decode(codes: SparseCodes, W_dec_HXD: Tensor) -> Tensor:
     """Σ_h f_bh W_dec[h] over the active features only; returns (B, X, D) without decoder bias."""
     n_features, n_positions, d_model = W_dec_HXD.shape
     out_BF = F.embedding_bag(
-        codes.indices_N,
+        codes.indices_E,
         W_dec_HXD.reshape(n_features, n_positions * d_model),
         codes.offsets_B,
         mode="sum",
-        per_sample_weights=codes.values_N.to(W_dec_HXD.dtype),
+        per_sample_weights=codes.values_E.to(W_dec_HXD.dtype),
     )
     return out_BF.view(codes.n_tokens, n_positions, d_model)
 

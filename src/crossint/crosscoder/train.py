@@ -101,13 +101,13 @@ def _initialise_from_sample(
     # precise long before that for wide paper-layout crosscoders).
     affordable = max(1, _SAMPLE_BYTES // (4 * cc.n_positions * cc.d_model))
     n_sample = min(tc.normalisation_tokens, int(source.n_tokens), affordable)
-    sample_NXD = source.sample(n_sample, seed=tc.seed).to("cpu", torch.float32)
-    model.estimate_normalisation(sample_NXD)
+    sample_TXD = source.sample(n_sample, seed=tc.seed).to("cpu", torch.float32)
+    model.estimate_normalisation(sample_TXD)
     if cc.train_decoder_bias or cc.center_inputs:
         with torch.no_grad():
-            model.b_dec_XD.copy_(model.normalise(sample_NXD).mean(dim=0))
+            model.b_dec_XD.copy_(model.normalise(sample_TXD).mean(dim=0))
     if cc.init_encoder_bias == "calibrated":
-        model.calibrate_encoder_bias(sample_NXD[:_CALIBRATION_TOKENS])
+        model.calibrate_encoder_bias(sample_TXD[:_CALIBRATION_TOKENS])
 
 
 def initial_state(

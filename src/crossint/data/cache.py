@@ -176,11 +176,11 @@ class _ShuffledStream:
         need = batch_size
         while True:
             key, size = windows[w]
-            data_NXD = self.load(key)
-            perm_N = permutation(size, self.seed, RNG_WINDOW, epoch, w).to(data_NXD.device)
+            data_TXD = self.load(key)
+            perm_T = permutation(size, self.seed, RNG_WINDOW, epoch, w).to(data_TXD.device)
             while offset < size:
                 take = min(need, size - offset)
-                pieces.append(data_NXD[perm_N[offset : offset + take]])
+                pieces.append(data_TXD[perm_T[offset : offset + take]])
                 offset += take
                 need -= take
                 if need == 0:
@@ -189,7 +189,7 @@ class _ShuffledStream:
                         batch = batch.to(device, non_blocking=True)  # move in storage dtype
                     yield batch.float()
                     pieces, need = [], batch_size
-            del data_NXD
+            del data_TXD
             offset, w = 0, w + 1
             if w == len(windows):
                 epoch, w = epoch + 1, 0
@@ -343,15 +343,15 @@ class ActivationCache:
         """Shards concatenated as [n, X, D] in storage dtype."""
         D = self._common_dim("reading")
         n = sum(self.shard_sizes[i] for i in indices)
-        out_NXD = torch.empty(n, len(self.hookpoints), D, dtype=DTYPES[self.dtype])
+        out_TXD = torch.empty(n, len(self.hookpoints), D, dtype=DTYPES[self.dtype])
         row = 0
         for i in indices:
             raw = self._raw_shard(i)
             size = self.shard_sizes[i]
             for x, name in enumerate(self.hookpoints):
-                out_NXD[row : row + size, x] = raw[name]
+                out_TXD[row : row + size, x] = raw[name]
             row += size
-        return out_NXD
+        return out_TXD
 
     def batches(self, batch_size: int, seed: int, start_batch: int = 0, *,
                 window_shards: int = DEFAULT_WINDOW_SHARDS,
@@ -393,48 +393,48 @@ class ActivationCache:
             have += self.shard_sizes[i]
             if have >= n:
                 break
-        data_NXD = self._stacked(chosen)
+        data_TXD = self._stacked(chosen)
         rows = torch.from_numpy(_rng(seed, RNG_SAMPLE, 1).choice(have, size=n, replace=False))
-        return data_NXD[rows].float()
+        return data_TXD[rows].float()
 
 
 class TensorActivations:
     """Activations already in memory, with the reading interface of ``ActivationCache``.
 
-    ``acts_NXD``: [N tokens, X hookpoints, D]; any float dtype, any device (batches come out on
+    ``acts_TXD``: [T tokens, X hookpoints, D]; any float dtype, any device (batches come out on
     the same device unless ``device`` is given).
     """
 
-    def __init__(self, acts_NXD: torch.Tensor, hookpoints: Sequence[str]) -> None:
-        if not isinstance(acts_NXD, torch.Tensor) or acts_NXD.dim() != 3:
-            shape = tuple(acts_NXD.shape) if isinstance(acts_NXD, torch.Tensor) else type(acts_NXD)
-            raise CrossintError(f"activations must be a 3-d tensor [N, X, D], got {shape}")
-        if not acts_NXD.is_floating_point():
-            raise CrossintError(f"activations must be floating point, got {acts_NXD.dtype}")
+    def __init__(self, acts_TXD: torch.Tensor, hookpoints: Sequence[str]) -> None:
+        if not isinstance(acts_TXD, torch.Tensor) or acts_TXD.dim() != 3:
+            shape = tuple(acts_TXD.shape) if isinstance(acts_TXD, torch.Tensor) else type(acts_TXD)
+            raise CrossintError(f"activations must be a 3-d tensor [T, X, D], got {shape}")
+        if not acts_TXD.is_floating_point():
+            raise CrossintError(f"activations must be floating point, got {acts_TXD.dtype}")
         names = list(hookpoints)
-        if len(names) != acts_NXD.shape[1] or len(set(names)) != len(names):
+        if len(names) != acts_TXD.shape[1] or len(set(names)) != len(names):
             raise CrossintError(
-                f"need {acts_NXD.shape[1]} distinct hookpoint names for activations of shape "
-                f"{tuple(acts_NXD.shape)}, got {names}"
+                f"need {acts_TXD.shape[1]} distinct hookpoint names for activations of shape "
+                f"{tuple(acts_TXD.shape)}, got {names}"
             )
-        if acts_NXD.shape[0] < 1:
+        if acts_TXD.shape[0] < 1:
             raise CrossintError("activations hold no tokens")
-        self.acts_NXD = acts_NXD
+        self.acts_TXD = acts_TXD
         self.hookpoints: list[str] = names
-        self.dims: dict[str, int] = {h: int(acts_NXD.shape[2]) for h in names}
-        self.n_tokens: int = int(acts_NXD.shape[0])
-        self.dtype: str = str(acts_NXD.dtype).removeprefix("torch.")
+        self.dims: dict[str, int] = {h: int(acts_TXD.shape[2]) for h in names}
+        self.n_tokens: int = int(acts_TXD.shape[0])
+        self.dtype: str = str(acts_TXD.dtype).removeprefix("torch.")
         self.model: str | None = None
 
     def __repr__(self) -> str:
-        return f"TensorActivations(shape={tuple(self.acts_NXD.shape)}, dtype={self.dtype})"
+        return f"TensorActivations(shape={tuple(self.acts_TXD.shape)}, dtype={self.dtype})"
 
     def batches(self, batch_size: int, seed: int, start_batch: int = 0, *,
                 device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
         """Infinite, deterministic float32 [B, X, D] batches; a fresh permutation every epoch."""
         _check_stream_args(batch_size, seed, start_batch)
         stream = _ShuffledStream(self.n_tokens, lambda epoch: [(None, self.n_tokens)],
-                                 lambda key: self.acts_NXD, seed)
+                                 lambda key: self.acts_TXD, seed)
         return stream.batches(batch_size, start_batch, device)
 
     def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
@@ -444,7 +444,7 @@ class TensorActivations:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
         n = min(n_tokens, self.n_tokens)
         rows = _rng(seed, RNG_SAMPLE, 1).choice(self.n_tokens, size=n, replace=False)
-        return self.acts_NXD[torch.from_numpy(rows).to(self.acts_NXD.device)].float()
+        return self.acts_TXD[torch.from_numpy(rows).to(self.acts_TXD.device)].float()
 
 
 def cache_size_bytes(path: str | Path) -> int:

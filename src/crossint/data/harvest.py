@@ -186,11 +186,11 @@ def _harvest_shards(adapter: Any, out: Path, manifest: dict, contexts: Iterator[
         writer.finish_exhausted()
 
 
-def tokens_fingerprint(ids_n: torch.Tensor) -> str:
+def tokens_fingerprint(ids_T: torch.Tensor) -> str:
     """sha256 of token ids as little-endian int64, in row order."""
     import hashlib
 
-    return hashlib.sha256(ids_n.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
+    return hashlib.sha256(ids_T.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
 
 
 def _batches_of(contexts: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
@@ -209,9 +209,9 @@ class _Pending:
     """A captured batch on its way to the host: rows are kept tokens, columns all hookpoints."""
 
     batch_index: int
-    rows_nF: torch.Tensor  # host tensor once ``event`` has completed
+    rows_TF: torch.Tensor  # host tensor once ``event`` has completed
     colsum_F: torch.Tensor  # float32 column sums: non-finite when a column holds NaN/Inf
-    ids_n: torch.Tensor  # host int64 token ids of the rows
+    ids_T: torch.Tensor  # host int64 token ids of the rows
     event: Any = None  # torch.cuda.Event of the device-to-host copy, None on the CPU
 
 
@@ -246,11 +246,11 @@ class _Capture:
         # Kept positions are known on the host (they depend only on the token ids): no sync.
         idx_T = None if keep_T is None else keep_T.nonzero().squeeze(1)
         n_kept = B * S if idx_T is None else len(idx_T)
-        ids_n = ids_BS.reshape(-1).to("cpu", torch.int64)
-        ids_n = ids_n if idx_T is None else ids_n[idx_T]
+        ids_T = ids_BS.reshape(-1).to("cpu", torch.int64)
+        ids_T = ids_T if idx_T is None else ids_T[idx_T]
         # Host ids: the adapter validates them on the host and moves them itself.
         acts = self.adapter.capture(ids_BS, self.names)
-        out_nF = torch.empty(n_kept, self.width, dtype=self.dtype, device=self.device)
+        out_TF = torch.empty(n_kept, self.width, dtype=self.dtype, device=self.device)
         if idx_T is not None and self.copy_stream is not None:
             # From pinned memory the upload is asynchronous; from pageable memory it would wait
             # for the forward pass just queued.
@@ -269,24 +269,24 @@ class _Capture:
             acts_TD = acts_BSD.reshape(B * S, dim)
             if idx_T is not None:
                 acts_TD = acts_TD.index_select(0, idx_T)
-            out_nF[:, col : col + dim].copy_(acts_TD)  # the cast to cache dtype happens here
+            out_TF[:, col : col + dim].copy_(acts_TD)  # the cast to cache dtype happens here
             col += dim
         del acts
-        colsum_F = out_nF.sum(0, dtype=torch.float32)
+        colsum_F = out_TF.sum(0, dtype=torch.float32)
         if self.copy_stream is None:  # CPU (no copy) or another accelerator (plain copy)
-            return _Pending(batch_index, out_nF.cpu(), colsum_F.cpu(), ids_n)
-        host_nF = torch.empty(out_nF.shape, dtype=self.dtype, pin_memory=True)
+            return _Pending(batch_index, out_TF.cpu(), colsum_F.cpu(), ids_T)
+        host_TF = torch.empty(out_TF.shape, dtype=self.dtype, pin_memory=True)
         host_F = torch.empty(colsum_F.shape, dtype=torch.float32, pin_memory=True)
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
-            host_nF.copy_(out_nF, non_blocking=True)
+            host_TF.copy_(out_TF, non_blocking=True)
             host_F.copy_(colsum_F, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         # Keep the device blocks alive for the copy stream before the allocator reuses them.
-        out_nF.record_stream(self.copy_stream)
+        out_TF.record_stream(self.copy_stream)
         colsum_F.record_stream(self.copy_stream)
-        return _Pending(batch_index, host_nF, host_F, ids_n, event)
+        return _Pending(batch_index, host_TF, host_F, ids_T, event)
 
 
 class _ShardWriter:
@@ -323,8 +323,8 @@ class _ShardWriter:
         if pending.event is not None:
             pending.event.synchronize()
         self._check_finite(pending)
-        rows_nF = pending.rows_nF
-        n_rows = rows_nF.shape[0]
+        rows_TF = pending.rows_TF
+        n_rows = rows_TF.shape[0]
         offset = first_skip if pending.batch_index == first_batch else 0
         added = 0
         while offset < n_rows and not self.finished:
@@ -333,10 +333,10 @@ class _ShardWriter:
             col = 0
             for name in self.names:
                 dim = self.dims[name]
-                self.buffers[name].index_copy_(0, dest, rows_nF[offset : offset + take,
+                self.buffers[name].index_copy_(0, dest, rows_TF[offset : offset + take,
                                                                 col : col + dim])
                 col += dim
-            self.ids_T.index_copy_(0, dest, pending.ids_n[offset : offset + take])
+            self.ids_T.index_copy_(0, dest, pending.ids_T[offset : offset + take])
             self.fill += take
             offset += take
             added += take
@@ -381,7 +381,7 @@ class _ShardWriter:
         col = 0
         for name in self.names:
             dim = self.dims[name]
-            count = int((~torch.isfinite(pending.rows_nF[:, col : col + dim])).sum())
+            count = int((~torch.isfinite(pending.rows_TF[:, col : col + dim])).sum())
             if count:
                 hint = (" (float16 overflows beyond ±65504: try dtype bfloat16 or float32)"
                         if self.dtype == torch.float16 else "")
@@ -393,7 +393,7 @@ class _ShardWriter:
                 )
             col += dim
 
-    def _write(self, tensors: dict[str, torch.Tensor], ids_n: torch.Tensor,
+    def _write(self, tensors: dict[str, torch.Tensor], ids_T: torch.Tensor,
                cursor: tuple[int, int] | None, exhausted: bool) -> None:
         from safetensors.torch import save_file
 
@@ -411,7 +411,7 @@ class _ShardWriter:
             "sha256": sha256_file(path),
             # Which tokens, in row order: two caches of the same text pair up row by row
             # exactly when these agree (model diffing).
-            "tokens_sha256": tokens_fingerprint(ids_n),
+            "tokens_sha256": tokens_fingerprint(ids_T),
             "next_batch": None if cursor is None else int(cursor[0]),
             "next_skip": None if cursor is None else int(cursor[1]),
         }

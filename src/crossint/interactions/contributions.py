@@ -90,22 +90,22 @@ def active_features(f_BH: Tensor) -> ActiveFeatures:
         )
     codes = sparse_codes(f_BH)
     n_tokens, device = f_BH.shape[0], f_BH.device
-    nnz = codes.indices_N.numel()
+    nnz = codes.indices_E.numel()
     ends_B = torch.cat([codes.offsets_B[1:], torch.tensor([nnz], device=device)])[:n_tokens]
     counts_B = ends_B - codes.offsets_B
     k = max(int(counts_B.max()), 1) if n_tokens else 1
-    rows_N = torch.repeat_interleave(torch.arange(n_tokens, device=device), counts_B)
-    slots_N = torch.arange(nnz, device=device) - codes.offsets_B[rows_N]
+    rows_E = torch.repeat_interleave(torch.arange(n_tokens, device=device), counts_B)
+    slots_E = torch.arange(nnz, device=device) - codes.offsets_B[rows_E]
     features_BK = torch.full((n_tokens, k), -1, dtype=torch.int64, device=device)
-    features_BK[rows_N, slots_N] = codes.indices_N
+    features_BK[rows_E, slots_E] = codes.indices_E
     # Out-of-place index_put keeps the gradient path from f_BK back to f_BH.
-    f_BK = f_BH.new_zeros((n_tokens, k)).index_put((rows_N, slots_N), codes.values_N)
+    f_BK = f_BH.new_zeros((n_tokens, k)).index_put((rows_E, slots_E), codes.values_E)
     # The distinct features, shared by every block: V is computed for these rows only.
-    distinct_U, row_N = torch.unique(codes.indices_N, return_inverse=True)
+    distinct_U, row_E = torch.unique(codes.indices_E, return_inverse=True)
     if distinct_U.numel() == 0:  # nothing active: one row keeps every shape valid
         distinct_U = torch.zeros(1, dtype=torch.int64, device=device)
     row_BK = torch.zeros_like(features_BK)
-    row_BK[rows_N, slots_N] = row_N
+    row_BK[rows_E, slots_E] = row_E
     return ActiveFeatures(features_BK, f_BK, counts_B, distinct_U, row_BK)
 
 

@@ -68,9 +68,9 @@ def cooccurring_pairs(features_BK: Tensor) -> tuple[Tensor, Tensor]:
 
 def _coalesce(keys_E: Tensor, values_E: Tensor) -> tuple[Tensor, Tensor]:
     """Sum the values of equal keys; keys come back sorted and unique."""
-    unique_U, inverse_E = torch.unique(keys_E, return_inverse=True)
-    sums_U = torch.zeros(unique_U.shape[0], dtype=values_E.dtype, device=values_E.device)
-    return unique_U, sums_U.index_add_(0, inverse_E, values_E)
+    unique_G, inverse_E = torch.unique(keys_E, return_inverse=True)
+    sums_G = torch.zeros(unique_G.shape[0], dtype=values_E.dtype, device=values_E.device)
+    return unique_G, sums_G.index_add_(0, inverse_E, values_E)
 
 
 class _SparseSum:
@@ -275,28 +275,28 @@ class PairwiseResult:
 
 
 # --- SPEC §4.6 measures for chosen pairs -------------------------------------------------------
-def hadamard_measure(V_i_PN: Tensor, V_j_PN: Tensor) -> Tensor:
+def hadamard_measure(V_i_QN: Tensor, V_j_QN: Tensor) -> Tensor:
     """SPEC §4.6 ‖V[i,:] ⊙ V[j,:]‖₁ (weights only, data-independent)."""
-    return (V_i_PN * V_j_PN).abs().sum(dim=-1)
+    return (V_i_QN * V_j_QN).abs().sum(dim=-1)
 
 
-def ratio_measure(p_i_QN: Tensor, p_j_QN: Tensor, w_N: Tensor) -> Tensor:
+def ratio_measure(p_i_EN: Tensor, p_j_EN: Tensor, w_N: Tensor) -> Tensor:
     """SPEC §4.6 r_n(i,j) = min(|p_i|,|p_j|) / max(|p_i|,|p_j|), averaged over neurons with
     weights w_N, per co-active (token, pair). A neuron both features miss (max = 0) counts 0."""
-    a_QN, b_QN = p_i_QN.abs(), p_j_QN.abs()
-    high_QN = torch.maximum(a_QN, b_QN)
-    ratio_QN = torch.where(high_QN > 0, torch.minimum(a_QN, b_QN) / high_QN.clamp_min(1e-300),
-                           torch.zeros_like(high_QN))
-    return (ratio_QN * w_N).sum(dim=-1) / w_N.sum()
+    a_EN, b_EN = p_i_EN.abs(), p_j_EN.abs()
+    high_EN = torch.maximum(a_EN, b_EN)
+    ratio_EN = torch.where(high_EN > 0, torch.minimum(a_EN, b_EN) / high_EN.clamp_min(1e-300),
+                           torch.zeros_like(high_EN))
+    return (ratio_EN * w_N).sum(dim=-1) / w_N.sum()
 
 
 def second_difference(
-    mlp_forward: Callable[[Tensor], Tensor], u_QD: Tensor, q_i_QD: Tensor, q_j_QD: Tensor
+    mlp_forward: Callable[[Tensor], Tensor], u_ED: Tensor, q_i_ED: Tensor, q_j_ED: Tensor
 ) -> Tensor:
     """SPEC §4.6 Δ² = ‖MLP(u) − MLP(u − q_i) − MLP(u − q_j) + MLP(u − q_i − q_j)‖."""
-    out_4QD = mlp_forward(torch.stack([u_QD, u_QD - q_i_QD, u_QD - q_j_QD,
-                                       u_QD - q_i_QD - q_j_QD]))
-    return (out_4QD[0] - out_4QD[1] - out_4QD[2] + out_4QD[3]).norm(dim=-1)
+    out_4ED = mlp_forward(torch.stack([u_ED, u_ED - q_i_ED, u_ED - q_j_ED,
+                                       u_ED - q_i_ED - q_j_ED]))
+    return (out_4ED[0] - out_4ED[1] - out_4ED[2] + out_4ED[3]).norm(dim=-1)
 
 
 class PairMeasureAccumulator:
@@ -309,104 +309,104 @@ class PairMeasureAccumulator:
     def __init__(
         self,
         blocks: Sequence[MLPFeatureBlock],
-        i_P: Tensor,
-        j_P: Tensor,
-        block_P: Tensor,
+        i_Q: Tensor,
+        j_Q: Tensor,
+        block_Q: Tensor,
         chunk_pairs: int = 4096,
     ) -> None:
         by_id = {b.block: b for b in blocks}
-        missing = sorted(set(block_P.tolist()) - set(by_id))
+        missing = sorted(set(block_Q.tolist()) - set(by_id))
         if missing:
             raise CrossintError(f"pairs name blocks {missing}, but only {sorted(by_id)} are given")
-        if not (i_P.shape == j_P.shape == block_P.shape) or i_P.dim() != 1:
+        if not (i_Q.shape == j_Q.shape == block_Q.shape) or i_Q.dim() != 1:
             raise CrossintError("i, j and block must be 1-d tensors of the same length")
-        self.i_P, self.j_P, self.block_P = i_P.long(), j_P.long(), block_P.long()
+        self.i_Q, self.j_Q, self.block_Q = i_Q.long(), j_Q.long(), block_Q.long()
         self.chunk_pairs = chunk_pairs
         self._groups = []  # (block, pair indices, V_i, V_j)
-        hadamard_P = torch.zeros(i_P.shape[0], dtype=torch.float64)
-        for block_id in sorted(set(block_P.tolist())):
+        hadamard_Q = torch.zeros(i_Q.shape[0], dtype=torch.float64)
+        for block_id in sorted(set(block_Q.tolist())):
             block = by_id[block_id]
-            where_P = (self.block_P == block_id).nonzero().squeeze(1)
+            where_Q = (self.block_Q == block_id).nonzero().squeeze(1)
             device = block.d_HD.device
             with torch.no_grad():
-                V_i_PN = virtual_weights(block.d_HD[self.i_P[where_P].to(device)],
+                V_i_QN = virtual_weights(block.d_HD[self.i_Q[where_Q].to(device)],
                                          block.mlp.W_in_DN)
-                V_j_PN = virtual_weights(block.d_HD[self.j_P[where_P].to(device)],
+                V_j_QN = virtual_weights(block.d_HD[self.j_Q[where_Q].to(device)],
                                          block.mlp.W_in_DN)
-            hadamard_P[where_P] = hadamard_measure(V_i_PN, V_j_PN).double().cpu()
-            self._groups.append((block, where_P, V_i_PN, V_j_PN))
-        self.hadamard_P = hadamard_P
-        n = i_P.shape[0]
-        self._ratio_P = torch.zeros(n, dtype=torch.float64)
-        self._delta2_P = torch.zeros(n, dtype=torch.float64)
-        self._count_P = torch.zeros(n, dtype=torch.float64)
+            hadamard_Q[where_Q] = hadamard_measure(V_i_QN, V_j_QN).double().cpu()
+            self._groups.append((block, where_Q, V_i_QN, V_j_QN))
+        self.hadamard_Q = hadamard_Q
+        n = i_Q.shape[0]
+        self._ratio_Q = torch.zeros(n, dtype=torch.float64)
+        self._delta2_Q = torch.zeros(n, dtype=torch.float64)
+        self._count_Q = torch.zeros(n, dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, f_BH: Tensor) -> None:
         codes = sparse_codes(f_BH)
-        for block, where_P, V_i_PN, V_j_PN in self._groups:
+        for block, where_Q, V_i_QN, V_j_QN in self._groups:
             dtype, device = block.d_HD.dtype, block.d_HD.device
             f_dev_BH = f_BH.to(device=device, dtype=dtype)
-            i_P, j_P = self.i_P[where_P].to(device), self.j_P[where_P].to(device)
-            f_i_BP, f_j_BP = f_dev_BH[:, i_P], f_dev_BH[:, j_P]
-            b_Q, q_Q = ((f_i_BP != 0) & (f_j_BP != 0)).nonzero(as_tuple=True)
-            if b_Q.numel() == 0:
+            i_Q, j_Q = self.i_Q[where_Q].to(device), self.j_Q[where_Q].to(device)
+            f_i_BQ, f_j_BQ = f_dev_BH[:, i_Q], f_dev_BH[:, j_Q]
+            b_E, q_E = ((f_i_BQ != 0) & (f_j_BQ != 0)).nonzero(as_tuple=True)
+            if b_E.numel() == 0:
                 continue
             u_BD = sparse_decode(codes, block.d_HD[:, None, :])[:, 0] + block.b_dec_D
             w_N = block.w_out_N
-            for start in range(0, b_Q.numel(), self.chunk_pairs):
-                b, q = b_Q[start:start + self.chunk_pairs], q_Q[start:start + self.chunk_pairs]
-                f_i_Q, f_j_Q = f_i_BP[b, q], f_j_BP[b, q]
-                ratio_Q = ratio_measure(f_i_Q[:, None] * V_i_PN[q], f_j_Q[:, None] * V_j_PN[q],
+            for start in range(0, b_E.numel(), self.chunk_pairs):
+                b, q = b_E[start:start + self.chunk_pairs], q_E[start:start + self.chunk_pairs]
+                f_i_E, f_j_E = f_i_BQ[b, q], f_j_BQ[b, q]
+                ratio_E = ratio_measure(f_i_E[:, None] * V_i_QN[q], f_j_E[:, None] * V_j_QN[q],
                                         w_N)
-                delta2_Q = second_difference(
+                delta2_E = second_difference(
                     block.mlp.forward, u_BD[b],
-                    f_i_Q[:, None] * block.d_HD[i_P[q]], f_j_Q[:, None] * block.d_HD[j_P[q]],
+                    f_i_E[:, None] * block.d_HD[i_Q[q]], f_j_E[:, None] * block.d_HD[j_Q[q]],
                 )
-                target = where_P.to(device)[q]
-                self._ratio_P.index_add_(0, target.cpu(), ratio_Q.double().cpu())
-                self._delta2_P.index_add_(0, target.cpu(), delta2_Q.double().cpu())
-                self._count_P.index_add_(0, target.cpu(),
+                target = where_Q.to(device)[q]
+                self._ratio_Q.index_add_(0, target.cpu(), ratio_E.double().cpu())
+                self._delta2_Q.index_add_(0, target.cpu(), delta2_E.double().cpu())
+                self._count_Q.index_add_(0, target.cpu(),
                                          torch.ones(target.shape[0], dtype=torch.float64))
 
     def result(self) -> dict[str, Tensor]:
         """Per pair: ``ratio`` and ``delta2`` (means over co-active tokens; NaN if never
         co-active), ``coactive`` token count and ``hadamard``."""
-        count_P = self._count_P
-        nan_P = torch.full_like(count_P, float("nan"))
+        count_Q = self._count_Q
+        nan_Q = torch.full_like(count_Q, float("nan"))
         return {
-            "ratio": torch.where(count_P > 0, self._ratio_P / count_P.clamp_min(1), nan_P),
-            "delta2": torch.where(count_P > 0, self._delta2_P / count_P.clamp_min(1), nan_P),
-            "coactive": count_P.clone(),
-            "hadamard": self.hadamard_P.clone(),
+            "ratio": torch.where(count_Q > 0, self._ratio_Q / count_Q.clamp_min(1), nan_Q),
+            "delta2": torch.where(count_Q > 0, self._delta2_Q / count_Q.clamp_min(1), nan_Q),
+            "coactive": count_Q.clone(),
+            "hadamard": self.hadamard_Q.clone(),
         }
 
 
 # --- rank correlation --------------------------------------------------------------------------
-def average_ranks(x_P: Tensor) -> Tensor:
-    """Ranks 1..P with ties given their average rank (float64)."""
-    sorted_P, order_P = x_P.double().sort(stable=True)
-    _, inverse_P, counts_U = torch.unique_consecutive(sorted_P, return_inverse=True,
+def average_ranks(x_Q: Tensor) -> Tensor:
+    """Ranks 1..n with ties given their average rank (float64)."""
+    sorted_Q, order_Q = x_Q.double().sort(stable=True)
+    _, inverse_Q, counts_G = torch.unique_consecutive(sorted_Q, return_inverse=True,
                                                       return_counts=True)
-    ends_U = counts_U.cumsum(0).double()
-    mean_rank_U = ends_U - (counts_U.double() - 1) / 2
-    ranks_P = torch.empty_like(sorted_P)
-    ranks_P[order_P] = mean_rank_U[inverse_P]
-    return ranks_P
+    ends_G = counts_G.cumsum(0).double()
+    mean_rank_G = ends_G - (counts_G.double() - 1) / 2
+    ranks_Q = torch.empty_like(sorted_Q)
+    ranks_Q[order_Q] = mean_rank_G[inverse_Q]
+    return ranks_Q
 
 
-def spearman(x_P: Tensor, y_P: Tensor) -> float:
+def spearman(x_Q: Tensor, y_Q: Tensor) -> float:
     """Spearman rank correlation over the entries where both are finite (NaN if undefined)."""
-    keep_P = torch.isfinite(x_P) & torch.isfinite(y_P)
-    if int(keep_P.sum()) < 2:
+    keep_Q = torch.isfinite(x_Q) & torch.isfinite(y_Q)
+    if int(keep_Q.sum()) < 2:
         return float("nan")
-    rx_P, ry_P = average_ranks(x_P[keep_P]), average_ranks(y_P[keep_P])
-    rx_P, ry_P = rx_P - rx_P.mean(), ry_P - ry_P.mean()
-    denominator = float((rx_P.norm() * ry_P.norm()).item())
-    return float((rx_P @ ry_P).item()) / denominator if denominator > 0 else float("nan")
+    rx_Q, ry_Q = average_ranks(x_Q[keep_Q]), average_ranks(y_Q[keep_Q])
+    rx_Q, ry_Q = rx_Q - rx_Q.mean(), ry_Q - ry_Q.mean()
+    denominator = float((rx_Q.norm() * ry_Q.norm()).item())
+    return float((rx_Q @ ry_Q).item()) / denominator if denominator > 0 else float("nan")
 
 
-def measure_correlations(reference_P: Tensor, measures: dict[str, Tensor]) -> dict[str, Any]:
+def measure_correlations(reference_Q: Tensor, measures: dict[str, Tensor]) -> dict[str, Any]:
     """Spearman correlation of each cheap measure with the reference (Δ²) over the same pairs."""
-    return {name: spearman(values_P.cpu(), reference_P.cpu())
-            for name, values_P in measures.items()}
+    return {name: spearman(values_Q.cpu(), reference_Q.cpu())
+            for name, values_Q in measures.items()}

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
+import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +129,7 @@ class MLPWeights:
 
 @dataclass(frozen=True, eq=False)
 class AttentionWeights:
-    """One block's attention in raw per-head weights (SPEC §5). H = attention heads here.
+    """One block's attention in raw per-head weights (SPEC §5). A = attention heads, d = head_dim.
 
     ``q_h = attn_in·W_Q[h] + b_Q[h]`` (likewise K, V), then rotary (if any) on the first
     ``rotary_dim`` dims of q and k in the rotate-half convention: dims i and i + rotary_dim/2
@@ -139,13 +141,13 @@ class AttentionWeights:
     Missing biases are zeros.
     """
 
-    W_Q_HDd: Tensor
-    W_K_HDd: Tensor
-    W_V_HDd: Tensor
-    b_Q_Hd: Tensor
-    b_K_Hd: Tensor
-    b_V_Hd: Tensor
-    W_O_HdD: Tensor
+    W_Q_ADd: Tensor
+    W_K_ADd: Tensor
+    W_V_ADd: Tensor
+    b_Q_Ad: Tensor
+    b_K_Ad: Tensor
+    b_V_Ad: Tensor
+    W_O_AdD: Tensor
     b_O_D: Tensor
     n_kv_heads: int
     scale: float
@@ -158,11 +160,11 @@ class AttentionWeights:
 
     @property
     def n_heads(self) -> int:
-        return self.W_Q_HDd.shape[0]
+        return self.W_Q_ADd.shape[0]
 
     @property
     def head_dim(self) -> int:
-        return self.W_Q_HDd.shape[2]
+        return self.W_Q_ADd.shape[2]
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (grouped-query attention)."""
@@ -264,6 +266,70 @@ class _Pass:
     def maybe_stop(self, name: str) -> None:
         if name == self.stop_at:
             raise _StopForward
+
+
+class _BlockHooks:
+    """The hooks one pass puts on one block: each hands its site's tensor to the pass (capture,
+    patch, stop) and puts a patched tensor back into the forward pass. ``handles`` keeps what
+    was registered, for removal."""
+
+    def __init__(self, l: int, sites: set[str], state: _Pass) -> None:
+        self.l = l
+        self.sites = sites
+        self.state = state
+        self.name = {site: hp.hookpoint(l, site) for site in hp.SITES}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_input(self, module: nn.Module, site: str, store_resid: bool = False) -> None:
+        """``site`` is the first input of ``module``. ``store_resid``: also keep the (patched)
+        input as the block's resid_pre, from which resid_mid is derived."""
+        name, state = self.name[site], self.state
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = _first_input(args, kwargs, name)
+            new = state.visit(name, x) if site in self.sites else x
+            if store_resid:
+                state.resid_pre[self.l] = new
+            if site in self.sites:
+                state.maybe_stop(name)
+            return _with_first_input(args, kwargs, new) if new is not x else None
+
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def on_output(self, module: nn.Module, site: str) -> None:
+        """``site`` is the output (or its first element) of ``module``."""
+        name, state = self.name[site], self.state
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            y = _first_output(output)
+            new = state.visit(name, y)
+            state.maybe_stop(name)
+            return _with_first_output(output, new) if new is not y else None
+
+        self.handles.append(module.register_forward_hook(hook))
+
+    def on_derived_resid_mid(self, attn_out: nn.Module) -> None:
+        """Pre-LN blocks: resid_mid from the output of the ``attn_out`` module (needs the
+        block's resid_pre stored by :meth:`on_input`)."""
+        self.handles.append(attn_out.register_forward_hook(self._resid_mid_hook))
+
+    def _resid_mid_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        # SPEC §2, pre-LN: resid_mid = resid_pre + attn_out, the block's own sum (the
+        # addition is commutative, so this is bit-identical to the model's).
+        state, name = self.state, self.name
+        attn_out = _first_output(output)
+        resid_pre = state.resid_pre[self.l]
+        resid_mid = resid_pre + attn_out
+        fn = state.patches.get(name["resid_mid"])
+        new_out = attn_out
+        if fn is not None:
+            resid_mid = _apply_patch(name["resid_mid"], fn, resid_mid)
+            # The block adds attn_out to resid_pre: make that sum equal the target.
+            new_out = resid_mid - resid_pre
+            state.record(name["attn_out"], new_out)
+        state.record(name["resid_mid"], resid_mid)
+        state.maybe_stop(name["resid_mid"])
+        return _with_first_output(output, new_out) if new_out is not attn_out else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,27 +542,27 @@ class ModelAdapter:
                 b_q, b_k, b_v = b_qkv.split(n_heads * head_dim, dim=0)
             else:
                 # GPT-NeoX query_key_value: output features are, per head, [q_h | k_h | v_h].
-                W_D_H3d = W_qkv.reshape(W_qkv.shape[0], n_heads, 3, head_dim)
-                b_H3d = b_qkv.reshape(n_heads, 3, head_dim)
-                W_q, W_k, W_v = (W_D_H3d[:, :, i].reshape(W_qkv.shape[0], -1) for i in range(3))
-                b_q, b_k, b_v = (b_H3d[:, i].reshape(-1) for i in range(3))
+                W_D_A3d = W_qkv.reshape(W_qkv.shape[0], n_heads, 3, head_dim)
+                b_A3d = b_qkv.reshape(n_heads, 3, head_dim)
+                W_q, W_k, W_v = (W_D_A3d[:, :, i].reshape(W_qkv.shape[0], -1) for i in range(3))
+                b_q, b_k, b_v = (b_A3d[:, i].reshape(-1) for i in range(3))
         W_o, b_o = _in_out_weight(self._module(block, arch.o_proj), conv1d)
         d_model = W_q.shape[0]
 
-        def per_head_HDd(W_DX: Tensor, heads: int) -> Tensor:
-            return W_DX.reshape(d_model, heads, head_dim).permute(1, 0, 2).contiguous()
+        def per_head_ADd(W_DF: Tensor, heads: int) -> Tensor:
+            return W_DF.reshape(d_model, heads, head_dim).permute(1, 0, 2).contiguous()
 
         rotary_dim, rope_theta, inv_freq = 0, None, None
         if arch.positional == "rotary":
             rotary_dim, rope_theta, inv_freq = self._rotary
         return AttentionWeights(
-            W_Q_HDd=per_head_HDd(W_q, n_heads),
-            W_K_HDd=per_head_HDd(W_k, n_kv),
-            W_V_HDd=per_head_HDd(W_v, n_kv),
-            b_Q_Hd=b_q.reshape(n_heads, head_dim),
-            b_K_Hd=b_k.reshape(n_kv, head_dim),
-            b_V_Hd=b_v.reshape(n_kv, head_dim),
-            W_O_HdD=W_o.reshape(n_heads, head_dim, W_o.shape[1]).contiguous(),
+            W_Q_ADd=per_head_ADd(W_q, n_heads),
+            W_K_ADd=per_head_ADd(W_k, n_kv),
+            W_V_ADd=per_head_ADd(W_v, n_kv),
+            b_Q_Ad=b_q.reshape(n_heads, head_dim),
+            b_K_Ad=b_k.reshape(n_kv, head_dim),
+            b_V_Ad=b_v.reshape(n_kv, head_dim),
+            W_O_AdD=W_o.reshape(n_heads, head_dim, W_o.shape[1]).contiguous(),
             b_O_D=_bias_or_zeros(b_o, W_o.shape[1], W_o),
             n_kv_heads=n_kv,
             scale=self._attention_scale(block, head_dim),
@@ -633,78 +699,32 @@ class ModelAdapter:
     ) -> list[torch.utils.hooks.RemovableHandle]:
         arch = self.arch
         block = self._blocks[l]
-        name = {site: hp.hookpoint(l, site) for site in hp.SITES}
         derived_mid = "resid_mid" in sites and not arch.post_ln
-        handles = []
-
+        hooks = _BlockHooks(l, sites, state)
         # Hooks on one module run in registration order, so register in SITES order.
-        def pre_hook(site: str, store_resid: bool = False) -> Callable:
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-                x = _first_input(args, kwargs, name[site])
-                new = state.visit(name[site], x) if site in sites else x
-                if store_resid:
-                    state.resid_pre[l] = new
-                if site in sites:
-                    state.maybe_stop(name[site])
-                return _with_first_input(args, kwargs, new) if new is not x else None
-
-            return hook
-
-        def fwd_hook(site: str) -> Callable:
-            def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-                y = _first_output(output)
-                new = state.visit(name[site], y)
-                state.maybe_stop(name[site])
-                return _with_first_output(output, new) if new is not y else None
-
-            return hook
-
-        def resid_mid_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            # SPEC §2, pre-LN: resid_mid = resid_pre + attn_out, the block's own sum (the
-            # addition is commutative, so this is bit-identical to the model's).
-            attn_out = _first_output(output)
-            resid_pre = state.resid_pre[l]
-            resid_mid = resid_pre + attn_out
-            fn = state.patches.get(name["resid_mid"])
-            new_out = attn_out
-            if fn is not None:
-                resid_mid = _apply_patch(name["resid_mid"], fn, resid_mid)
-                # The block adds attn_out to resid_pre: make that sum equal the target.
-                new_out = resid_mid - resid_pre
-                state.record(name["attn_out"], new_out)
-            state.record(name["resid_mid"], resid_mid)
-            state.maybe_stop(name["resid_mid"])
-            return _with_first_output(output, new_out) if new_out is not attn_out else None
-
-        def reg_pre(module: nn.Module, hook: Callable) -> None:
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-        def reg_fwd(module: nn.Module, hook: Callable) -> None:
-            handles.append(module.register_forward_hook(hook))
-
         if "resid_pre" in sites or derived_mid:
-            reg_pre(block, pre_hook("resid_pre", store_resid=derived_mid))
+            hooks.on_input(block, "resid_pre", store_resid=derived_mid)
         if "attn_in" in sites:
-            reg_pre(block.get_submodule(arch.attn), pre_hook("attn_in"))
+            hooks.on_input(block.get_submodule(arch.attn), "attn_in")
         if "attn_out" in sites:
-            reg_fwd(block.get_submodule(arch.attn_out), fwd_hook("attn_out"))
+            hooks.on_output(block.get_submodule(arch.attn_out), "attn_out")
         if "resid_mid" in sites:
             if arch.post_ln:
                 assert arch.attn_block is not None
-                reg_fwd(block.get_submodule(arch.attn_block), fwd_hook("resid_mid"))
+                hooks.on_output(block.get_submodule(arch.attn_block), "resid_mid")
             else:
-                reg_fwd(block.get_submodule(arch.attn_out), resid_mid_hook)
+                hooks.on_derived_resid_mid(block.get_submodule(arch.attn_out))
         if "mlp_in" in sites:
-            reg_pre(block.get_submodule(arch.mlp), pre_hook("mlp_in"))
+            hooks.on_input(block.get_submodule(arch.mlp), "mlp_in")
         if "mlp_pre" in sites:
-            reg_fwd(block.get_submodule(arch.mlp_in_linear), fwd_hook("mlp_pre"))
+            hooks.on_output(block.get_submodule(arch.mlp_in_linear), "mlp_pre")
         if "mlp_post" in sites:
-            reg_pre(block.get_submodule(arch.mlp_out_linear), pre_hook("mlp_post"))
+            hooks.on_input(block.get_submodule(arch.mlp_out_linear), "mlp_post")
         if "mlp_out" in sites:
-            reg_fwd(block.get_submodule(arch.mlp_out_module), fwd_hook("mlp_out"))
+            hooks.on_output(block.get_submodule(arch.mlp_out_module), "mlp_out")
         if "resid_post" in sites:
-            reg_fwd(block, fwd_hook("resid_post"))
-        return handles
+            hooks.on_output(block, "resid_post")
+        return hooks.handles
 
     def __repr__(self) -> str:
         return (
@@ -775,10 +795,25 @@ def _load_tokenizer(auto_tokenizer: Any, source_id: str) -> Any:
         tokenizer = auto_tokenizer.from_pretrained(source_id, local_files_only=True)
     except Exception:  # noqa: BLE001 - the tokenizer is optional; a model without one still works
         return None
-    # A tokenizer that knows only its special tokens would silently map all text to <unk>.
-    if len(tokenizer) <= len(set(getattr(tokenizer, "all_special_ids", []))):
+    return _useful_tokenizer(tokenizer)
+
+
+def _useful_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer``, or None for a tokenizer that knows only its special tokens (it would
+    silently map all text to <unk>)."""
+    if tokenizer is not None and len(tokenizer) <= len(
+        set(getattr(tokenizer, "all_special_ids", []))
+    ):
         return None
     return tokenizer
+
+
+def _dtype_keyword() -> str:
+    """The name of from_pretrained's dtype argument: ``dtype`` from transformers 4.56 on."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 @contextlib.contextmanager
@@ -848,72 +883,94 @@ _GGUF_SCALARS: Mapping[int, str] = MappingProxyType(
 )
 
 
+class _GgufReader:
+    """Reads a GGUF file's header fields from a memory map of its ``size`` bytes. Reads past the
+    end raise ``struct.error``; a metadata value of unknown type raises ``ValueError``."""
+
+    def __init__(self, blob: mmap.mmap, size: int) -> None:
+        self.blob = blob
+        self.size = size
+
+    def unpack(self, fmt: str, pos: int) -> tuple[tuple, int]:
+        return struct.unpack_from("<" + fmt, self.blob, pos), pos + struct.calcsize("<" + fmt)
+
+    def string(self, pos: int) -> tuple[bytes, int]:
+        (length,), pos = self.unpack("Q", pos)
+        if pos + length > self.size:
+            raise struct.error("string past the end of the file")
+        return bytes(self.blob[pos : pos + length]), pos + length
+
+    def value(self, value_type: int, pos: int) -> tuple[Any, int]:
+        """(a metadata value, or None for arrays, which are skipped; the position after it)."""
+        if value_type in _GGUF_SCALARS:
+            (v,), pos = self.unpack(_GGUF_SCALARS[value_type], pos)
+            return v, pos
+        if value_type == 8:
+            return self.string(pos)
+        if value_type == 9:
+            (element_type, count), pos = self.unpack("IQ", pos)
+            if element_type in _GGUF_SCALARS:
+                pos += count * struct.calcsize("<" + _GGUF_SCALARS[element_type])
+                if pos > self.size:
+                    raise struct.error("array past the end of the file")
+                return None, pos
+            for _ in range(count):
+                _, pos = self.value(element_type, pos)
+            return None, pos
+        raise ValueError(f"a metadata value has unknown type {value_type}")
+
+    def alignment(self, pos: int, n_values: int) -> tuple[int, int]:
+        """(the tensor data's alignment, from ``n_values`` metadata key/value pairs at ``pos``;
+        the position after them)."""
+        alignment = 32  # llama.cpp's default
+        for _ in range(n_values):
+            key, pos = self.string(pos)
+            (value_type,), pos = self.unpack("I", pos)
+            v, pos = self.value(value_type, pos)
+            if key == b"general.alignment" and isinstance(v, int) and v > 0:
+                alignment = v
+        return alignment, pos
+
+    def tensor_data_end(self, pos: int, n_tensors: int, quant_sizes: Mapping[int, tuple[int, int]]
+                        ) -> tuple[int | None, int]:
+        """(the end of the last tensor's data, relative to the start of the tensor data, from
+        the table of ``n_tensors`` tensors at ``pos``, or None at a tensor type not in
+        ``quant_sizes``: {type: (elements, bytes) per block}; the position after the table)."""
+        end = 0
+        for _ in range(n_tensors):
+            _name, pos = self.string(pos)
+            (n_dims,), pos = self.unpack("I", pos)
+            dims, pos = self.unpack(f"{n_dims}Q", pos)
+            (ggml_type, offset), pos = self.unpack("IQ", pos)
+            if ggml_type not in quant_sizes:
+                return None, pos
+            block_elements, block_bytes = quant_sizes[ggml_type]
+            end = max(end, offset + math.prod(dims) // block_elements * block_bytes)
+        return end, pos
+
+
 def _gguf_problem(source: Path) -> str | None:
     """Why ``source`` cannot be a complete GGUF file, or None: a walk over its header, metadata
     and tensor table (no tensor data is read) that checks the tensors fit in the file. Catches
     truncated and garbled files with a clear reason before transformers' reader fails on them
     with a numpy or struct error."""
-    import mmap
-    import struct
-
     from gguf import GGML_QUANT_SIZES
 
     size = source.stat().st_size
     with source.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-
-        def unpack(fmt: str, pos: int) -> tuple[tuple, int]:
-            return struct.unpack_from("<" + fmt, blob, pos), pos + struct.calcsize("<" + fmt)
-
-        def string(pos: int) -> tuple[bytes, int]:
-            (length,), pos = unpack("Q", pos)
-            if pos + length > size:
-                raise struct.error("string past the end of the file")
-            return bytes(blob[pos : pos + length]), pos + length
-
-        def value(value_type: int, pos: int) -> tuple[Any, int]:
-            if value_type in _GGUF_SCALARS:
-                (v,), pos = unpack(_GGUF_SCALARS[value_type], pos)
-                return v, pos
-            if value_type == 8:
-                return string(pos)
-            if value_type == 9:
-                (element_type, count), pos = unpack("IQ", pos)
-                if element_type in _GGUF_SCALARS:
-                    pos += count * struct.calcsize("<" + _GGUF_SCALARS[element_type])
-                    if pos > size:
-                        raise struct.error("array past the end of the file")
-                    return None, pos
-                for _ in range(count):
-                    _, pos = value(element_type, pos)
-                return None, pos
-            raise ValueError(f"a metadata value has unknown type {value_type}")
-
+        reader = _GgufReader(blob, size)
         try:
-            (version, n_tensors, n_values), pos = unpack("IQQ", len(_GGUF_MAGIC))
+            (version, n_tensors, n_values), pos = reader.unpack("IQQ", len(_GGUF_MAGIC))
             if version not in (2, 3):
                 return f"corrupt or unsupported: GGUF version {version} (readable: 2 and 3)"
-            alignment = 32  # llama.cpp's default
-            for _ in range(n_values):
-                key, pos = string(pos)
-                (value_type,), pos = unpack("I", pos)
-                v, pos = value(value_type, pos)
-                if key == b"general.alignment" and isinstance(v, int) and v > 0:
-                    alignment = v
-            end = 0
-            for _ in range(n_tensors):
-                name, pos = string(pos)
-                (n_dims,), pos = unpack("I", pos)
-                dims, pos = unpack(f"{n_dims}Q", pos)
-                (ggml_type, offset), pos = unpack("IQ", pos)
-                if ggml_type not in GGML_QUANT_SIZES:
-                    return None  # a type this gguf package does not know: let transformers say
-                block_elements, block_bytes = GGML_QUANT_SIZES[ggml_type]
-                elements = math.prod(dims)
-                end = max(end, offset + elements // block_elements * block_bytes)
+            alignment, pos = reader.alignment(pos, n_values)
+            end, pos = reader.tensor_data_end(pos, n_tensors, GGML_QUANT_SIZES)
         except struct.error:
             return f"truncated or corrupt: its header ends early (the file has {size} bytes)"
         except ValueError as e:
             return f"corrupt: {e}"
+        if end is None:
+            return None  # a tensor type this gguf package does not know: let transformers say
         needed = -(-pos // alignment) * alignment + end
         if needed > size:
             return f"truncated: its {n_tensors} tensors need {needed} bytes, the file has {size}"
@@ -985,11 +1042,9 @@ def _gguf_model_types() -> list[str]:
     return sorted(readable & set(ARCHITECTURES))
 
 
-def _load_gguf(
-    name: str, source: Path, torch_dtype: torch.dtype, torch_device: torch.device
-) -> ModelAdapter:
-    """A GGUF file (llama.cpp) through transformers' GGUF loader, every weight dequantised to
-    ``torch_dtype``; the tokenizer is rebuilt from the file's metadata."""
+def _check_gguf_file(name: str, source: Path) -> None:
+    """Refuse, with one line naming the file, a GGUF path that is missing, unreadable, not a
+    GGUF file, truncated or corrupt, or that the installed packages cannot read."""
     if not source.is_file():
         raise CrossintError(f"could not load model {name!r}: GGUF file {source} does not exist")
     try:
@@ -1009,27 +1064,37 @@ def _load_gguf(
         problem = _one_line(e)
     if problem is not None:
         raise CrossintError(f"could not load GGUF file {source}: {problem}")
+
+
+def _read_gguf(source: Path, read: Callable[[], Any]) -> Any:
+    """``read()`` (a transformers call on ``source``) without progress bars. A corrupt file can
+    fail anywhere in transformers' reader (ValueError, struct.error, KeyError, ...): every
+    failure becomes one line naming the file."""
+    try:
+        with _no_transformers_progress_bar(), _no_gguf_progress_bar():
+            return read()
+    except Exception as e:  # noqa: BLE001
+        raise CrossintError(f"could not load GGUF file {source}: {_one_line(e)}") from None
+
+
+def _load_gguf(
+    name: str, source: Path, torch_dtype: torch.dtype, torch_device: torch.device
+) -> ModelAdapter:
+    """A GGUF file (llama.cpp) through transformers' GGUF loader, every weight dequantised to
+    ``torch_dtype``; the tokenizer is rebuilt from the file's metadata."""
+    _check_gguf_file(name, source)
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    extra: dict[str, Any] = {}
+    options: dict[str, Any] = {_dtype_keyword(): torch_dtype}
     gguf_config = getattr(transformers, "GgufConfig", None)
     if gguf_config is not None:
         # Newer transformers can keep GGUF blocks packed in their own modules; crossint reads
         # raw weights, so always ask for a plain dense model.
-        extra["quantization_config"] = gguf_config(dequantize=True)
+        options["quantization_config"] = gguf_config(dequantize=True)
     directory, filename = str(source.parent), source.name
-    # A corrupt file can fail anywhere in transformers' reader (ValueError, struct.error,
-    # KeyError, ...): every failure becomes one line naming the file.
-    try:
-        with _no_transformers_progress_bar(), _no_gguf_progress_bar():
-            config = AutoConfig.from_pretrained(
-                directory, gguf_file=filename, local_files_only=True
-            )
-    except Exception as e:  # noqa: BLE001
-        raise CrossintError(f"could not load GGUF file {source}: {_one_line(e)}") from None
+    config = _read_gguf(source, lambda: AutoConfig.from_pretrained(
+        directory, gguf_file=filename, local_files_only=True))
     if config.model_type not in _gguf_model_types():
         raise CrossintError(
             f"could not load GGUF file {source}: unsupported model type {config.model_type!r}; "
@@ -1037,14 +1102,8 @@ def _load_gguf(
         )
     arch = get_architecture(config.model_type)
     model_cls = AutoModelForMaskedLM if arch.encoder else AutoModelForCausalLM
-    try:
-        with _no_transformers_progress_bar(), _no_gguf_progress_bar():
-            model = model_cls.from_pretrained(
-                directory, gguf_file=filename, config=config, local_files_only=True,
-                **{dtype_kw: torch_dtype}, **extra,
-            )  # fmt: skip
-    except Exception as e:  # noqa: BLE001
-        raise CrossintError(f"could not load GGUF file {source}: {_one_line(e)}") from None
+    model = _read_gguf(source, lambda: model_cls.from_pretrained(
+        directory, gguf_file=filename, config=config, local_files_only=True, **options))
     _as_dense(model, source, torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -1052,12 +1111,8 @@ def _load_gguf(
         )
     except Exception:  # noqa: BLE001 - the tokenizer is optional, as for directories
         tokenizer = None
-    if tokenizer is not None and len(tokenizer) <= len(
-        set(getattr(tokenizer, "all_special_ids", []))
-    ):
-        tokenizer = None
     model.to(torch_device)
-    return ModelAdapter(model, tokenizer, name=name)
+    return ModelAdapter(model, _useful_tokenizer(tokenizer), name=name)
 
 
 def load_model(
@@ -1072,12 +1127,7 @@ def load_model(
     file (needs the ``gguf`` extra; weights are dequantised to ``dtype``). Causal models load
     with their LM head; BERT-style encoders with their masked-LM head.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-    )
+    from transformers import AutoTokenizer
 
     name = str(name_or_path)
     torch_dtype = parse_dtype(dtype)
@@ -1085,6 +1135,16 @@ def load_model(
     source = _storylm_path() if name == "storylm" else Path(name).expanduser()
     if name != "storylm" and _is_gguf(source):
         return _load_gguf(name, source, torch_dtype, torch_device)
+    source_id = _pretrained_id(name, source)
+    model = _load_pretrained(name, source_id, torch_dtype)
+    tokenizer = _load_tokenizer(AutoTokenizer, source_id)
+    model.to(torch_device)
+    return ModelAdapter(model, tokenizer, name=name)
+
+
+def _pretrained_id(name: str, source: Path) -> str:
+    """What ``from_pretrained`` loads model ``name`` from: the directory ``source`` (it must hold
+    a config.json) or, when nothing is at ``source``, ``name`` as a hub id."""
     if source.is_dir():
         if not (source / "config.json").is_file():
             ggufs = sorted(p.name for p in source.glob("*.gguf"))
@@ -1093,16 +1153,22 @@ def load_model(
                 f"could not load model {name!r}: directory {source} has no config.json "
                 f"(expected a directory written by save_pretrained){hint}"
             )
-        source_id = str(source)
-    elif source.exists():
+        return str(source)
+    if source.exists():
         raise CrossintError(
             f"could not load model {name!r}: {source} is a file; pass the directory written by "
             f"save_pretrained, or a .gguf file"
         )
-    elif name == "storylm":
+    if name == "storylm":
         raise CrossintError(f"the embedded model 'storylm' has no weights at {source}")
-    else:
-        source_id = name
+    return name
+
+
+def _load_pretrained(name: str, source_id: str, torch_dtype: torch.dtype) -> nn.Module:
+    """The model at ``source_id`` from local files only, with its LM head (the masked-LM head for
+    encoders)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
     try:
         # local_files_only: a hub id must already be cached; no network, no waiting on it.
         config = AutoConfig.from_pretrained(source_id, local_files_only=True)
@@ -1114,20 +1180,13 @@ def load_model(
         ) from None
     arch = get_architecture(config.model_type)  # unsupported families fail before loading
     model_cls = AutoModelForMaskedLM if arch.encoder else AutoModelForCausalLM
-    import transformers
-
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     try:
         with _no_transformers_progress_bar():
-            model = model_cls.from_pretrained(
-                source_id, config=config, local_files_only=True, **{dtype_kw: torch_dtype}
+            return model_cls.from_pretrained(
+                source_id, config=config, local_files_only=True, **{_dtype_keyword(): torch_dtype}
             )
     except (OSError, ValueError) as e:
         raise CrossintError(f"could not load the weights of model {name!r}: {e}") from None
-    tokenizer = _load_tokenizer(AutoTokenizer, source_id)
-    model.to(torch_device)
-    return ModelAdapter(model, tokenizer, name=name)
 
 
 def check_model_matches(adapter: ModelAdapter, model_info: dict[str, Any], widths: set[int],

@@ -145,89 +145,58 @@ def _roberta_max_context(config: Any) -> int:
     return int(config.max_position_embeddings) - int(config.pad_token_id) - 1
 
 
-GPT2 = Architecture(
-    family="gpt2",
-    blocks="h",
-    final_norm="ln_f",
-    ln1="ln_1",
-    attn="attn",
-    attn_out="attn",
-    ln2="ln_2",
-    mlp="mlp",
-    mlp_in_linear="mlp.c_fc",
-    act="mlp.act",
-    mlp_out_linear="mlp.c_proj",
-    mlp_out_module="mlp",
-    qkv_style="fused_split",
-    qkv_proj="attn.c_attn",
-    o_proj="attn.c_proj",
+def _pre_ln_decoder(family: str, mlp_linears: tuple[str, str, str], **fields: Any) -> Architecture:
+    """An entry for the common decoder layout: the ``attn`` module's output and the ``mlp``
+    module's output are the tensors added to the residual stream (so they are also ``attn_out``
+    and ``mlp_out_module``), and the MLP's in linear, activation and out linear are
+    ``mlp_linears`` inside ``mlp``."""
+    mlp_in_linear, act, mlp_out_linear = (f"mlp.{name}" for name in mlp_linears)
+    return Architecture(
+        family=family, attn_out=fields["attn"], mlp="mlp", mlp_out_module="mlp",
+        mlp_in_linear=mlp_in_linear, act=act, mlp_out_linear=mlp_out_linear, **fields,
+    )
+
+
+GPT2 = _pre_ln_decoder(
+    "gpt2",
+    blocks="h", final_norm="ln_f", ln1="ln_1", ln2="ln_2",
+    attn="attn", qkv_style="fused_split", qkv_proj="attn.c_attn", o_proj="attn.c_proj",
+    mlp_linears=("c_fc", "act", "c_proj"),
     positional="absolute",
     conv1d=True,
     scale=_gpt2_scale,
 )
 
-GPT_NEO = Architecture(
+# GPT-Neo keeps GPT-2's module names, with separate nn.Linear Q/K/V projections.
+GPT_NEO = dataclasses.replace(
+    GPT2,
     family="gpt_neo",
-    blocks="h",
-    final_norm="ln_f",
-    ln1="ln_1",
-    attn="attn",
-    attn_out="attn",
-    ln2="ln_2",
-    mlp="mlp",
-    mlp_in_linear="mlp.c_fc",
-    act="mlp.act",
-    mlp_out_linear="mlp.c_proj",
-    mlp_out_module="mlp",
-    qkv_style="separate",
-    q_proj="attn.attention.q_proj",
-    k_proj="attn.attention.k_proj",
-    v_proj="attn.attention.v_proj",
-    o_proj="attn.attention.out_proj",
-    positional="absolute",
+    qkv_style="separate", qkv_proj=None,
+    q_proj="attn.attention.q_proj", k_proj="attn.attention.k_proj",
+    v_proj="attn.attention.v_proj", o_proj="attn.attention.out_proj",
+    conv1d=False,
     window=_gpt_neo_window,
     scale=lambda config, block: 1.0,  # GPT-Neo does not scale attention logits
 )
 
-GPT_NEOX = Architecture(
-    family="gpt_neox",
-    blocks="layers",
-    final_norm="final_layer_norm",
-    ln1="input_layernorm",
-    attn="attention",
-    attn_out="attention",
-    ln2="post_attention_layernorm",
-    mlp="mlp",
-    mlp_in_linear="mlp.dense_h_to_4h",
-    act="mlp.act",
-    mlp_out_linear="mlp.dense_4h_to_h",
-    mlp_out_module="mlp",
-    qkv_style="fused_interleaved",
-    qkv_proj="attention.query_key_value",
+GPT_NEOX = _pre_ln_decoder(
+    "gpt_neox",
+    blocks="layers", final_norm="final_layer_norm",
+    ln1="input_layernorm", ln2="post_attention_layernorm",
+    attn="attention", qkv_style="fused_interleaved", qkv_proj="attention.query_key_value",
     o_proj="attention.dense",
+    mlp_linears=("dense_h_to_4h", "act", "dense_4h_to_h"),
     positional="rotary",
     parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", True)),
 )
 
-LLAMA = Architecture(
-    family="llama",
-    blocks="layers",
-    final_norm="norm",
-    ln1="input_layernorm",
-    attn="self_attn",
-    attn_out="self_attn",
-    ln2="post_attention_layernorm",
-    mlp="mlp",
-    mlp_in_linear="mlp.gate_proj",
-    mlp_up_linear="mlp.up_proj",
-    act="mlp.act_fn",
-    mlp_out_linear="mlp.down_proj",
-    mlp_out_module="mlp",
-    qkv_style="separate",
-    q_proj="self_attn.q_proj",
-    k_proj="self_attn.k_proj",
-    v_proj="self_attn.v_proj",
+LLAMA = _pre_ln_decoder(
+    "llama",
+    blocks="layers", final_norm="norm", ln1="input_layernorm", ln2="post_attention_layernorm",
+    attn="self_attn", qkv_style="separate",
+    q_proj="self_attn.q_proj", k_proj="self_attn.k_proj", v_proj="self_attn.v_proj",
     o_proj="self_attn.o_proj",
+    mlp_linears=("gate_proj", "act_fn", "down_proj"), mlp_up_linear="mlp.up_proj",
     positional="rotary",
 )
 
@@ -235,25 +204,19 @@ BERT = Architecture(
     family="bert",
     blocks="encoder.layer",
     final_norm=None,  # post-LN: every block already ends in a LayerNorm
-    ln1=None,
-    attn="attention.self",
-    attn_out="attention.output.dense",
-    attn_block="attention",
-    ln2="attention.output.LayerNorm",
-    mlp="intermediate",
-    mlp_in_linear="intermediate.dense",
-    act="intermediate.intermediate_act_fn",
-    mlp_out_linear="output.dense",
-    mlp_out_module="output.dense",
+    ln1=None, ln2="attention.output.LayerNorm",
+    attn="attention.self", attn_out="attention.output.dense", attn_block="attention",
     qkv_style="separate",
-    q_proj="attention.self.query",
-    k_proj="attention.self.key",
-    v_proj="attention.self.value",
+    q_proj="attention.self.query", k_proj="attention.self.key", v_proj="attention.self.value",
     o_proj="attention.output.dense",
+    mlp="intermediate", mlp_in_linear="intermediate.dense",
+    act="intermediate.intermediate_act_fn",
+    mlp_out_linear="output.dense", mlp_out_module="output.dense",
     positional="absolute",
     post_ln=True,
     encoder=True,
 )
+
 
 # Keyed by ``config.model_type``. Families that only differ in a config detail share an entry.
 # Read-only: a family is added here, in code, never at run time.

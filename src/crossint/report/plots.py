@@ -340,14 +340,14 @@ def plot_cluster_coherence(coherence: Mapping[str, Mapping[str, float]], path: s
     return _save(figure, path)
 
 
-def plot_ordered_affinity(similarity_MM: Any, sizes: Sequence[int], path: str | Path,
+def plot_ordered_affinity(similarity_UU: Any, sizes: Sequence[int], path: str | Path,
                           title: str = "Normalised interaction affinity, ordered by cluster",
                           ) -> Path:
     """Heatmap of a similarity matrix whose rows are already ordered by cluster, with the
     cluster boundaries drawn."""
     import numpy as np
 
-    values = np.asarray(similarity_MM, dtype=float)
+    values = np.asarray(similarity_UU, dtype=float)
     if values.ndim != 2 or values.shape[0] != values.shape[1] or values.shape[0] != sum(sizes):
         raise CrossintError(f"affinity of shape {values.shape} for clusters of total size "
                             f"{sum(sizes)}")

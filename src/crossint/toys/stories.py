@@ -244,6 +244,11 @@ ENDINGS_HAPPY = (
 # --- characters ----------------------------------------------------------------------------------
 
 
+def _pronoun(female: str, male: str) -> property:
+    """A :class:`Character` property: ``female`` when its gender is "f", else ``male``."""
+    return property(lambda character: female if character.gender == "f" else male)
+
+
 @dataclass(frozen=True)
 class Character:
     """A named character with fixed pronouns; ``kind`` is "girl", "boy", "mom", or an animal."""
@@ -253,21 +258,10 @@ class Character:
     kind: str
     trait: str = ""
 
-    @property
-    def he(self) -> str:
-        return "she" if self.gender == "f" else "he"
-
-    @property
-    def him(self) -> str:
-        return "her" if self.gender == "f" else "him"
-
-    @property
-    def his(self) -> str:
-        return "her" if self.gender == "f" else "his"
-
-    @property
-    def himself(self) -> str:
-        return "herself" if self.gender == "f" else "himself"
+    he = _pronoun("she", "he")
+    him = _pronoun("her", "him")
+    his = _pronoun("her", "his")
+    himself = _pronoun("herself", "himself")
 
     @property
     def He(self) -> str:  # noqa: N802 (sentence-initial pronoun)
@@ -511,6 +505,23 @@ def _plot_lost(w: _Writer) -> tuple[str, tuple[Character, ...]]:
     if w.has("Foreshadowing"):
         w.add(f"{p.name} did not know that {p.his} {noun} would soon go missing.")
     w.para()
+    _lose_object(w, p, f, place, things, weather, noun, used)
+    w.para()
+    if w.has("BadEnding"):
+        _search_in_vain(w, p, f, noun, spot)
+        summary = (f"{p.name} loses {p.his} {adj} {noun} {prep} the {place}, and even with "
+                   f"{f.name}'s help {p.he} never finds it.")
+        return summary, (p, f)
+    _find_object(w, p, f, noun, spot)
+    twist = " with a surprise on it" if w.has("Twist") else ""
+    summary = (f"{p.name} loses {p.his} {adj} {noun} {prep} the {place}, and {f.name} helps "
+               f"{p.him} find it{twist}.")
+    return summary, (p, f)
+
+
+def _lose_object(w: _Writer, p: Character, f: Character, place: str, things: tuple[str, ...],
+                 weather, noun: str, used: str) -> None:
+    """The lost plot's middle: an outing with the friend, the object gone, maybe a quarrel."""
     w.add(f"One day, {p.name} went to the {place} with {_intro_friend(w, p, f).rstrip(',')}.")
     _weather_line(w, p, weather)
     w.add(f"The {place} had {w.pick(things)} and {w.pick(things)}.")
@@ -532,19 +543,22 @@ def _plot_lost(w: _Writer) -> tuple[str, tuple[Character, ...]]:
         w.add(f"{p.name} and {f.name} argued, and {f.name} felt sad because {p.name} "
               f"did not believe {f.him}.")
         w.key("argued")
-    w.para()
-    if w.has("BadEnding"):
-        w.add(f"{p.name} and {f.name} looked {spot} and everywhere else, but the {noun} "
-              f"was not there.")
-        w.add(w.pick((f"The sun went down, so {p.name} had to go home without {p.his} {noun}.",
-                      f"They never found the {noun} again.")))
-        w.add(f"{p.name} was very sad, and {p.he} cried all the way home.")
-        w.key("looked", "sad")
-        if w.has("MoralValue"):
-            _moral(w, p, "careful")
-        summary = (f"{p.name} loses {p.his} {adj} {noun} {prep} the {place}, and even with "
-                   f"{f.name}'s help {p.he} never finds it.")
-        return summary, (p, f)
+
+
+def _search_in_vain(w: _Writer, p: Character, f: Character, noun: str, spot: str) -> None:
+    """The lost plot's bad ending: the object is never found."""
+    w.add(f"{p.name} and {f.name} looked {spot} and everywhere else, but the {noun} "
+          f"was not there.")
+    w.add(w.pick((f"The sun went down, so {p.name} had to go home without {p.his} {noun}.",
+                  f"They never found the {noun} again.")))
+    w.add(f"{p.name} was very sad, and {p.he} cried all the way home.")
+    w.key("looked", "sad")
+    if w.has("MoralValue"):
+        _moral(w, p, "careful")
+
+
+def _find_object(w: _Writer, p: Character, f: Character, noun: str, spot: str) -> None:
+    """The lost plot's happy ending: the friend finds the object (maybe under a small animal)."""
     w.say(f, "Do not worry. I will help you look!",
           f"{f.name} told {p.name} not to worry and offered to help.")
     w.add(f"They looked high and low. At last, {f.name} found the {noun} {spot}.")
@@ -565,10 +579,6 @@ def _plot_lost(w: _Writer) -> tuple[str, tuple[Character, ...]]:
     if w.has("MoralValue"):
         _moral(w, p, w.pick(("careful", "help")))
     _happy_end(w, p, f)
-    twist = " with a surprise on it" if w.has("Twist") else ""
-    summary = (f"{p.name} loses {p.his} {adj} {noun} {prep} the {place}, and {f.name} helps "
-               f"{p.him} find it{twist}.")
-    return summary, (p, f)
 
 
 def _plot_share(w: _Writer) -> tuple[str, tuple[Character, ...]]:

@@ -13,6 +13,7 @@ with its default settings (see docs/storylm.md).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -162,9 +163,9 @@ def pack_contexts(tokens_T: torch.Tensor, context_length: int, bos_id: int) -> t
         raise CrossintError(
             f"{tokens_T.numel()} tokens are too few for one context of length {context_length}"
         )
-    rows_NC = tokens_T[: n * body].view(n, body)
-    bos_N1 = torch.full((n, 1), bos_id, dtype=tokens_T.dtype)
-    return torch.cat([bos_N1, rows_NC], dim=1)
+    rows_CS = tokens_T[: n * body].view(n, body)
+    bos_C1 = torch.full((n, 1), bos_id, dtype=tokens_T.dtype)
+    return torch.cat([bos_C1, rows_CS], dim=1)
 
 
 def token_losses(model: PreTrainedModel, input_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -177,17 +178,17 @@ def token_losses(model: PreTrainedModel, input_ids_BS: torch.Tensor) -> torch.Te
     )
 
 
-def mean_token_loss(model: PreTrainedModel, contexts_NC: torch.Tensor, batch_size: int = 16
+def mean_token_loss(model: PreTrainedModel, contexts_CS: torch.Tensor, batch_size: int = 16
                     ) -> float:
-    """Mean next-token loss in nats over all predicted positions of ``contexts_NC``."""
+    """Mean next-token loss in nats over all predicted positions of ``contexts_CS``."""
     import torch
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, contexts_NC.shape[0], batch_size):
-            loss_BS = token_losses(model, contexts_NC[i : i + batch_size])
+        for i in range(0, contexts_CS.shape[0], batch_size):
+            loss_BS = token_losses(model, contexts_CS[i : i + batch_size])
             total += float(loss_BS.double().sum())
             count += loss_BS.numel()
     model.train(was_training)
@@ -260,144 +261,225 @@ def train_storylm(
             raise CrossintError(f"num_threads must be a positive integer, got {num_threads}")
         torch.set_num_threads(num_threads)
     try:
-        return _train_storylm(
-            Path(out_dir), steps, batch_size, context_length, lr, seed, n_train_tokens,
-            vocab_size, hidden_size, num_layers, num_heads, intermediate_size, warmup_steps,
-            weight_decay, tokenizer_stories, eval_contexts, eval_every, progress,
+        settings = _TrainSettings(
+            steps, batch_size, context_length, lr, seed, n_train_tokens, vocab_size, hidden_size,
+            num_layers, num_heads, intermediate_size, warmup_steps, weight_decay,
+            tokenizer_stories, eval_contexts, eval_every,
         )
+        return _train_storylm(Path(out_dir), settings, progress)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train_storylm(
-    out_dir: Path, steps: int, batch_size: int, context_length: int, lr: float, seed: int,
-    n_train_tokens: int | None, vocab_size: int, hidden_size: int, num_layers: int,
-    num_heads: int, intermediate_size: int, warmup_steps: int | None, weight_decay: float,
-    tokenizer_stories: int, eval_contexts: int, eval_every: int, progress: bool,
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _TrainSettings:
+    """The settings of one :func:`train_storylm` run, checked when made."""
+
+    steps: int
+    batch_size: int
+    context_length: int
+    lr: float
+    seed: int
+    n_train_tokens: int | None
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    warmup_steps: int | None
+    weight_decay: float
+    tokenizer_stories: int
+    eval_contexts: int
+    eval_every: int
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_contexts", "eval_every"):
+            value = getattr(self, name)
+            if value < 1:
+                raise CrossintError(f"{name} must be a positive integer, got {value}")
+        if not 8 <= self.context_length <= 512:
+            raise CrossintError(
+                f"context_length must be between 8 and 512, got {self.context_length}"
+            )
+        if self.lr <= 0:
+            raise CrossintError(f"lr must be positive, got {self.lr}")
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: ``warmup_steps``, by default a twentieth of the steps (at least 1)."""
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Stream tokens the optimizer sees: steps x batch_size x (context_length - 1)."""
+        return self.steps * self.batch_size * (self.context_length - 1)
+
+    @property
+    def stream_tokens(self) -> int:
+        """Size of the training stream: one pass by default; a smaller ``n_train_tokens`` means
+        several epochs."""
+        return self.tokens_seen if self.n_train_tokens is None else int(self.n_train_tokens)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as ``training.json`` records them (warmup resolved, data seeds added)."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k != "eval_every"}
+        settings["warmup_steps"] = self.warmup
+        return {**settings, "train_data_seed": TRAIN_DATA_SEED,
+                "heldout_data_seed": HELDOUT_DATA_SEED}
+
+
+def _story_contexts(seed: int, tokenizer, n_tokens: int, context_length: int) -> torch.Tensor:
+    """The first ``n_tokens`` of the story stream ``iter_stories(seed)``, documents joined by
+    EOS, packed into BOS-led rows of ``context_length`` (BOS = EOS = ``<|endoftext|>``)."""
+    special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
+    return pack_contexts(tokenize_stream(iter_stories(seed), tokenizer, n_tokens, special_id),
+                         context_length, special_id)
+
+
+def _storylm_data(
+    s: _TrainSettings,
+) -> tuple[PreTrainedTokenizerFast, torch.Tensor, torch.Tensor]:
+    """(tokenizer, training contexts, held-out contexts). The tokenizer is trained on the start
+    of the training stream only; the held-out contexts come from a different stream."""
+    tokenizer = train_tokenizer(
+        itertools.islice(iter_stories(TRAIN_DATA_SEED), s.tokenizer_stories), s.vocab_size
+    )
+    if s.stream_tokens < s.context_length:
+        raise CrossintError(
+            f"n_train_tokens must be at least context_length, got {s.stream_tokens}"
+        )
+    train_CS = _story_contexts(TRAIN_DATA_SEED, tokenizer, s.stream_tokens, s.context_length)
+    heldout_CS = _story_contexts(HELDOUT_DATA_SEED, tokenizer,
+                                 s.eval_contexts * (s.context_length - 1), s.context_length)
+    return tokenizer, train_CS, heldout_CS
+
+
+def _new_storylm(tokenizer: PreTrainedTokenizerFast, s: _TrainSettings) -> PreTrainedModel:
+    """A freshly initialised GPT-Neo (seeded with ``s.seed``) in training mode."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import GPTNeoForCausalLM
 
-    from crossint.io import atomic_write_dir, atomic_write_json
-
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_contexts",
-                        eval_contexts), ("eval_every", eval_every)):
-        if value < 1:
-            raise CrossintError(f"{name} must be a positive integer, got {value}")
-    if not 8 <= context_length <= 512:
-        raise CrossintError(f"context_length must be between 8 and 512, got {context_length}")
-    if lr <= 0:
-        raise CrossintError(f"lr must be positive, got {lr}")
-    t_start = time.time()
-
-    # Tokenizer: trained on the start of the training stream only.
-    tokenizer = train_tokenizer(
-        itertools.islice(iter_stories(TRAIN_DATA_SEED), tokenizer_stories), vocab_size
-    )
     special_id = tokenizer.convert_tokens_to_ids(SPECIAL_TOKEN)
-
-    # Data: one pass by default; smaller n_train_tokens means several epochs.
-    needed = steps * batch_size * (context_length - 1)
-    n_stream = needed if n_train_tokens is None else int(n_train_tokens)
-    if n_stream < context_length:
-        raise CrossintError(f"n_train_tokens must be at least context_length, got {n_stream}")
-    train_NC = pack_contexts(
-        tokenize_stream(iter_stories(TRAIN_DATA_SEED), tokenizer, n_stream, special_id),
-        context_length, special_id,
-    )
-    heldout_NC = pack_contexts(
-        tokenize_stream(iter_stories(HELDOUT_DATA_SEED), tokenizer,
-                        eval_contexts * (context_length - 1), special_id),
-        context_length, special_id,
-    )
-    baseline = unigram_entropy(heldout_NC[:, 1:])
-    t_data = time.time() - t_start
-
-    torch.manual_seed(seed)
+    torch.manual_seed(s.seed)
     config = storylm_config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
-        num_heads=num_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max(512, context_length), window_size=256,
+        vocab_size=len(tokenizer), hidden_size=s.hidden_size, num_layers=s.num_layers,
+        num_heads=s.num_heads, intermediate_size=s.intermediate_size,
+        max_position_embeddings=max(512, s.context_length), window_size=256,
         bos_token_id=special_id, eos_token_id=special_id,
     )
     model = GPTNeoForCausalLM(config)
     model.train()
-    # Decay only matrices (not biases, LayerNorm gains or position-free vectors).
+    return model
+
+
+def _adamw(model: PreTrainedModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW that decays only matrices (not biases, LayerNorm gains or position-free vectors)."""
+    import torch
+
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95),
     )
-    warmup = warmup_steps if warmup_steps is not None else max(1, steps // 20)
+
+
+def _context_batches(contexts_CS: torch.Tensor, batch_size: int, seed: int
+                     ) -> Iterator[torch.Tensor]:
+    """Endless batches of ``batch_size`` contexts: epochs over the contexts, each in a seeded
+    random order (a ragged last batch of an epoch is dropped)."""
+    import torch
+
     order_gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(contexts_CS.shape[0], generator=order_gen)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            yield contexts_CS[perm[i : i + batch_size]]
+        if len(perm) < batch_size:
+            raise CrossintError(
+                f"only {len(perm)} training contexts for batch_size {batch_size}; "
+                f"raise n_train_tokens or lower batch_size"
+            )
 
-    def batches() -> Iterator[torch.Tensor]:
-        while True:  # epochs over the packed contexts in a seeded random order
-            perm = torch.randperm(train_NC.shape[0], generator=order_gen)
-            for i in range(0, len(perm) - batch_size + 1, batch_size):
-                yield train_NC[perm[i : i + batch_size]]
-            if len(perm) < batch_size:
-                raise CrossintError(
-                    f"only {len(perm)} training contexts for batch_size {batch_size}; "
-                    f"raise n_train_tokens or lower batch_size"
-                )
 
-    history: list[dict[str, float]] = []
-    initial_loss = mean_token_loss(model, heldout_NC)
-    history.append({"step": 0, "heldout_loss": initial_loss})
-    t_train = time.time()
+def _optimizer_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer,
+                    batch_BS: torch.Tensor, lr: float) -> float:
+    """One step at learning rate ``lr`` on the batch's mean next-token loss, gradients clipped
+    to norm 1; returns the loss."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = token_losses(model, batch_BS).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def _fit(model: PreTrainedModel, train_CS: torch.Tensor, heldout_CS: torch.Tensor,
+         s: _TrainSettings, history: list[dict[str, float]], baseline: float, t_start: float,
+         progress: bool) -> float:
+    """Train with AdamW for ``s.steps`` steps (warmup then cosine LR); every ``s.eval_every``
+    steps and after the last, append the held-out loss to ``history``. Returns the running (EMA)
+    training loss."""
+    from tqdm.auto import tqdm
+
+    optimizer = _adamw(model, s.lr, s.weight_decay)
     running = None
-    bar = tqdm(total=steps, desc="storylm train", disable=not progress)
-    batch_iter = batches()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, warmup, lr)
-        loss = token_losses(model, next(batch_iter)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        loss_value = loss.item()
+    bar = tqdm(total=s.steps, desc="storylm train", disable=not progress)
+    batch_iter = _context_batches(train_CS, s.batch_size, s.seed)
+    for step in range(s.steps):
+        lr = _lr_at(step, s.steps, s.warmup, s.lr)
+        loss_value = _optimizer_step(model, optimizer, next(batch_iter), lr)
         running = loss_value if running is None else 0.98 * running + 0.02 * loss_value
         bar.update(1)
         bar.set_postfix(loss=f"{running:.3f}")
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            held = mean_token_loss(model, heldout_NC)
+        if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+            held = mean_token_loss(model, heldout_CS)
             history.append({"step": step + 1, "train_loss": round(running, 5),
                             "heldout_loss": round(held, 5),
                             "elapsed_s": round(time.time() - t_start, 1)})
             if progress:
-                bar.write(f"step {step + 1}/{steps}  train {running:.4f}  held-out {held:.4f}  "
-                          f"unigram {baseline:.4f}  ({time.time() - t_start:.0f}s)")
+                bar.write(f"step {step + 1}/{s.steps}  train {running:.4f}  held-out {held:.4f}"
+                          f"  unigram {baseline:.4f}  ({time.time() - t_start:.0f}s)")
     bar.close()
+    return running
+
+
+def _train_storylm(out_dir: Path, s: _TrainSettings, progress: bool) -> dict[str, Any]:
+    import torch
+
+    from crossint.io import atomic_write_dir, atomic_write_json
+
+    t_start = time.time()
+    tokenizer, train_CS, heldout_CS = _storylm_data(s)
+    baseline = unigram_entropy(heldout_CS[:, 1:])
+    t_data = time.time() - t_start
+
+    model = _new_storylm(tokenizer, s)
+    initial_loss = mean_token_loss(model, heldout_CS)
+    history: list[dict[str, float]] = [{"step": 0, "heldout_loss": initial_loss}]
+    t_train = time.time()
+    running = _fit(model, train_CS, heldout_CS, s, history, baseline, t_start, progress)
     train_seconds = time.time() - t_train
-    heldout_loss = history[-1]["heldout_loss"]
     model.eval()
 
     result = {
-        "heldout_loss_nats": heldout_loss,
+        "heldout_loss_nats": history[-1]["heldout_loss"],
         "unigram_entropy_nats": round(baseline, 5),
         "initial_heldout_loss_nats": round(initial_loss, 5),
         "final_train_loss_nats": round(running, 5),
-        "heldout_tokens": int(heldout_NC[:, 1:].numel()),
-        "train_tokens_seen": steps * batch_size * (context_length - 1),
-        "train_stream_tokens": n_stream,
+        "heldout_tokens": int(heldout_CS[:, 1:].numel()),
+        "train_tokens_seen": s.tokens_seen,
+        "train_stream_tokens": s.stream_tokens,
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "settings": {
-            "steps": steps, "batch_size": batch_size, "context_length": context_length,
-            "lr": lr, "seed": seed, "n_train_tokens": n_train_tokens, "vocab_size": vocab_size,
-            "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
-            "intermediate_size": intermediate_size, "warmup_steps": warmup,
-            "weight_decay": weight_decay, "tokenizer_stories": tokenizer_stories,
-            "eval_contexts": eval_contexts, "train_data_seed": TRAIN_DATA_SEED,
-            "heldout_data_seed": HELDOUT_DATA_SEED,
-        },
+        "settings": s.record(),
         "data_seconds": round(t_data, 1),
         "train_seconds": round(train_seconds, 1),
-        "seconds_per_step": round(train_seconds / steps, 4),
+        "seconds_per_step": round(train_seconds / s.steps, 4),
         "total_seconds": round(time.time() - t_start, 1),
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
@@ -500,6 +582,6 @@ def generate(
     if sample:
         kwargs.update(temperature=temperature, top_k=top_k)
     with torch.no_grad():
-        out_1T = model.generate(input_ids_1S, attention_mask=torch.ones_like(input_ids_1S),
+        out_1S = model.generate(input_ids_1S, attention_mask=torch.ones_like(input_ids_1S),
                                 **kwargs)
-    return tokenizer.decode(out_1T[0, len(ids):], skip_special_tokens=True)
+    return tokenizer.decode(out_1S[0, len(ids):], skip_special_tokens=True)
