@@ -49,6 +49,7 @@ from crossint.interactions import (
 )
 from crossint.interactions.contributions import slot_contributions
 from crossint.interactions.kernels import DISABLE_ENV, fused_available
+from crossint.interactions.penalty import AdditivityPenalty, KeepErrorPenalty
 from crossint.models.adapter import MLPWeights
 from crossint.models.hookpoints import resolve_layout
 
@@ -151,10 +152,13 @@ def autograd_penalty(f_BH: torch.Tensor, blocks: list[MLPFeatureBlock]) -> torch
     return total / count
 
 
-PENALTIES = ("off", "analytic", "analytic_torch", "analytic_neuron", "autograd")
+PENALTIES = ("off", "analytic", "analytic_torch", "analytic_neuron", "autograd", "keep_error",
+             "additivity")
+KIND_PENALTIES = {"keep_error": KeepErrorPenalty(100.0), "additivity": AdditivityPenalty(100.0)}
 
 
-def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list[dict]:
+def bench_penalty(device: torch.device, repeats: int, batch: int = 1024,
+                  variants: tuple[str, ...] = PENALTIES) -> list[dict]:
     n_blocks, D, N, H, K = 4, 128, 512, 2048, 20
     hookpoints = resolve_layout("paper", n_blocks)
     config = CrosscoderConfig(hookpoints=hookpoints, d_model=D, n_features=H, k=K)
@@ -174,6 +178,9 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
                     loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks)
                 elif penalty == "analytic_neuron":
                     loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks, normalise="neuron")
+                elif penalty in KIND_PENALTIES:
+                    kind = KIND_PENALTIES[penalty]
+                    loss = loss + kind.weight * kind.value(active_features(out.f_BH), blocks)
                 else:
                     loss = loss + 100.0 * autograd_penalty(out.f_BH, blocks)
             optimizer.zero_grad(set_to_none=True)
@@ -200,9 +207,10 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024) -> list
         return call
 
     # in turns, so that a shared machine's drift hits every variant alike (one run, one ratio)
-    times = time_interleaved({p: timed(p) for p in PENALTIES}, repeats=3 * repeats)
+    variants = ("off", *(v for v in variants if v != "off"))
+    times = time_interleaved({p: timed(p) for p in variants}, repeats=3 * repeats)
     rows = []
-    for penalty in PENALTIES:
+    for penalty in variants:
         with torch_path_only(penalty == "analytic_torch"):
             rows.append(
                 {
@@ -356,13 +364,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pairwise-batches", type=int, default=16)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--penalties", default=",".join(PENALTIES),
+                        help=f"penalty variants to time against 'off' (default: all of "
+                             f"{','.join(PENALTIES)})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows: list[dict] = []
     if args.only in (None, "penalty"):
-        rows += bench_penalty(device, args.repeats)
+        rows += bench_penalty(device, args.repeats, variants=tuple(args.penalties.split(",")))
         print_table([r for r in rows if r["bench"] == "train_step"])
     if args.only in (None, "contributions"):
         part = bench_contributions(device, args.repeats)

@@ -99,7 +99,11 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Kept here so that `--help` never imports torch; a test checks they match the penalty registry.
-PENALTY_KINDS_HELP = "dominance (default: SPEC §4.4, the paper's)"
+PENALTY_KINDS_HELP = (
+    "dominance (default: SPEC §4.4, the paper's non-dominant input S − Mx), keep_error (the MLP "
+    "output error of keeping only each neuron's dominant feature) or additivity (the MLP output "
+    "error of adding up each feature's effect alone; SPEC §4.7)"
+)
 PENALTY_OPTION_FLAGS = ("weighting", "normalise")  # --penalty-X sets option X of the kind
 
 

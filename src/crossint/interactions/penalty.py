@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from crossint.errors import CrossintError
+from crossint.interactions.additivity import additivity_penalty, keep_error_penalty
 from crossint.interactions.contributions import (
     ActiveFeatures,
     MLPFeatureBlock,
@@ -114,8 +115,35 @@ class DominancePenalty(Penalty):
         return interaction_penalty(active, blocks, self.weighting, self.normalise, chunk_tokens)
 
 
+@dataclass(frozen=True)
+class KeepErrorPenalty(Penalty):
+    """SPEC §4.7 ``keep_error``: the MLP output error of keeping only the dominant feature at
+    each neuron, ‖(h(z) − h(z_keep))·W_out‖² (dominant slot held fixed in the backward). It asks
+    for what Φ_keep_largest measures and ignores neurons where sharing does no harm."""
+
+    kind: ClassVar[str] = "keep_error"
+
+    def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
+              chunk_tokens: int | None = None) -> Tensor:
+        return keep_error_penalty(active, list(blocks), chunk_tokens)
+
+
+@dataclass(frozen=True)
+class AdditivityPenalty(Penalty):
+    """SPEC §4.7 ``additivity``: A² = ‖MLP(x̂) − MLP_ind(x̂)‖², the squared error of the
+    independent-effects surrogate. Neurons in a linear or off regime stay free to be shared."""
+
+    kind: ClassVar[str] = "additivity"
+
+    def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
+              chunk_tokens: int | None = None) -> Tensor:
+        return additivity_penalty(active, list(blocks), chunk_tokens)
+
+
 # One line per kind: the name users pass as --penalty-kind and that config.json records.
-PENALTY_KINDS: dict[str, type[Penalty]] = {DominancePenalty.kind: DominancePenalty}
+PENALTY_KINDS: dict[str, type[Penalty]] = {
+    cls.kind: cls for cls in (DominancePenalty, KeepErrorPenalty, AdditivityPenalty)
+}
 DEFAULT_KIND = DominancePenalty.kind
 # Choices of the options that take one (for the CLI's help and errors).
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {"weighting": WEIGHTINGS,
