@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_interactions_mlp import H, random_block, random_f
 
 from crossint.interactions import active_features
 from crossint.interactions.additivity import (
@@ -19,6 +18,7 @@ from crossint.interactions.additivity import (
     keep_error_penalty,
 )
 from crossint.interactions.contributions import MLPFeatureBlock
+from test_interactions_mlp import H, random_block, random_f
 
 KINDS = [("gelu", False), ("gelu_new", False), ("relu", False), ("silu", True), ("gelu", True)]
 

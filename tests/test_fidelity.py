@@ -13,6 +13,8 @@ import torch
 
 from crossint.analysis.evaluate import evaluate
 from crossint.analysis.fidelity import (
+    ALL_BLOCK_SCHEMES,
+    KEEP_DROP_SCHEMES,
     SCHEMES,
     fidelity,
     random_active_slot,
@@ -62,7 +64,7 @@ def naive_scheme(p_BKN, mask_BK, scheme: str, random_slot_BN=None):
     return z_BN
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("scheme", KEEP_DROP_SCHEMES)
 def test_schemes_match_a_naive_loop(scheme):
     p_BKN, mask_BK = random_slots(9, 5, 7, seed=1)
     g = torch.Generator().manual_seed(3)
@@ -188,61 +190,97 @@ def test_an_exact_decomposition_recovers_everything(tiny_model_dir, tmp_path):
     assert low == pytest.approx(1.0, abs=1e-3) and high == pytest.approx(1.0, abs=1e-3)
 
 
-def naive_fidelity(model_dir: Path, crosscoder: Crosscoder, block: int, n_texts: int):
-    """Φ per scheme (except drop_random) from float64 per-token, per-neuron loops."""
-    adapter = load_model(str(model_dir))
-    mlp = adapter.mlp_weights(block)
-    hookpoints = list(crosscoder.config.hookpoints)
-    mid, mlp_in = hookpoints.index(hookpoint(block, "resid_mid")), hookpoints.index(
-        hookpoint(block, "mlp_in"))
-    batches = heldout_batches(adapter, HeldoutRequest(n_texts=n_texts, corpus="stories",
-                                                      context_length=32))
-    sums = {key: 0.0 for key in ("model", *SCHEMES)}
-    special = adapter.special_token_ids()
+def naive_mlp_outputs(mlp, crosscoder: Crosscoder, out, block: int, scheme: str) -> torch.Tensor:
+    """One block's MLP output (T×D) rebuilt under ``scheme`` from float64 per-token loops: the
+    keep/drop schemes neuron by neuron, ``independent`` as MLP(c) + Σ_h [MLP(c + q_h) − MLP(c)]
+    with one MLP call per vector."""
+    mlp_in = list(crosscoder.config.hookpoints).index(hookpoint(block, "mlp_in"))
     W_in, b_in = mlp.W_in_DN.double(), mlp.b_in_N.double()
     W_out, b_out = mlp.W_out_ND.double(), mlp.b_out_D.double()
+    d_HD = crosscoder.W_dec_HXD[:, mlp_in].double()
+    c_D = crosscoder.b_dec_XD[mlp_in].double()
+
+    def forward(x_D):
+        return mlp.act(x_D @ W_in + b_in) @ W_out + b_out
+
+    rows = []
+    for t in range(out.f_BH.shape[0]):
+        active = out.f_BH[t].nonzero().flatten().tolist()
+        f = {h: float(out.f_BH[t, h]) for h in active}
+        if scheme == "independent":
+            base = forward(c_D)
+            rows.append(base + sum((forward(c_D + f[h] * d_HD[h]) - base for h in active),
+                                   torch.zeros_like(base)))
+            continue
+        z_N = c_D @ W_in + b_in
+        for n in range(W_in.shape[1]):
+            p = {h: f[h] * float(d_HD[h] @ W_in[:, n]) for h in active}
+            ranked = sorted(active, key=lambda h: -abs(p[h]))
+            kept = {"none": ranked, "zero": [], "keep_largest": ranked[:1],
+                    "drop_largest": ranked[1:], "drop_second": ranked[:1] + ranked[2:]}[scheme]
+            z_N[n] += sum(p[h] for h in kept)
+        rows.append(mlp.act(z_N) @ W_out + b_out)
+    return torch.stack(rows)
+
+
+def naive_fidelity(model_dir: Path, crosscoder: Crosscoder, block: int, n_texts: int):
+    """Φ per scheme (except drop_random) at one block, and every block's MLP output replaced at
+    once, from the loops of :func:`naive_mlp_outputs`."""
+    adapter = load_model(str(model_dir))
+    blocks = list(range(adapter.n_blocks))
+    mlps = {l: adapter.mlp_weights(l) for l in blocks}
+    hookpoints = list(crosscoder.config.hookpoints)
+    mid = hookpoints.index(hookpoint(block, "resid_mid"))
+    batches = heldout_batches(adapter, HeldoutRequest(n_texts=n_texts, corpus="stories",
+                                                      context_length=32))
+    schemes = [s for s in SCHEMES if s != "drop_random"]
+    sums = dict.fromkeys(("model", *schemes, *(f"all/{s}" for s in ALL_BLOCK_SCHEMES)), 0.0)
+
+    def add(key, ids_BS, patches, mask_BS):
+        sums[key] += float(adapter.token_losses(ids_BS, patches=patches)[mask_BS].double().sum())
+
+    def patch(keep_BS, like_BSD, rows_TD):
+        new_BSD = torch.zeros_like(like_BSD)
+        new_BSD[keep_BS] = rows_TD.float()
+        return lambda orig, new=new_BSD, keep=keep_BS: torch.where(keep[..., None], new, orig)
+
     for ids_BS in batches:
-        acts, keep_BS, acts_TXD = capture_tokens(adapter, ids_BS, hookpoints, special)
+        acts, keep_BS, acts_TXD = capture_tokens(adapter, ids_BS, hookpoints,
+                                                 adapter.special_token_ids())
+        like_BSD, mask_BS = acts[hookpoint(block, "resid_mid")], keep_BS[:, :-1]
         with torch.no_grad():
             out = crosscoder(acts_TXD)
-            mask_BS = keep_BS[:, :-1]
-            sums["model"] += float(adapter.token_losses(ids_BS)[mask_BS].double().sum())
-            d_HD = crosscoder.W_dec_HXD[:, mlp_in].double()
-            c_N = b_in + crosscoder.b_dec_XD[mlp_in].double() @ W_in
-            for scheme in SCHEMES:
-                if scheme == "drop_random":
-                    continue
-                rows = []
-                for t in range(out.f_BH.shape[0]):
-                    active = out.f_BH[t].nonzero().flatten().tolist()
-                    z_N = c_N.clone()
-                    for n in range(W_in.shape[1]):
-                        p = {h: float(out.f_BH[t, h]) * float(d_HD[h] @ W_in[:, n])
-                             for h in active}
-                        ranked = sorted(active, key=lambda h: -abs(p[h]))
-                        kept = {"none": ranked, "zero": [], "keep_largest": ranked[:1],
-                                "drop_largest": ranked[1:],
-                                "drop_second": ranked[:1] + ranked[2:]}[scheme]
-                        z_N[n] += sum(p[h] for h in kept)
-                    rows.append(out.recon_BXD[t, mid].double() + mlp.act(z_N) @ W_out + b_out)
-                new_BSD = torch.zeros_like(acts[hookpoint(block, "resid_mid")])
-                new_BSD[keep_BS] = torch.stack(rows).float()
-                patch = {hookpoint(block, "resid_post"): lambda orig, new=new_BSD, keep=keep_BS:
-                         torch.where(keep[..., None], new, orig)}
-                losses = adapter.token_losses(ids_BS, patches=patch)
-                sums[scheme] += float(losses[mask_BS].double().sum())
-    return {s: 1 - (sums[s] - sums["model"]) / (sums["zero"] - sums["model"])
-            for s in SCHEMES if s != "drop_random"}
+            add("model", ids_BS, None, mask_BS)
+            for scheme in schemes:
+                rows_TD = (out.recon_BXD[:, mid].double()
+                           + naive_mlp_outputs(mlps[block], crosscoder, out, block, scheme))
+                add(scheme, ids_BS, {hookpoint(block, "resid_post"):
+                                     patch(keep_BS, like_BSD, rows_TD)}, mask_BS)
+            for scheme in ALL_BLOCK_SCHEMES:
+                patches = {hookpoint(l, "mlp_out"): patch(
+                    keep_BS, like_BSD, naive_mlp_outputs(mlps[l], crosscoder, out, l, scheme))
+                    for l in blocks}
+                add(f"all/{scheme}", ids_BS, patches, mask_BS)
+
+    def phi(key, zero):
+        return 1 - (sums[key] - sums["model"]) / (sums[zero] - sums["model"])
+
+    return ({s: phi(s, "zero") for s in schemes},
+            {s: phi(f"all/{s}", "all/zero") for s in ALL_BLOCK_SCHEMES})
 
 
 def test_fidelity_matches_a_naive_loop_on_a_tiny_model(tiny_model_dir, tmp_path):
     crosscoder = random_crosscoder(tiny_model_dir, n_blocks=2, d_model=32, seed=3)
     run = save_run(crosscoder, tmp_path / "random")
-    result = fidelity([run], blocks=[0], n_texts=3, corpus="stories", context_length=32,
+    result = fidelity([run], blocks=[0, 1], n_texts=3, corpus="stories", context_length=32,
                       progress=False)["random"]
-    expected = naive_fidelity(tiny_model_dir, Crosscoder.from_pretrained(run), 0, n_texts=3)
+    expected, expected_all = naive_fidelity(tiny_model_dir, Crosscoder.from_pretrained(run), 0,
+                                            n_texts=3)
     for scheme, value in expected.items():
-        assert result["phi"][scheme] == pytest.approx(value, abs=2e-4), scheme
+        assert result["per_block"][0]["phi"][scheme] == pytest.approx(value, abs=2e-4), scheme
+    assert result["all_blocks"]["blocks"] == [0, 1]
+    for scheme, value in expected_all.items():
+        assert result["all_blocks"]["phi"][scheme] == pytest.approx(value, abs=2e-4), scheme
 
 
 def test_cli_writes_json_plot_and_table(tiny_model_dir, tmp_path, capsys):

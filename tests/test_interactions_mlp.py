@@ -19,7 +19,6 @@ from crossint.interactions import (
     MLPInteractionMeter,
     ShareSummary,
     active_features,
-    additivity_gap,
     analyse_mlp_interactions,
     contributions,
     distinct_virtual_weights,
@@ -254,31 +253,6 @@ def test_share_summary_plain_and_active_means():
 
 
 # --- SPEC §4.3 the bound and the measured gap --------------------------------------------------
-def test_relu_additivity_gap_is_min_of_positive_and_negative_parts():
-    g = torch.Generator().manual_seed(8)
-    p_BNK = torch.randn(20, 6, 5, generator=g, dtype=torch.float64)
-    gap_BN = additivity_gap(p_BNK, torch.zeros(6, dtype=torch.float64), F.relu)
-    positive_BN = p_BNK.clamp(min=0).sum(-1)
-    negative_BN = (-p_BNK).clamp(min=0).sum(-1)
-    torch.testing.assert_close(gap_BN, torch.minimum(positive_BN, negative_BN))
-    naive = torch.tensor([[sum(max(float(x), 0.0) for x in p_BNK[b, n])
-                           - max(float(p_BNK[b, n].sum()), 0.0) for n in range(6)]
-                          for b in range(20)], dtype=torch.float64)
-    torch.testing.assert_close(gap_BN, naive)
-
-
-def test_additivity_gap_is_zero_for_a_single_feature_and_for_linear_activations():
-    g = torch.Generator().manual_seed(9)
-    c_N = torch.randn(4, generator=g, dtype=torch.float64)
-    single_BNK = torch.zeros(3, 4, 3, dtype=torch.float64)
-    single_BNK[:, :, 1] = torch.randn(3, 4, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(additivity_gap(single_BNK, c_N, F.gelu),
-                               torch.zeros(3, 4, dtype=torch.float64))
-    many_BNK = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(additivity_gap(many_BNK, c_N, lambda x: 2 * x - 1),
-                               torch.zeros(3, 4, dtype=torch.float64))
-
-
 def naive_keep_dominant(f_BH, block: MLPFeatureBlock):
     """MLP_full(u) from the rebuilt MLP; MLP_keep from z_keep = p_dom + c by explicit loops."""
     mlp = block.mlp

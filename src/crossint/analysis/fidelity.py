@@ -13,8 +13,14 @@ MLP's performance kept with a single feature per neuron.
 
 Schemes rank features by |p| per token and neuron; ties go to the first active slot. For gated
 MLPs a scheme acts on the gate pre-activation and the up projection reads the full reconstructed
-``mlp_in`` (as in the SPEC §4.3 gap). Confidence intervals come from a bootstrap over texts with
-the same resamples for every scheme and run.
+``mlp_in`` (as in the SPEC §4.3 gap). ``independent`` is the SPEC §4.7 surrogate: every active
+feature's effect on the MLP alone, summed (gate and up split by feature).
+
+**All blocks at once**: every analysed block's MLP output (``blocks.l.mlp_out``) is replaced by
+its surrogate in one forward pass, the residual stream otherwise the model's own; ``zero`` is
+then every MLP bias-only. (Replacing ``resid_post`` at every block, as the one-block splice
+does, would leave only the last block's replacement visible.) Confidence intervals come from a
+bootstrap over texts with the same resamples for every scheme and run.
 """
 
 from __future__ import annotations
@@ -38,19 +44,22 @@ from crossint.analysis.heldout import (
 )
 from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
 from crossint.errors import CrossintError
+from crossint.interactions.additivity import MLPTerms, independent_post, iter_terms, kept_post
 from crossint.interactions.contributions import (
-    Contributions,
     MLPFeatureBlock,
+    active_features,
     dominant_slot,
     feature_blocks,
-    iter_contributions,
-    reconstructed_mlp_in,
 )
 from crossint.models.hookpoints import hookpoint
 
-SCHEMES: tuple[str, ...] = (
+# The SPEC §6.1 schemes that keep or drop gate contributions, then the SPEC §4.7 surrogate.
+KEEP_DROP_SCHEMES: tuple[str, ...] = (
     "none", "drop_random", "drop_second", "drop_largest", "keep_largest", "zero",
 )
+SCHEMES: tuple[str, ...] = (*KEEP_DROP_SCHEMES[:-1], "independent", "zero")
+# Every block replaced at once (each MLP's output by its surrogate): the end-to-end view.
+ALL_BLOCK_SCHEMES: tuple[str, ...] = ("none", "keep_largest", "independent", "zero")
 BOOTSTRAP_RESAMPLES = 1000
 FIDELITY_TEXTS = 200  # default held-out texts (contexts)
 
@@ -72,8 +81,9 @@ def scheme_pre_activations(
 
     ``mask_BK`` flags the active slots (padding slots hold p = 0). ``drop_random`` needs
     ``generator`` (CPU)."""
-    if scheme not in SCHEMES:
-        raise CrossintError(f"unknown scheme {scheme!r}: valid schemes are {', '.join(SCHEMES)}")
+    if scheme not in KEEP_DROP_SCHEMES:
+        raise CrossintError(f"unknown scheme {scheme!r}: the schemes that keep or drop "
+                            f"contributions are {', '.join(KEEP_DROP_SCHEMES)}")
     total_BN = p_BKN.sum(dim=1)
     if scheme == "none":
         return total_BN
@@ -99,39 +109,29 @@ def scheme_pre_activations(
     return total_BN - p_BKN.gather(1, second_BN[:, None]).squeeze(1)
 
 
-def scheme_mlp_output(
-    contrib: Contributions,
-    block: MLPFeatureBlock,
-    scheme: str,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """The MLP output (B×D) rebuilt from the contributions a scheme keeps."""
+def scheme_post(terms: MLPTerms, act: Callable[[Tensor], Tensor], scheme: str,
+                generator: torch.Generator | None = None) -> Tensor:
+    """What the MLP's output linear reads under a scheme (B×N): the kept gate contributions
+    (the up projection of a gated MLP keeps its full value), or for ``independent`` the SPEC
+    §4.7 surrogate, every active feature's effect alone on c, summed."""
+    if scheme == "independent":
+        return independent_post(terms, act)
+    assert terms.mask_BK is not None
+    return kept_post(terms, act, scheme_pre_activations(terms.p_BKN, terms.mask_BK, scheme,
+                                                        generator))
+
+
+def surrogate_outputs(f_TH: Tensor, block: MLPFeatureBlock, schemes: Sequence[str],
+                      generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Block l's MLP output (T×D) rebuilt from the features under every scheme."""
     mlp = block.mlp
-    z_BN = scheme_pre_activations(contrib.p_BKN, contrib.features_BK >= 0, scheme, generator)
-    post_BN = mlp.act(z_BN + block.c_N)
-    if mlp.gated:
-        u_BD = reconstructed_mlp_in(contrib, block)
-        post_BN = post_BN * (u_BD @ mlp.W_up_DN + mlp.b_up_N)
-    return post_BN @ mlp.W_out_ND + mlp.b_out_D
-
-
-def spliced_resid_post(
-    f_TH: Tensor,
-    resid_mid_TD: Tensor,
-    block: MLPFeatureBlock,
-    schemes: Sequence[str],
-    generator: torch.Generator,
-) -> dict[str, Tensor]:
-    """SPEC §6.1 â(resid_mid) + MLP_scheme for every scheme, over all tokens (T×D each)."""
     parts: dict[str, list[Tensor]] = {scheme: [] for scheme in schemes}
-    for _, contrib in iter_contributions(f_TH, block.d_HD, block.mlp.W_in_DN):
+    for _, terms in iter_terms(active_features(f_TH), block):
         for scheme in schemes:
-            parts[scheme].append(scheme_mlp_output(contrib, block, scheme, generator))
-    empty_TD = resid_mid_TD.new_zeros((0, resid_mid_TD.shape[1]))
-    return {
-        scheme: resid_mid_TD + (torch.cat(chunks) if chunks else empty_TD).to(resid_mid_TD.dtype)
-        for scheme, chunks in parts.items()
-    }
+            post_BN = scheme_post(terms, mlp.act, scheme, generator)
+            parts[scheme].append(post_BN @ mlp.W_out_ND + mlp.b_out_D)
+    empty_TD = block.b_dec_D.new_zeros((0, mlp.W_out_ND.shape[1]))
+    return {scheme: torch.cat(chunks) if chunks else empty_TD for scheme, chunks in parts.items()}
 
 
 # --- the analysis -------------------------------------------------------------------------------
@@ -178,12 +178,13 @@ def _choose_blocks(
     return list(dict.fromkeys(requested))
 
 
-def block_summary(losses: TextLosses, prefix: str, weights_RC: Tensor) -> dict[str, Any]:
+def block_summary(losses: TextLosses, prefix: str, weights_RC: Tensor,
+                  schemes: Sequence[str] = SCHEMES) -> dict[str, Any]:
     """Φ per scheme with bootstrap intervals and the keep ratio, from one run's losses at one
-    block (variant keys ``{prefix}/{scheme}``)."""
+    block, or at all blocks at once (variant keys ``{prefix}/{scheme}``)."""
     zero = f"{prefix}/zero"
     phi, phi_ci, samples = {}, {}, {}
-    for scheme in SCHEMES:
+    for scheme in schemes:
         key = f"{prefix}/{scheme}"
         phi[scheme] = losses.recovered(key, zero)
         samples[scheme] = losses.recovered_samples(key, zero, weights_RC)
@@ -196,7 +197,7 @@ def block_summary(losses: TextLosses, prefix: str, weights_RC: Tensor) -> dict[s
         "keep_ratio_ci": percentile_interval(samples["keep_largest"] / samples["none"]),
         "ce_model": losses.mean("model"),
         "ce_zero": losses.mean(zero),
-        "ce_scheme": {scheme: losses.mean(f"{prefix}/{scheme}") for scheme in SCHEMES},
+        "ce_scheme": {scheme: losses.mean(f"{prefix}/{scheme}") for scheme in schemes},
     }
 
 
@@ -209,9 +210,10 @@ def fidelity(
     progress: bool = True,
     **text: Any,
 ) -> dict[str, Any]:
-    """SPEC §6.1 for every run and block on the same held-out texts; the ``fidelity.json``
-    dictionary ``{run name: {"per_block": [...]}}`` (with one block, that block's entry is also
-    spread into the run's own dictionary).
+    """SPEC §6.1 for every run and block on the same held-out texts, and every block's MLP
+    replaced at once; the ``fidelity.json`` dictionary ``{run name: {"per_block": [...],
+    "all_blocks": {...}}}`` (with one block, that block's entry is also spread into the run's
+    own dictionary).
 
     ``request`` (a ``HeldoutRequest``) or its fields as keywords (``fidelity(runs, n_texts=50,
     corpus="stories")``; default 200 texts; corpus and context length default to the first
@@ -234,27 +236,30 @@ def fidelity(
     )
     batches = heldout_batches(adapter, request)
     losses = TextLosses()
-    n_passes = len(batches) * (1 + len(crosscoders) * len(chosen) * len(SCHEMES))
+    n_passes = len(batches) * (1 + len(crosscoders) * (len(chosen) * len(SCHEMES)
+                                                        + len(ALL_BLOCK_SCHEMES)))
     with tqdm(total=n_passes, desc="fidelity", unit="pass", disable=not progress) as bar:
         for ids_BS in batches:
             splicer.add(losses, ids_BS.to(request.device), bar.update)
     weights_RC = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=scheme_seed)
-    result: dict[str, Any] = {}
-    for name, run_dir in zip(names, run_dirs, strict=True):
-        per_block = [
-            {"block": l, **block_summary(losses, f"{name}/{l}", weights_RC)} for l in chosen
-        ]
-        entry: dict[str, Any] = {"run": str(run_dir)}
-        if len(per_block) == 1:
-            entry.update(per_block[0])
-        entry.update({
-            "per_block": per_block, "model": adapter.name, "corpus": request.corpus,
-            "seed": request.seed, "scheme_seed": scheme_seed,
-            "context_length": request.context_length, "n_texts": losses.n_texts,
-            "n_tokens": losses.n_tokens, "request": request.record(),
-        })
-        result[name] = entry
-    return result
+    common = {"model": adapter.name, "corpus": request.corpus, "seed": request.seed,
+              "scheme_seed": scheme_seed, "context_length": request.context_length,
+              "n_texts": losses.n_texts, "n_tokens": losses.n_tokens,
+              "request": request.record()}
+    return {name: {"run": str(run_dir), **_run_summary(losses, name, chosen, weights_RC),
+                   **common}
+            for name, run_dir in zip(names, run_dirs, strict=True)}
+
+
+def _run_summary(losses: TextLosses, name: str, blocks: list[int], weights_RC: Tensor,
+                 ) -> dict[str, Any]:
+    """One run's ``per_block`` and ``all_blocks`` entries (one block: also spread in)."""
+    per_block = [{"block": l, **block_summary(losses, f"{name}/{l}", weights_RC)}
+                 for l in blocks]
+    all_blocks = {"blocks": blocks,
+                  **block_summary(losses, f"{name}/all", weights_RC, ALL_BLOCK_SCHEMES)}
+    return {**(per_block[0] if len(per_block) == 1 else {}), "per_block": per_block,
+            "all_blocks": all_blocks}
 
 
 def _load_runs(names: list[str], run_dirs: Sequence[str | Path], request: HeldoutRequest,
@@ -283,10 +288,19 @@ def _load_runs(names: list[str], run_dirs: Sequence[str | Path], request: Heldou
     return crosscoders, adapter
 
 
+def _tokens_to_batch(values_TD: Tensor, keep_BS: Tensor, like_BSD: Tensor) -> Tensor:
+    """Per-token values back into (B, S, D) at the kept positions (zeros elsewhere)."""
+    new_BSD = like_BSD.new_zeros(like_BSD.shape)
+    new_BSD[keep_BS] = values_TD.to(new_BSD.dtype)
+    return new_BSD
+
+
 @dataclass
 class _SchemeSplicer:
-    """Adds one batch's losses to a ``TextLosses``: the model's own (``model``) and, for every
-    run, block and scheme, with that block's rebuilt MLP spliced in (``{run}/{block}/{scheme}``)."""
+    """Adds one batch's losses to a ``TextLosses``: the model's own (``model``); for every run,
+    block and scheme, that block rebuilt as SPEC §6.1 splices it (``{run}/{block}/{scheme}``:
+    resid_post ← â(resid_mid) + MLP_scheme); and for every run and whole-model scheme, every
+    block's MLP output replaced by its surrogate at once (``{run}/all/{scheme}``)."""
 
     adapter: Any
     crosscoders: dict[str, Any]
@@ -306,61 +320,73 @@ class _SchemeSplicer:
             for name, crosscoder in self.crosscoders.items():
                 hookpoints = crosscoder.config.hookpoints
                 out = crosscoder(acts_TXD[:, [self.hookpoints.index(h) for h in hookpoints]])
+                outputs = {l: surrogate_outputs(out.f_BH, self.blocks_by_run[name][l], SCHEMES,
+                                                self.generator) for l in self.blocks}
+                like_BSD = acts[hookpoint(self.blocks[0], "resid_mid")]
                 for l in self.blocks:
-                    resid_post = spliced_resid_post(
-                        out.f_BH, out.recon_BXD[:, hookpoints.index(hookpoint(l, "resid_mid"))],
-                        self.blocks_by_run[name][l], SCHEMES, self.generator,
-                    )
-                    shape_BSD = acts[hookpoint(l, "resid_mid")].shape
-                    for scheme, resid_post_TD in resid_post.items():
-                        new_BSD = acts_TXD.new_zeros(shape_BSD)
-                        new_BSD[keep_BS] = resid_post_TD.to(new_BSD.dtype)
+                    resid_mid_TD = out.recon_BXD[:, hookpoints.index(hookpoint(l, "resid_mid"))]
+                    for scheme in SCHEMES:
+                        new_BSD = _tokens_to_batch(resid_mid_TD + outputs[l][scheme].to(
+                            resid_mid_TD.dtype), keep_BS, like_BSD)
                         patches = {hookpoint(l, "resid_post"): replace_where(new_BSD, ~keep_BS)}
                         losses.add(f"{name}/{l}/{scheme}",
                                    adapter.token_losses(ids_BS, patches=patches))
                         tick()
+                for scheme in ALL_BLOCK_SCHEMES:
+                    patches = {hookpoint(l, "mlp_out"): replace_where(
+                        _tokens_to_batch(outputs[l][scheme], keep_BS, like_BSD), ~keep_BS)
+                        for l in self.blocks}
+                    losses.add(f"{name}/all/{scheme}",
+                               adapter.token_losses(ids_BS, patches=patches))
+                    tick()
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """fidelity.json and fidelity.png (one panel per block, one bar group per run)."""
+    """fidelity.json and fidelity.png (one panel per block and one for all blocks at once, one
+    bar group per run)."""
     from crossint.io import atomic_write_json
     from crossint.report.plots import plot_fidelity
 
     paths = rundir.FIDELITY.paths(out_dir)
-    blocks = [b["block"] for b in next(iter(result.values()))["per_block"]]
     phi: dict[str, dict[str, list]] = {}
     ci: dict[str, dict[str, list]] = {}
-    for block in blocks:
-        panel = f"block {block}"
-        for name, entry in result.items():
-            summary = next(b for b in entry["per_block"] if b["block"] == block)
-            phi.setdefault(panel, {})[name] = [summary["phi"][s] for s in SCHEMES]
-            ci.setdefault(panel, {})[name] = [summary["phi_ci"][s] for s in SCHEMES]
-    plot_fidelity(SCHEMES, phi, ci, paths["plot"])
+    schemes: dict[str, Sequence[str]] = {}
+    for name, entry in result.items():
+        panels = [(f"block {b['block']}", b, SCHEMES) for b in entry["per_block"]]
+        panels.append(("all blocks at once", entry["all_blocks"], ALL_BLOCK_SCHEMES))
+        for panel, summary, chosen in panels:
+            schemes[panel] = chosen
+            phi.setdefault(panel, {})[name] = [summary["phi"][s] for s in chosen]
+            ci.setdefault(panel, {})[name] = [summary["phi_ci"][s] for s in chosen]
+    plot_fidelity(schemes, phi, ci, paths["plot"])
     atomic_write_json(paths["json"], result)
     return paths
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Φ per scheme (rows) for every run and block (columns), then the keep ratios."""
-    columns = [(name, b) for name, entry in result.items() for b in entry["per_block"]]
-    heads = [f"{name}@{b['block']}" for name, b in columns]
-    width = max(16, *(len(h) + 2 for h in heads))
+    """Φ per scheme (rows) for every run and block (columns) and for all blocks at once, then
+    the keep ratios."""
+    columns = [(f"{name}@{b['block']}", b) for name, entry in result.items()
+               for b in entry["per_block"]]
+    columns += [(f"{name}@all", entry["all_blocks"]) for name, entry in result.items()]
+    width = max(16, *(len(head) + 2 for head, _ in columns))
 
     def row(label: str, cells: list[str]) -> str:
         return f"{label:<14}" + "".join(f"{cell:>{width}}" for cell in cells)
 
-    lines = [row("scheme", heads)]
-    for scheme in SCHEMES:
-        lines.append(row(scheme, [f"{b['phi'][scheme]:.3f}" for _, b in columns]))
+    def cell(summary: dict[str, Any], scheme: str) -> str:
+        return f"{summary['phi'][scheme]:.3f}" if scheme in summary["phi"] else ""
+
+    lines = [row("scheme", [head for head, _ in columns])]
+    lines += [row(scheme, [cell(b, scheme) for _, b in columns]) for scheme in SCHEMES]
     lines.append(row("keep ratio", [f"{b['keep_ratio']:.3f}" for _, b in columns]))
-    lines.append(row("  95% CI", [
-        "[{:.2f}, {:.2f}]".format(*b["keep_ratio_ci"]) for _, b in columns
-    ]))
+    lines.append(row("  95% CI", ["[{:.2f}, {:.2f}]".format(*b["keep_ratio_ci"])
+                                  for _, b in columns]))
     first = next(iter(result.values()))
     lines.append(
         "Φ = 1 − (L_scheme − L_model)/(L_zero − L_model); "
         f"CE(model) {first['per_block'][0]['ce_model']:.4f}; "
-        f"{first['n_texts']} texts, {first['n_tokens']} tokens"
+        f"{first['n_texts']} texts, {first['n_tokens']} tokens; "
+        "@all: every block's MLP output replaced at once"
     )
     return "\n".join(lines)

@@ -16,8 +16,9 @@ linear). ``A = ‖(post − post_ind)·W_out‖`` (b_out cancels). It is zero ex
 features pass through the MLP independently, and it leaves a neuron that stays in a linear or off
 regime free to be shared by several features.
 
-The **keep-dominant surrogate** (SPEC §6.1 ``keep_largest``) keeps at every neuron only its
-dominant feature's gate contribution (the up projection keeps its full value, as in §4.3).
+The **keep-dominant surrogate** (SPEC §6.1 ``keep_largest``, :func:`kept_post`) keeps at every
+neuron only its dominant feature's gate contribution (the up projection keeps its full value, as
+in §4.3).
 
 Everything here is a pure function of one chunk of tokens (:class:`MLPTerms`), differentiable in
 the feature activations and the decoder rows; the penalties and the fidelity surrogates call the
@@ -50,6 +51,7 @@ class MLPTerms:
     c_N: Tensor
     pu_BKN: Tensor | None = None
     cu_N: Tensor | None = None
+    mask_BK: Tensor | None = None  # the active slots (padding slots hold p = 0)
 
     @property
     def gated(self) -> bool:
@@ -78,14 +80,16 @@ def independent_post(terms: MLPTerms, act: Callable[[Tensor], Tensor]) -> Tensor
     return base_N + (single_BKN - base_N).sum(dim=1)
 
 
-def keep_dominant_post(terms: MLPTerms, act: Callable[[Tensor], Tensor],
-                       slot_BN: Tensor) -> Tensor:
-    """SPEC §6.1 ``keep_largest`` at the neurons: the gate reads c + the contribution in
-    ``slot_BN`` only (the dominant slot, fixed: no gradient flows through its choice); the up
-    projection keeps its full value."""
-    z_BN = terms.c_N + terms.p_BKN.gather(1, slot_BN[:, None]).squeeze(1)
-    u_BN = None if terms.pu_BKN is None else terms.cu_N + terms.pu_BKN.sum(dim=1)
-    return neuron_output(act, z_BN, u_BN)
+def full_up(terms: MLPTerms) -> Tensor | None:
+    """A gated MLP's up value of the whole reconstruction, cu + Σ_k pu (None if not gated):
+    the surrogates that select gate contributions keep it whole, as the SPEC §4.3 gap does."""
+    return None if terms.pu_BKN is None else terms.cu_N + terms.pu_BKN.sum(dim=1)
+
+
+def kept_post(terms: MLPTerms, act: Callable[[Tensor], Tensor], kept_BN: Tensor) -> Tensor:
+    """The neurons when the gate reads c + ``kept_BN`` (the contributions a SPEC §6.1 scheme
+    keeps) and the up projection its full value."""
+    return neuron_output(act, terms.c_N + kept_BN, full_up(terms))
 
 
 def output_norm_sq(post_BN: Tensor, W_out_ND: Tensor) -> Tensor:
@@ -134,7 +138,7 @@ def iter_terms(active: ActiveFeatures, block: MLPFeatureBlock,
         f_BK1 = chunk.f_BK.to(V_UN.dtype)[:, :, None]
         rows_BK = chunk.row_BK[:, :k]
         pu_BKN = None if Vu_UN is None else f_BK1 * Vu_UN[rows_BK]
-        yield start, MLPTerms(f_BK1 * V_UN[rows_BK], c_N, pu_BKN, cu_N)
+        yield start, MLPTerms(f_BK1 * V_UN[rows_BK], c_N, pu_BKN, cu_N, chunk.mask_BK)
 
 
 # --- the penalties (SPEC §4.7): λ·mean over tokens and blocks -------------------------------------
@@ -224,6 +228,6 @@ def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
 
 __all__ = [
     "MLPTerms", "active_inputs", "additivity_error", "additivity_penalty", "constant_terms",
-    "full_post", "independent_post", "iter_terms", "keep_dominant_post", "keep_error_penalty",
+    "full_post", "full_up", "independent_post", "iter_terms", "keep_error_penalty", "kept_post",
     "neuron_output", "output_norm_sq", "virtual_rows",
 ]

@@ -10,7 +10,7 @@ evaluates it are the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -130,19 +130,6 @@ def keep_dominant_gap(
     gap_B = (delta_BN @ mlp.W_out_ND).norm(dim=-1)
     bound_B = mlp.lipschitz * (weight_BN * stats.nondominant_BN).sum(dim=-1)
     return KeepDominantGap(gap_B, bound_B)
-
-
-def additivity_gap(p_BNK: Tensor, c_N: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """Sum of single-feature effects minus the joint effect, per token and neuron:
-    ``Σ_h [φ(c + p_h) − φ(c)] + φ(c) − φ(c + Σ_h p_h)``.
-
-    Zero exactly when the features act additively at that neuron. For ReLU with c = 0 it is
-    Σ_h ReLU(p_h) − ReLU(Σ_h p_h) = min(P⁺, P⁻) (SPEC §4.3). Padding slots (p = 0) add nothing.
-    """
-    c_BN1 = c_N[:, None]
-    phi_c_N1 = act(c_BN1)
-    single_BN = (act(c_BN1 + p_BNK) - phi_c_N1).sum(dim=-1)
-    return single_BN + phi_c_N1[:, 0] - act(c_N + p_BNK.sum(dim=-1))
 
 
 # --- SPEC §9.2 per-token score -----------------------------------------------------------------

@@ -25,6 +25,9 @@ from crossint.io import atomic_write_text, read_json, sha256_file
 from crossint.rundir import RunDir
 
 MAX_CARDS = 300
+# fidelity.json schemes shown (results written before the independent surrogate lack it: n/a)
+FIDELITY_COLUMNS = ("none", "drop_random", "drop_second", "drop_largest", "keep_largest",
+                    "independent")
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;
 background:#fafafa}
@@ -332,13 +335,13 @@ def fidelity_section(paths: Sequence[Path], run_dir: Path) -> str:
                 continue
             this = Path(str(entry.get("run", ""))).resolve() == run_dir.resolve()
             name = Raw(f"<b>{esc(label)}</b> (this run)" if this else esc(label))
-            for block in entry.get("per_block", []):
+            every = entry.get("all_blocks")
+            for block in [*entry.get("per_block", []), *([every] if every else [])]:
                 phi = block.get("phi") or {}
-                rows.append([name, block.get("block"), block.get("keep_ratio"),
-                             *(phi.get(s) for s in ("none", "drop_random", "drop_second",
-                                                    "drop_largest", "keep_largest"))])
+                rows.append([name, block.get("block", "all at once"), block.get("keep_ratio"),
+                             *(phi.get(s) for s in FIDELITY_COLUMNS)])
         body += table(["run", "block", "keep ratio", "Φ none", "Φ drop random", "Φ drop second",
-                       "Φ drop largest", "Φ keep largest"], rows, spec=".3f")
+                       "Φ drop largest", "Φ keep largest", "Φ independent"], rows, spec=".3f")
         body += image(path.parent / rundir.FIDELITY.file("plot"), "fidelity")
     return section("fidelity", "Fidelity (SPEC §6)", body)
 

@@ -230,19 +230,23 @@ def plot_frontier(
 
 
 def plot_fidelity(
-    schemes: Sequence[str],
+    schemes: Sequence[str] | Mapping[str, Sequence[str]],
     phi_by_panel: Mapping[str, Mapping[str, Sequence[float]]],
     ci_by_panel: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
     path: str | Path,
 ) -> Path:
     """Grouped bars like the paper's Figure 2: one panel per block, schemes on the x axis, one
-    bar per run (``phi_by_panel[panel][run]`` aligned with ``schemes``) with its confidence
-    interval as an error bar."""
+    bar per run (``phi_by_panel[panel][run]`` aligned with the schemes: one list for every
+    panel, or one per panel) with its confidence interval as an error bar."""
     panels = list(phi_by_panel)
     if not panels:
         raise CrossintError("nothing to plot: no fidelity results")
-    figure = _figure(1.6 + 1.25 * len(schemes), 0.6 + 3.0 * len(panels))
+    by_panel = (schemes if isinstance(schemes, Mapping)
+                else {panel: schemes for panel in panels})
+    widest = max(len(by_panel[panel]) for panel in panels)
+    figure = _figure(1.6 + 1.25 * widest, 0.6 + 3.0 * len(panels))
     for index, panel in enumerate(panels):
+        schemes = by_panel[panel]
         axes = figure.add_subplot(len(panels), 1, index + 1)
         runs = list(phi_by_panel[panel])
         width = 0.8 / max(len(runs), 1)
