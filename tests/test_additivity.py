@@ -138,3 +138,21 @@ def test_penalty_gradients_pass_gradcheck(penalty, gated):
         return penalty(active_features(f_BH), [moved], 2)
 
     assert torch.autograd.gradcheck(value, (values_E, d_HD), eps=1e-6, atol=1e-6)
+
+
+def test_the_meter_averages_the_naive_error_per_block():
+    from crossint.interactions.additivity import AdditivityMeter
+
+    blocks = [random_block(9, act_name="gelu"), random_block(10, block=1, gated=True,
+                                                             act_name="silu")]
+    f_BH = random_f(11, H, seed=9)
+    meter = AdditivityMeter(blocks, chunk_tokens=3)
+    meter.update(f_BH[:5])
+    meter.update(f_BH[5:])
+    result = meter.result()
+    for block in blocks:
+        naive_B = naive_additivity(f_BH, block)
+        assert result[block.block]["additivity_error"] == pytest.approx(naive_B.mean().item())
+        assert result[block.block]["additivity_error_sq"] == pytest.approx(
+            naive_B.pow(2).mean().item())
+        assert 0 < result[block.block]["additivity_fraction"]

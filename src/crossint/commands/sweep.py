@@ -43,8 +43,20 @@ def register(subparsers) -> None:
     add_optimisation_arguments(parser)
     add_penalty_arguments(parser, with_lambda=False)
     add_measurement_arguments(parser, seed_flag="--text-seed", batch_flag="--text-batch-size")
+    parser.add_argument("--fidelity-texts", type=int, metavar="N",
+                        help="also measure each run's fidelity (SPEC §6.1, §4.7: Φ of every "
+                             "scheme per block and with every block replaced at once) on N "
+                             "held-out texts, into DIR/lambda_<λ>/fidelity/ and sweep.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
+
+
+def fidelity_request(args: argparse.Namespace, device: str):  # noqa: ANN201 (lazy import)
+    """The held-out texts of --fidelity-texts (the measurement's corpus and seed), or None."""
+    if args.fidelity_texts is None:
+        return None
+    return common.heldout_request(args, device=device, n_tokens=None,
+                                  n_texts=args.fidelity_texts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     lambdas = parse_lambdas(args.lambdas)
     common.heldout_request(args, device="cpu")  # bad text flags fail before any training
+    fidelity_request(args, "cpu")
     cache = ActivationCache(args.activations)
     cc_config, train_config = new_configs(args, cache)
     measure = {"top_pairs": args.top_pairs, "delta2_pairs": args.delta2_pairs,
@@ -62,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_sweep(cache, lambdas, cc_config, train_config, args.out,
                      penalty_from_args(args, weight=0.0),
                      common.heldout_request(args, device=train_config.device), measure=measure,
+                     fidelity=fidelity_request(args, train_config.device),
                      progress=not args.quiet, log=print)
     print(format_table(rows))
     print(f"wrote {Path(args.out) / SWEEP.name} and {SWEEP.file('plot')}")

@@ -36,6 +36,7 @@ from torch import Tensor
 from crossint.interactions.contributions import (
     ActiveFeatures,
     MLPFeatureBlock,
+    active_features,
     compute_dtype,
     resolve_chunk,
 )
@@ -226,8 +227,45 @@ def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
     return total / max(active.n_tokens * len(blocks), 1)
 
 
+# --- measuring it over data ---------------------------------------------------------------------
+class AdditivityMeter:
+    """Per block, over batches of feature activations: the mean SPEC §4.7 additivity error A,
+    the mean A² (what the ``additivity`` penalty trains) and, for scale, the mean size of the
+    features' whole effect on the MLP ‖MLP(x̂) − MLP(c)‖."""
+
+    def __init__(self, blocks: list[MLPFeatureBlock], chunk_tokens: int | None = None) -> None:
+        self.blocks = blocks
+        self.chunk_tokens = chunk_tokens
+        self._sums = {b.block: [0.0, 0.0, 0.0] for b in blocks}
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, f_BH: Tensor) -> None:
+        active = active_features(f_BH)
+        for block in self.blocks:
+            act, W_out_ND = block.mlp.act, block.mlp.W_out_ND
+            sums = self._sums[block.block]
+            for _, terms in iter_terms(active, block, self.chunk_tokens):
+                full_BN = full_post(terms, act)
+                error_B = output_norm_sq(full_BN - independent_post(terms, act), W_out_ND)
+                base_N = neuron_output(act, terms.c_N, terms.cu_N)
+                sums[0] += float(error_B.sqrt().double().sum())
+                sums[1] += float(error_B.double().sum())
+                sums[2] += float(output_norm_sq(full_BN - base_N, W_out_ND).sqrt().double().sum())
+        self.n_tokens += active.n_tokens
+
+    def result(self) -> dict[int, dict[str, float]]:
+        n = max(self.n_tokens, 1)
+        out = {}
+        for block, (error, error_sq, effect) in self._sums.items():
+            out[block] = {"additivity_error": error / n, "additivity_error_sq": error_sq / n,
+                          "feature_effect": effect / n,
+                          "additivity_fraction": error / effect if effect else float("nan")}
+        return out
+
+
 __all__ = [
-    "MLPTerms", "active_inputs", "additivity_error", "additivity_penalty", "constant_terms",
-    "full_post", "full_up", "independent_post", "iter_terms", "keep_error_penalty", "kept_post",
-    "neuron_output", "output_norm_sq", "virtual_rows",
+    "AdditivityMeter", "MLPTerms", "active_inputs", "additivity_error", "additivity_penalty",
+    "constant_terms", "full_post", "full_up", "independent_post", "iter_terms",
+    "keep_error_penalty", "kept_post", "neuron_output", "output_norm_sq", "virtual_rows",
 ]

@@ -194,38 +194,41 @@ def plot_sweep(
 def plot_frontier(
     curves: Mapping[str, Sequence[Mapping[str, float]]],
     path: str | Path,
-    target_share: float | None = None,
-    target_ratio: float | None = None,
-    title: str = "Dominant share against its reconstruction cost",
+    measure_label: str = "dominant share (SPEC §4.2)",
+    cost_label: str = "L_rec / L_rec(λ = 0)",
+    target: tuple[float, float] | None = None,
+    higher_is_better: bool = True,
+    title: str | None = None,
 ) -> Path:
-    """One line per sweep: dominant share (x) against L_rec / L_rec(λ = 0) (y), each point
-    labelled with its λ; the target region (share ≥ target_share at ratio ≤ target_ratio)
-    shaded."""
+    """One line per sweep: the measure (y) against its cost (x), each point labelled with its
+    λ; ``target = (value, max_cost)`` shades the region the measure should reach."""
     if not curves or any(not points for points in curves.values()):
         raise CrossintError("frontier plot needs at least one sweep with at least one point")
     figure = _figure(7.0, 4.6)
     axes = figure.add_subplot(1, 1, 1)
-    if target_share is not None and target_ratio is not None:
-        axes.axhline(target_ratio, color="tab:green", lw=0.8, ls=":")
-        axes.axvline(target_share, color="tab:green", lw=0.8, ls=":")
-        axes.fill_between([target_share, 1.0], 0, target_ratio, color="tab:green", alpha=0.15,
-                          label=f"target: share ≥ {target_share:g} at ≤ {target_ratio:g}×")
+    costs = [p["cost"] for points in curves.values() for p in points]
+    values = [p["value"] for points in curves.values() for p in points]
+    if target is not None:
+        value, max_cost = target
+        axes.axvline(max_cost, color="tab:green", lw=0.8, ls=":")
+        axes.axhline(value, color="tab:green", lw=0.8, ls=":")
+        far = max(values + [value]) * 1.05 + 0.05 if higher_is_better else min(values + [0.0])
+        axes.fill_between([min(costs + [max_cost]) * 0.95, max_cost], value, far,
+                          color="tab:green", alpha=0.15,
+                          label=f"target: {'≥' if higher_is_better else '≤'} {value:g} at "
+                                f"≤ {max_cost:g}")
     for label, points in curves.items():
-        share = [p["dominant_share"] for p in points]
-        ratio = [p["recon_ratio"] for p in points]
-        line, = axes.plot(share, ratio, "o-", label=label, ms=4)
+        line, = axes.plot([p["cost"] for p in points], [p["value"] for p in points], "o-",
+                          label=label, ms=4)
         for p in points:
-            axes.annotate(f"{p['lambda']:g}", (p["dominant_share"], p["recon_ratio"]),
+            axes.annotate(f"{p['lambda']:g}", (p["cost"], p["value"]),
                           textcoords="offset points", xytext=(3, 3), fontsize=6,
                           color=line.get_color())
-    ratios = [p["recon_ratio"] for points in curves.values() for p in points]
-    axes.set_ylim(min(0.8, *ratios) - 0.05, max(ratios) + 0.1)
-    axes.set_xlim(0.0, 1.0)
-    axes.set_xlabel("dominant share (SPEC §4.2)")
-    axes.set_ylabel("L_rec / L_rec(λ = 0)")
+    axes.set_xlabel(cost_label)
+    axes.set_ylabel(measure_label)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left")
-    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=7, loc="best")
+    axes.set_title(title or f"{measure_label} against {cost_label}", fontsize=10)
     return _save(figure, path)
 
 
