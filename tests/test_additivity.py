@@ -73,7 +73,7 @@ def test_additivity_error_matches_naive(act_name, gated):
 
 
 @pytest.mark.parametrize("act_name, gated", KINDS)
-def test_penalties_match_naive_in_value_and_chunking(act_name, gated):
+def test_penalties_match_naive_in_value_and_chunking(act_name, gated, kernel_path):
     block = random_block(4, act_name=act_name, gated=gated)
     other = random_block(5, block=1, act_name=act_name, gated=gated)
     f_BH = random_f(13, H, seed=4)
@@ -123,7 +123,7 @@ def _replace(mlp, **changes):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("penalty", [additivity_penalty, keep_error_penalty])
-def test_penalty_gradients_pass_gradcheck(penalty, gated):
+def test_penalty_gradients_pass_gradcheck(penalty, gated, kernel_path):
     """Through the active features' f (the encoder's side; an inactive feature gets none, as in
     the crosscoder) and through the decoder rows (V = d·W_in)."""
     block = random_block(8, act_name="silu" if gated else "gelu", gated=gated)
@@ -156,3 +156,28 @@ def test_the_meter_averages_the_naive_error_per_block():
         assert result[block.block]["additivity_error_sq"] == pytest.approx(
             naive_B.pow(2).mean().item())
         assert 0 < result[block.block]["additivity_fraction"]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_fused_and_torch_paths_agree_in_float32(gated, monkeypatch):
+    """The fused kernel's φ, sums and scatters against the chunked torch path, float32."""
+    from crossint.interactions import kernels
+
+    block = random_block(12, act_name="gelu_new" if not gated else "silu", gated=gated)
+    block = MLPFeatureBlock(0, block.d_HD.float(), block.b_dec_D.float(),
+                            _replace(block.mlp, **{k: getattr(block.mlp, k).float()
+                                                   for k in ("W_in_DN", "b_in_N", "W_out_ND",
+                                                             "b_out_D")},
+                                     **({k: getattr(block.mlp, k).float()
+                                         for k in ("W_up_DN", "b_up_N")} if gated else {})))
+    f_BH = random_f(40, H, seed=12, dtype=torch.float32).requires_grad_(True)
+    d_HD = block.d_HD.clone().requires_grad_(True)
+    results = []
+    for disable in ("0", "1"):
+        monkeypatch.setenv(kernels.DISABLE_ENV, disable)
+        moved = MLPFeatureBlock(0, d_HD, block.b_dec_D, block.mlp)
+        value = additivity_penalty(active_features(f_BH), [moved], 8)
+        grads = torch.autograd.grad(value, (f_BH, d_HD))
+        results.append((value.detach(), *grads))
+    for fused, torch_path in zip(*results, strict=True):
+        torch.testing.assert_close(fused, torch_path, rtol=2e-4, atol=2e-5)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from crossint.interactions.contributions import (
     ActiveFeatures,
@@ -119,7 +120,7 @@ def virtual_rows(active: ActiveFeatures, block: MLPFeatureBlock) -> tuple[Tensor
     """V = d·W_in (and d·W_up for gated MLPs) of the batch's distinct active features (U×N)."""
     mlp = block.mlp
     dtype = compute_dtype(block.d_HD, mlp.W_in_DN)
-    d_UD = block.d_HD[active.distinct_U].to(dtype)
+    d_UD = block.d_HD.index_select(0, active.distinct_U).to(dtype)
     V_UN = d_UD @ mlp.W_in_DN.to(dtype)
     Vu_UN = None if mlp.W_up_DN is None else d_UD @ mlp.W_up_DN.to(dtype)
     return V_UN, Vu_UN
@@ -143,86 +144,142 @@ def iter_terms(active: ActiveFeatures, block: MLPFeatureBlock,
 
 
 # --- the penalties (SPEC §4.7): λ·mean over tokens and blocks -------------------------------------
-def active_inputs(active: ActiveFeatures, block: MLPFeatureBlock) -> Tensor:
-    """The part of the reconstructed ``mlp_in`` the features carry, Σ_k f_k·d_k (B×D), as one
-    dense (B×U)·(U×D) product over the batch's distinct active features."""
-    dtype = compute_dtype(block.d_HD, block.mlp.W_in_DN)
-    rows_E = torch.arange(active.n_tokens, device=active.f_BK.device)[:, None].expand_as(
-        active.row_BK)
-    f_BU = active.f_BK.new_zeros((active.n_tokens, active.distinct_U.numel()), dtype=dtype)
-    # Padding slots add f = 0 to an arbitrary row: accumulate so they never overwrite a value.
-    f_BU = f_BU.index_put((rows_E.reshape(-1), active.row_BK.reshape(-1)),
-                          active.f_BK.to(dtype).reshape(-1), accumulate=True)
-    return f_BU @ block.d_HD[active.distinct_U].to(dtype)
+class _KeepErrorSq(torch.autograd.Function):
+    """Σ_b ‖(h(z) − h(z_keep))·W_out‖² for one block, with the dominant slot fixed and an
+    analytic backward: the full pre-activations come from the carried input
+    x_b = Σ_k f_bk·d_k (B×D, so the gradient on every slot is one B×D·D×N product and a B×K×D
+    pass), the kept ones from one B×N gather, whose gradient is a B×N scatter."""
+
+    @staticmethod
+    def forward(ctx, f_BK, d_UD, row_BK, counts_B, c_N, cu_N, W_in_DN, W_up_DN, W_out_ND, act,  # noqa: ANN001
+                chunk_tokens):
+        from crossint.interactions.kernels import dominant_magnitudes
+
+        V_UN = d_UD @ W_in_DN
+        slot_BN, _, _ = dominant_magnitudes(f_BK.abs(), V_UN.abs(), row_BK, counts_B,
+                                            chunk_tokens)
+        slot_BN = slot_BN.to(torch.int64)
+        dom_row_BN = row_BK.gather(1, slot_BN)
+        f_dom_BN = f_BK.gather(1, slot_BN)
+        V_dom_BN = V_UN.gather(0, dom_row_BN)
+        x_BD = _carried(f_BK, d_UD, row_BK)
+        z_BN, zk_BN = x_BD @ W_in_DN + c_N, c_N + f_dom_BN * V_dom_BN
+        u_BN = None if W_up_DN is None else x_BD @ W_up_DN + cu_N
+        e_BD = (neuron_output(act, z_BN, u_BN) - neuron_output(act, zk_BN, u_BN)) @ W_out_ND
+        ctx.save_for_backward(f_BK, d_UD, row_BK, slot_BN, dom_row_BN, f_dom_BN, V_dom_BN,
+                              z_BN, zk_BN, u_BN, e_BD, W_in_DN, W_up_DN, W_out_ND)
+        ctx.act = act
+        return e_BD.pow(2).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001
+        from crossint.interactions.additivity_kernels import derivative
+
+        (f_BK, d_UD, row_BK, slot_BN, dom_row_BN, f_dom_BN, V_dom_BN, z_BN, zk_BN, u_BN, e_BD,
+         W_in_DN, W_up_DN, W_out_ND) = ctx.saved_tensors
+        act = ctx.act
+        G_BN = (2 * grad) * (e_BD @ W_out_ND.T)
+        up_BN = 1 if u_BN is None else u_BN
+        full_BN = G_BN * derivative(act, z_BN) * up_BN  # ∂L/∂z
+        kept_BN = -G_BN * derivative(act, zk_BN) * up_BN  # ∂L/∂z_keep
+        grad_x_BD = full_BN @ W_in_DN.T
+        if W_up_DN is not None:  # ∂L/∂u = G·(φ(z) − φ(z_keep))
+            grad_x_BD = grad_x_BD + (G_BN * (act(z_BN) - act(zk_BN))) @ W_up_DN.T
+        rows_E = row_BK.reshape(-1)
+        rows_BKD = d_UD.index_select(0, rows_E).view(*row_BK.shape, -1)
+        grad_f_BK = (rows_BKD * grad_x_BD[:, None, :]).sum(dim=-1)
+        grad_f_BK.scatter_add_(1, slot_BN, kept_BN * V_dom_BN)
+        grad_d_UD = torch.zeros_like(d_UD).index_add_(
+            0, rows_E, (f_BK[:, :, None] * grad_x_BD[:, None, :]).reshape(-1, d_UD.shape[1]))
+        grad_V_UN = torch.zeros(d_UD.shape[0], W_in_DN.shape[1], dtype=d_UD.dtype,
+                                device=d_UD.device).scatter_add_(0, dom_row_BN,
+                                                                 f_dom_BN * kept_BN)
+        grad_d_UD += grad_V_UN @ W_in_DN.T
+        return grad_f_BK, grad_d_UD, None, None, None, None, None, None, None, None, None
+
+
+def _carried(f_BK: Tensor, d_UD: Tensor, row_BK: Tensor) -> Tensor:
+    """Σ_k f_bk·d_{row(b,k)} (B×D) as one weighted embedding bag (padding slots have f = 0)."""
+    return torch.nn.functional.embedding_bag(row_BK, d_UD, per_sample_weights=f_BK,
+                                             mode="sum")
 
 
 def keep_error_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
                        chunk_tokens: int | None = None) -> Tensor:
     """SPEC §4.7 ``keep_error``: the mean over blocks and tokens of
-    ‖(h(z) − h(z_keep))·W_out‖², z_keep = c + the dominant feature's contribution at each neuron.
+    ‖(h(z) − h(z_keep))·W_out‖², z_keep = c + the dominant feature's contribution at each neuron
+    (the up projection of a gated MLP keeps its full value).
 
-    The dominant slot is chosen without gradient (held fixed in the backward, SPEC §4.7). The
-    full pre-activation comes from the carried input (B×D)·W_in and the kept one from a B×N
-    gather, so nothing B×K×N is kept for the backward; the slot search is one fused pass."""
-    from crossint.interactions.kernels import dominant_magnitudes
-
+    The dominant slot is chosen without gradient (held fixed in the backward, SPEC §4.7) by one
+    fused pass; nothing B×K×N is kept. The constant parts c are treated as fixed."""
     active = active.by_count()
     total: Tensor | None = None
     for block in blocks:
         mlp = block.mlp
-        V_UN, _ = virtual_rows(active, block)
-        f_BK = active.f_BK.to(V_UN.dtype)
-        chunk = resolve_chunk(chunk_tokens, f_BK.device, f_BK.shape[1] * V_UN.shape[1])
-        with torch.no_grad():
-            slot_BN, _, _ = dominant_magnitudes(f_BK.detach().abs(), V_UN.detach().abs(),
-                                                active.row_BK, active.counts_B, chunk)
-        slot_BN = slot_BN.to(torch.int64)
-        p_keep_BN = f_BK.gather(1, slot_BN) * V_UN.gather(0, active.row_BK.gather(1, slot_BN))
-        carried_BD = active_inputs(active, block)
-        c_N, cu_N = constant_terms(block)
-        u_BN = None if cu_N is None else carried_BD @ mlp.W_up_DN.to(V_UN.dtype) + cu_N
-        full_BN = neuron_output(mlp.act, carried_BD @ mlp.W_in_DN.to(V_UN.dtype) + c_N, u_BN)
-        kept_BN = neuron_output(mlp.act, p_keep_BN + c_N, u_BN)
-        part = output_norm_sq(full_BN - kept_BN, mlp.W_out_ND.to(V_UN.dtype)).sum()
+        dtype = compute_dtype(block.d_HD, mlp.W_in_DN)
+        d_UD = block.d_HD.index_select(0, active.distinct_U).to(dtype)
+        chunk = resolve_chunk(chunk_tokens, d_UD.device,
+                              active.f_BK.shape[1] * mlp.W_in_DN.shape[1])
+        c_N, cu_N = (None if t is None else t.detach().to(dtype) for t in constant_terms(block))
+        weights = [None if w is None else w.detach().to(dtype)
+                   for w in (mlp.W_in_DN, mlp.W_up_DN, mlp.W_out_ND)]
+        part = _KeepErrorSq.apply(active.f_BK.to(dtype), d_UD, active.row_BK, active.counts_B,
+                                  c_N, cu_N, *weights, mlp.act, chunk)
         total = part if total is None else total + part
     assert total is not None
     return total / max(active.n_tokens * len(blocks), 1)
 
 
-def _chunk_additivity_sq(f_BK: Tensor, rows_BK: Tensor, V_UN: Tensor, Vu_UN: Tensor | None,
-                         c_N: Tensor, cu_N: Tensor | None, act: Callable[[Tensor], Tensor],
-                         W_out_ND: Tensor) -> Tensor:
-    f_BK1 = f_BK[:, :, None]
-    pu_BKN = None if Vu_UN is None else f_BK1 * Vu_UN[rows_BK]
-    terms = MLPTerms(f_BK1 * V_UN[rows_BK], c_N, pu_BKN, cu_N)
-    gap_BN = full_post(terms, act) - independent_post(terms, act)
-    return output_norm_sq(gap_BN, W_out_ND).sum()
+class _AdditivitySq(torch.autograd.Function):
+    """Σ_b ‖g_b·W_out‖² for one block with an analytic backward (see
+    :mod:`crossint.interactions.additivity_kernels`): only the B×D output error is kept between
+    the passes."""
+
+    @staticmethod
+    def forward(ctx, f_BK, V_UN, Vu_UN, row_BK, counts_B, c_N, cu_N, W_out_ND, act, act_name,  # noqa: ANN001
+                chunk_tokens):
+        from crossint.interactions.additivity_kernels import additivity_gaps
+
+        g_BN = additivity_gaps(f_BK, V_UN, Vu_UN, row_BK, counts_B, c_N, cu_N, act, act_name,
+                               chunk_tokens)
+        e_BD = g_BN @ W_out_ND
+        ctx.save_for_backward(f_BK, V_UN, Vu_UN, row_BK, counts_B, c_N, cu_N, W_out_ND, e_BD)
+        ctx.act, ctx.act_name, ctx.chunk_tokens = act, act_name, chunk_tokens
+        return e_BD.pow(2).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001
+        from crossint.interactions.additivity_kernels import additivity_grads
+
+        f_BK, V_UN, Vu_UN, row_BK, counts_B, c_N, cu_N, W_out_ND, e_BD = ctx.saved_tensors
+        G_BN = (2 * grad) * (e_BD @ W_out_ND.T)
+        grad_f, grad_V, grad_Vu = additivity_grads(f_BK, V_UN, Vu_UN, row_BK, counts_B, c_N,
+                                                   cu_N, G_BN, ctx.act, ctx.act_name,
+                                                   ctx.chunk_tokens)
+        return grad_f, grad_V, grad_Vu, None, None, None, None, None, None, None, None
 
 
 def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
                        chunk_tokens: int | None = None) -> Tensor:
     """SPEC §4.7 ``additivity``: the mean over blocks and tokens of A² = ‖MLP(x̂) −
-    MLP_ind(x̂)‖². Chunked over tokens with each chunk recomputed in the backward
-    (activation checkpointing), so memory stays O(chunk·K·N) whatever the batch."""
-    from torch.utils.checkpoint import checkpoint
-
+    MLP_ind(x̂)‖², with an analytic backward that keeps nothing B×K×N (fused on the CPU with
+    numba). The constant parts c are treated as fixed: a trained decoder bias gets no gradient
+    from this term."""
     active = active.by_count()
     total: Tensor | None = None
     for block in blocks:
         mlp = block.mlp
         V_UN, Vu_UN = virtual_rows(active, block)
-        c_N, cu_N = constant_terms(block)
-        W_out_ND = mlp.W_out_ND.to(V_UN.dtype)
-        f_BK = active.f_BK.to(V_UN.dtype)
-        per_token = f_BK.shape[1] * V_UN.shape[1] * (1 if Vu_UN is None else 2)
-        chunk = resolve_chunk(chunk_tokens, f_BK.device, per_token)
-        for start in range(0, active.n_tokens, chunk):
-            stop = min(start + chunk, active.n_tokens)
-            k = max(int(active.counts_B[start]), 1)  # tokens are sorted by descending count
-            part = checkpoint(_chunk_additivity_sq, f_BK[start:stop, :k],
-                              active.row_BK[start:stop, :k], V_UN, Vu_UN, c_N, cu_N, mlp.act,
-                              W_out_ND, use_reentrant=False)
-            total = part if total is None else total + part
+        c_N, cu_N = (None if t is None else t.detach() for t in constant_terms(block))
+        per_token = active.f_BK.shape[1] * V_UN.shape[1] * (1 if Vu_UN is None else 2)
+        chunk = resolve_chunk(chunk_tokens, active.f_BK.device, per_token)
+        part = _AdditivitySq.apply(active.f_BK.to(V_UN.dtype), V_UN, Vu_UN, active.row_BK,
+                                   active.counts_B, c_N, cu_N,
+                                   mlp.W_out_ND.to(V_UN.dtype).detach(), mlp.act, mlp.act_name,
+                                   chunk)
+        total = part if total is None else total + part
     assert total is not None
     return total / max(active.n_tokens * len(blocks), 1)
 
@@ -265,7 +322,7 @@ class AdditivityMeter:
 
 
 __all__ = [
-    "AdditivityMeter", "MLPTerms", "active_inputs", "additivity_error", "additivity_penalty",
+    "AdditivityMeter", "MLPTerms", "additivity_error", "additivity_penalty",
     "constant_terms", "full_post", "full_up", "independent_post", "iter_terms",
     "keep_error_penalty", "kept_post", "neuron_output", "output_norm_sq", "virtual_rows",
 ]
