@@ -123,7 +123,8 @@ def _replace(mlp, **changes):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("penalty", [additivity_penalty, keep_error_penalty])
-def test_penalty_gradients_pass_gradcheck(penalty, gated, kernel_path):
+@pytest.mark.parametrize("normalise", ["none", "effect"])
+def test_penalty_gradients_pass_gradcheck(penalty, gated, normalise, kernel_path):
     """Through the active features' f (the encoder's side; an inactive feature gets none, as in
     the crosscoder) and through the decoder rows (V = d·W_in)."""
     block = random_block(8, act_name="silu" if gated else "gelu", gated=gated)
@@ -135,7 +136,7 @@ def test_penalty_gradients_pass_gradcheck(penalty, gated, kernel_path):
     def value(values_E, d_HD):
         f_BH = torch.zeros(mask_BH.shape, dtype=values_E.dtype).masked_scatter(mask_BH, values_E)
         moved = MLPFeatureBlock(0, d_HD, block.b_dec_D, block.mlp)
-        return penalty(active_features(f_BH), [moved], 2)
+        return penalty(active_features(f_BH), [moved], 2, normalise)
 
     assert torch.autograd.gradcheck(value, (values_E, d_HD), eps=1e-6, atol=1e-6)
 
@@ -181,3 +182,30 @@ def test_fused_and_torch_paths_agree_in_float32(gated, monkeypatch):
         results.append((value.detach(), *grads))
     for fused, torch_path in zip(*results, strict=True):
         torch.testing.assert_close(fused, torch_path, rtol=2e-4, atol=2e-5)
+
+
+def naive_effect_sq(f_BH, block: MLPFeatureBlock) -> torch.Tensor:
+    mlp, c_D = block.mlp, block.b_dec_D
+    out = []
+    for b in range(f_BH.shape[0]):
+        x_D = c_D + sum((f_BH[b, h] * block.d_HD[h] for h in range(f_BH.shape[1])
+                         if f_BH[b, h] != 0), torch.zeros_like(c_D))
+        out.append((mlp.forward(x_D[None])[0] - mlp.forward(c_D[None])[0]).pow(2).sum())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_effect_normalised_penalties_are_per_block_ratios(gated, kernel_path):
+    blocks = [random_block(13, act_name="gelu", gated=gated),
+              random_block(14, block=1, act_name="gelu", gated=gated)]
+    f_BH = random_f(10, H, seed=13)
+    active = active_features(f_BH)
+    effects = [naive_effect_sq(f_BH, b).sum() for b in blocks]
+    expect_add = sum(naive_additivity(f_BH, b).pow(2).sum() / e
+                     for b, e in zip(blocks, effects, strict=True)) / 2
+    expect_keep = sum(naive_keep_error(f_BH, b).sum() / e
+                      for b, e in zip(blocks, effects, strict=True)) / 2
+    torch.testing.assert_close(additivity_penalty(active, blocks, 3, "effect"), expect_add)
+    torch.testing.assert_close(keep_error_penalty(active, blocks, 3, "effect"), expect_keep)
+    with pytest.raises(Exception, match="normalisation"):
+        additivity_penalty(active, blocks, 3, "total")

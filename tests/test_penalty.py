@@ -64,6 +64,12 @@ def test_kinds_options_and_errors():
             DominancePenalty(weight)
     with pytest.raises(CrossintError, match="weighting"):
         DominancePenalty(1.0, weighting="l2")
+    assert make_penalty("additivity", 2.0, normalise="effect").options() == {"normalise": "effect"}
+    assert make_penalty("keep_error", 2.0).describe() == "keep_error λ=2 (normalise=none)"
+    with pytest.raises(CrossintError, match="no option weighting"):
+        make_penalty("keep_error", 1.0, weighting="w_out")
+    with pytest.raises(CrossintError, match="none, effect"):
+        make_penalty("additivity", 1.0, normalise="total")
 
 
 def test_records_of_every_version_read_back():
@@ -151,3 +157,26 @@ def test_penalty_needs_mlp_weights_or_a_named_model(tiny, tmp_path):
         train_with_penalty(config, settings(), source, tmp_path / "r", DominancePenalty(1.0),
                            progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_the_cli_builds_every_kind_from_its_flags():
+    import argparse
+
+    from crossint.commands.train import add_penalty_arguments, penalty_from_args
+
+    parser = argparse.ArgumentParser()
+    add_penalty_arguments(parser)
+
+    def penalty(*flags: str):
+        return penalty_from_args(parser.parse_args(list(flags)))
+
+    assert penalty() == DominancePenalty(0.0)
+    assert penalty("--interaction-penalty", "3", "--penalty-kind", "additivity",
+                   "--penalty-normalise", "effect") == make_penalty("additivity", 3.0,
+                                                                    normalise="effect")
+    recorded = make_penalty("keep_error", 2.0, normalise="effect")
+    assert penalty_from_args(parser.parse_args([]), recorded=recorded) == recorded
+    with pytest.raises(CrossintError, match="no option weighting"):
+        penalty("--penalty-kind", "keep_error", "--penalty-weighting", "w_out")
+    with pytest.raises(CrossintError, match="unknown penalty kind"):
+        penalty("--penalty-kind", "curvature")

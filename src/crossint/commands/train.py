@@ -121,11 +121,15 @@ def add_penalty_arguments(parser: argparse.ArgumentParser, with_lambda: bool = T
                        help="dominance: weight each neuron's S - Mx by 1 (uniform, default) or "
                             "by ||W_out[n]|| (the compact-proof bound of SPEC §4.3)")
     group.add_argument("--penalty-normalise", nargs="?", const="total", default=None,
-                       choices=("none", "total", "neuron"), metavar="{total,neuron}",
+                       choices=("none", "total", "neuron", "effect"),
+                       metavar="{total,neuron,effect}",
                        help="dominance: make L_int scale-free so λ is comparable across models: "
                             "'total' (the flag alone) divides by the total contribution ΣS "
                             "(L_int = 1 - the mass-weighted dominant share); 'neuron' averages "
-                            "(S - Mx)/S over tokens and neurons (L_int = 1 - the dominant share)")
+                            "(S - Mx)/S over tokens and neurons (L_int = 1 - the dominant share). "
+                            "keep_error, additivity: 'effect' divides each block's error by its "
+                            "features' whole effect on the MLP ‖MLP(x̂) − MLP(c)‖², so that "
+                            "shrinking the features does not pay and every block counts alike")
     group.add_argument("--penalty-warmup", type=float, metavar="FRACTION",
                        help="ramp λ linearly from 0 over this fraction of the steps (default 0: "
                             "full λ from the first step)")

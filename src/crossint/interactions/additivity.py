@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from crossint.errors import CrossintError
 from crossint.interactions.contributions import (
     ActiveFeatures,
     MLPFeatureBlock,
@@ -206,10 +207,13 @@ def _carried(f_BK: Tensor, d_UD: Tensor, row_BK: Tensor) -> Tensor:
 
 
 def keep_error_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
-                       chunk_tokens: int | None = None) -> Tensor:
+                       chunk_tokens: int | None = None, normalise: str = "none") -> Tensor:
     """SPEC §4.7 ``keep_error``: the mean over blocks and tokens of
     ‖(h(z) − h(z_keep))·W_out‖², z_keep = c + the dominant feature's contribution at each neuron
-    (the up projection of a gated MLP keeps its full value).
+    (the up projection of a gated MLP keeps its full value). ``normalise="effect"``: each
+    block's sum is divided by its features' whole effect Σ_b ‖MLP(x̂) − MLP(c)‖² (not
+    detached) and the blocks are averaged, so shrinking the features' effect does not pay and
+    every block counts alike.
 
     The dominant slot is chosen without gradient (held fixed in the backward, SPEC §4.7) by one
     fused pass; nothing B×K×N is kept. The constant parts c are treated as fixed."""
@@ -226,9 +230,11 @@ def keep_error_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
                    for w in (mlp.W_in_DN, mlp.W_up_DN, mlp.W_out_ND)]
         part = _KeepErrorSq.apply(active.f_BK.to(dtype), d_UD, active.row_BK, active.counts_B,
                                   c_N, cu_N, *weights, mlp.act, chunk)
+        if normalise == "effect":
+            part = part / effect_sq(active, block).clamp_min(torch.finfo(part.dtype).tiny)
         total = part if total is None else total + part
     assert total is not None
-    return total / max(active.n_tokens * len(blocks), 1)
+    return _mean_over(total, active, blocks, normalise)
 
 
 class _AdditivitySq(torch.autograd.Function):
@@ -262,11 +268,12 @@ class _AdditivitySq(torch.autograd.Function):
 
 
 def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
-                       chunk_tokens: int | None = None) -> Tensor:
+                       chunk_tokens: int | None = None, normalise: str = "none") -> Tensor:
     """SPEC §4.7 ``additivity``: the mean over blocks and tokens of A² = ‖MLP(x̂) −
     MLP_ind(x̂)‖², with an analytic backward that keeps nothing B×K×N (fused on the CPU with
-    numba). The constant parts c are treated as fixed: a trained decoder bias gets no gradient
-    from this term."""
+    numba). ``normalise="effect"``: per block Σ A² / Σ ‖MLP(x̂) − MLP(c)‖², averaged over
+    blocks (as for :func:`keep_error_penalty`). The constant parts c are treated as fixed: a
+    trained decoder bias gets no gradient from this term."""
     active = active.by_count()
     total: Tensor | None = None
     for block in blocks:
@@ -279,8 +286,39 @@ def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
                                    active.counts_B, c_N, cu_N,
                                    mlp.W_out_ND.to(V_UN.dtype).detach(), mlp.act, mlp.act_name,
                                    chunk)
+        if normalise == "effect":
+            part = part / effect_sq(active, block).clamp_min(torch.finfo(part.dtype).tiny)
         total = part if total is None else total + part
     assert total is not None
+    return _mean_over(total, active, blocks, normalise)
+
+
+def effect_sq(active: ActiveFeatures, block: MLPFeatureBlock) -> Tensor:
+    """Σ_b ‖MLP(x̂_b) − MLP(c)‖²: the size of the features' whole effect on the MLP (autograd;
+    the reconstruction from one embedding bag, so it costs two B×D×N products)."""
+    mlp = block.mlp
+    dtype = compute_dtype(block.d_HD, mlp.W_in_DN)
+    d_UD = block.d_HD.index_select(0, active.distinct_U).to(dtype)
+    x_BD = _carried(active.f_BK.to(dtype), d_UD, active.row_BK)
+    c_N, cu_N = (None if t is None else t.detach().to(dtype) for t in constant_terms(block))
+    z_BN = x_BD @ mlp.W_in_DN.to(dtype) + c_N
+    u_BN = None if cu_N is None else x_BD @ mlp.W_up_DN.to(dtype) + cu_N
+    base_N = neuron_output(mlp.act, c_N, cu_N)
+    return output_norm_sq(neuron_output(mlp.act, z_BN, u_BN) - base_N,
+                          mlp.W_out_ND.to(dtype)).sum()
+
+
+PENALTY_NORMALISATIONS = ("none", "effect")
+
+
+def _mean_over(total: Tensor, active: ActiveFeatures, blocks: list[MLPFeatureBlock],
+               normalise: str) -> Tensor:
+    """The sum over blocks as a mean: over blocks (each already a ratio) or tokens and blocks."""
+    if normalise not in PENALTY_NORMALISATIONS:
+        raise CrossintError(f"unknown normalisation {normalise!r} for this penalty: valid "
+                            f"choices are {', '.join(PENALTY_NORMALISATIONS)}")
+    if normalise == "effect":
+        return total / len(blocks)
     return total / max(active.n_tokens * len(blocks), 1)
 
 

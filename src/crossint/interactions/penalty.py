@@ -23,7 +23,11 @@ import torch
 from torch import Tensor
 
 from crossint.errors import CrossintError
-from crossint.interactions.additivity import additivity_penalty, keep_error_penalty
+from crossint.interactions.additivity import (
+    PENALTY_NORMALISATIONS,
+    additivity_penalty,
+    keep_error_penalty,
+)
 from crossint.interactions.contributions import (
     ActiveFeatures,
     MLPFeatureBlock,
@@ -35,8 +39,6 @@ from crossint.interactions.contributions import (
     resolve_chunk,
 )
 from crossint.interactions.mlp import (
-    NORMALISATIONS,
-    WEIGHTINGS,
     ShareSummary,
     check_penalty_options,
     interaction_penalty,
@@ -122,10 +124,15 @@ class KeepErrorPenalty(Penalty):
     for what Φ_keep_largest measures and ignores neurons where sharing does no harm."""
 
     kind: ClassVar[str] = "keep_error"
+    normalise: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_effect_normalisation(self.kind, self.normalise)
 
     def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
               chunk_tokens: int | None = None) -> Tensor:
-        return keep_error_penalty(active, list(blocks), chunk_tokens)
+        return keep_error_penalty(active, list(blocks), chunk_tokens, self.normalise)
 
 
 @dataclass(frozen=True)
@@ -134,10 +141,24 @@ class AdditivityPenalty(Penalty):
     independent-effects surrogate. Neurons in a linear or off regime stay free to be shared."""
 
     kind: ClassVar[str] = "additivity"
+    normalise: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_effect_normalisation(self.kind, self.normalise)
 
     def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
               chunk_tokens: int | None = None) -> Tensor:
-        return additivity_penalty(active, list(blocks), chunk_tokens)
+        return additivity_penalty(active, list(blocks), chunk_tokens, self.normalise)
+
+
+def check_effect_normalisation(kind: str, normalise: str) -> None:
+    if normalise not in PENALTY_NORMALISATIONS:
+        raise CrossintError(
+            f"the {kind} penalty's normalisation must be one of "
+            f"{', '.join(PENALTY_NORMALISATIONS)} (got {normalise!r}); 'effect' divides each "
+            "block's error by its features' whole effect on the MLP"
+        )
 
 
 # One line per kind: the name users pass as --penalty-kind and that config.json records.
@@ -145,9 +166,6 @@ PENALTY_KINDS: dict[str, type[Penalty]] = {
     cls.kind: cls for cls in (DominancePenalty, KeepErrorPenalty, AdditivityPenalty)
 }
 DEFAULT_KIND = DominancePenalty.kind
-# Choices of the options that take one (for the CLI's help and errors).
-OPTION_CHOICES: dict[str, tuple[str, ...]] = {"weighting": WEIGHTINGS,
-                                              "normalise": NORMALISATIONS}
 
 
 def penalty_class(kind: str) -> type[Penalty]:
