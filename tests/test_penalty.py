@@ -180,3 +180,19 @@ def test_the_cli_builds_every_kind_from_its_flags():
         penalty("--penalty-kind", "keep_error", "--penalty-weighting", "w_out")
     with pytest.raises(CrossintError, match="unknown penalty kind"):
         penalty("--penalty-kind", "curvature")
+
+
+def test_the_logged_share_is_the_analysis_share(tiny):
+    from crossint.crosscoder.model import Crosscoder
+    from crossint.interactions import MLPInteractionMeter, active_features, feature_blocks
+    from crossint.interactions.penalty import batch_dominant_share
+
+    source, mlps, config = tiny
+    crosscoder = Crosscoder(config, seed=1).eval()
+    with torch.no_grad():
+        f_BH = crosscoder.encode(source.acts_TXD[:200])
+        blocks = feature_blocks(crosscoder, mlps)
+        meter = MLPInteractionMeter(blocks)
+        meter.update(f_BH)
+        logged = batch_dominant_share(active_features(f_BH).by_count(), blocks)
+    assert logged == pytest.approx(meter.result()["dominant_share"], rel=1e-5)

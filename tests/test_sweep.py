@@ -252,3 +252,21 @@ def test_a_sweep_of_another_kind_with_fidelity_feeds_the_frontier(cache, tmp_pat
                  str(frontier_png)]) == 0
     document = json.loads(frontier_png.with_suffix(".json").read_text())
     assert [p["lambda"] for p in document["curves"]["additivity"]["points"]] == [0.0, 30.0]
+
+
+def test_one_lambda_0_run_serves_the_sweeps_of_every_kind(cache, tmp_path, capsys):
+    out = tmp_path / "shared"
+    args = [a for a in SWEEP if a != "--penalty-normalise"]
+    assert main(["sweep", "--activations", str(cache), "--lambdas", "0", "--out", str(out),
+                 *args]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--activations", str(cache), "--lambdas", "0", "--out", str(out),
+                 *args, "--penalty-kind", "keep_error"]) == 0
+    assert "skipped" in capsys.readouterr().out
+    # a penalised run of another kind is still refused
+    assert main(["sweep", "--activations", str(cache), "--lambdas", "5", "--out", str(out),
+                 *args]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--activations", str(cache), "--lambdas", "5", "--out", str(out),
+                 *args, "--penalty-kind", "keep_error"]) == 1
+    assert "other settings" in capsys.readouterr().err

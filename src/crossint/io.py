@@ -6,9 +6,11 @@ directory, flush and fsync, then ``os.replace`` (atomic on POSIX and Windows).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +30,51 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(f.fileno())
         tmp.chmod(_file_mode())  # mkstemp makes owner-only files; results are for everyone
         os.replace(tmp, path)
+    except Exception as e:
+        _raise_if_disk_full(e, path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+# How writers report a full disk: errno, or the Rust error text of safetensors (SafetensorError
+# "IoError(Os { code: 28, kind: StorageFull, ... })"), or torch.save's failed stream write.
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+_DISK_FULL_TEXT = ("no space left", "storagefull", "code: 28", "os error 28", "quota exceeded")
+_LOW_SPACE_BYTES = 1 << 20  # a write that failed with less than this left ran out of space
+
+
+def is_disk_full(error: BaseException, directory: str | Path | None = None) -> bool:
+    """Whether ``error`` says the disk (or quota) is full; with ``directory``, a failure while
+    its file system has less than 1 MiB free counts too (torch.save does not say why)."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+        return True
+    text = str(error).lower()
+    if any(marker in text for marker in _DISK_FULL_TEXT):
+        return True
+    if directory is None:
+        return False
+    try:
+        return shutil.disk_usage(directory).free < _LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def disk_full_error(path: str | Path) -> Exception:
+    from crossint.errors import CrossintError
+
+    return CrossintError(
+        f"no space left on the disk holding {path}: nothing half-written was kept; free some "
+        f"disk space (or write elsewhere) and run the same command again (harvest, train and "
+        f"sweep resume where they stopped)"
+    )
+
+
+def _raise_if_disk_full(error: Exception, path: Path) -> None:
+    if is_disk_full(error, path.parent):
+        raise disk_full_error(path) from error
 
 
 def _file_mode() -> int:
@@ -44,13 +87,15 @@ def _file_mode() -> int:
 def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` on a fresh sibling directory, then put it in place of ``path``:
     an interrupted write leaves the old directory (if any) as it was."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:
+            _raise_if_disk_full(e, path)
+            raise
         # mkdtemp and some savers create owner-only modes; a model directory is for everyone.
         tmp.chmod(0o755)
         for f in tmp.iterdir():

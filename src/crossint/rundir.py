@@ -5,7 +5,10 @@ A training run directory holds::
     config.json          crosscoder + training settings + data source ("status": training/finished)
     metrics.jsonl        one JSON object every ``log_every`` steps
     checkpoint/state.pt  model, optimiser, step, RNG, dead-feature counters (atomic)
-    model.safetensors    the final crosscoder, normalisation folded (SPEC §3.4)
+    checkpoint/state.sha256  the checkpoint's sha256, verified before a resume
+    model.safetensors    the final crosscoder, normalisation folded (SPEC §3.4); its sha256 is
+                         in config.json ("weights_sha256") and verified on every load
+    .crossint.lock       only while a command writes here (crossint.lock)
 
 and, once analysed, one subdirectory per analysis (``eval/eval.json``,
 ``interactions/interactions.json``, ``clusters/clusters.json`` ...). Other commands write one
@@ -28,6 +31,8 @@ WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT = "state.pt"
+CHECKPOINT_SUM = "state.sha256"  # beside state.pt: its sha256 (and the one it replaced)
+LOCK = ".crossint.lock"  # the exclusive lock of a directory being written (crossint.lock)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,21 @@ DIFF = Result("diff.json", what="diff results", files=(("plot", "relative_norms.
 SWEEP = Result("sweep.json", what="sweep", files=(("plot", "sweep.png"),
                                                   ("settings", "sweep_config.json")))
 SUMMARY = Result("summary.json", what="demo summary")
+BOUND = Result("bound.json", "bound", "bound results",  # `crossint bound` (SPEC §7)
+               (("pareto", "bound_pareto.png"),))
+INDEPENDENCE = Result("independence.json", "independence",  # `crossint independence` (SPEC §8)
+                      "independence results",
+                      (("pairs_csv", "pmi_pairs.csv"), ("distance", "independence.png")))
+LIB = Result("lib.json", what="LIB results",  # `crossint lib` (SPEC §11)
+             files=(("basis", "lib_basis.safetensors"), ("graph", "lib_graph.png"),
+                    ("weights", "edge_weights.png")))
+LIB_COMPARE = Result("lib_compare.json", what="LIB comparison",  # `crossint lib --compare`
+                     files=(("weights", "edge_weights.png"), ("sparsity", "edge_sparsity.png")))
+ATTENTION = Result("attention.json", "attention", "attention results",
+                   (("pairs_csv", "attention_pairs.csv"),
+                    ("dominance", "attention_dominance.png"),
+                    ("heatmap", "attention_pairs.png"),
+                    ("pattern", "attention_pattern.png")))
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,10 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT_DIR / CHECKPOINT
+
+    @property
+    def checkpoint_sum(self) -> Path:
+        return self.path / CHECKPOINT_DIR / CHECKPOINT_SUM
 
     def result_dir(self, result: Result) -> Path:
         """Where an analysis of this run writes by default (RUN/eval, RUN/interactions, ...)."""

@@ -107,18 +107,27 @@ def evaluate(
     resid_hookpoints = [
         h for h in hookpoints if parse_hookpoint(h, adapter.n_blocks)[1] in RESID_SITES
     ]
+    # An encoder (BERT) has no next-token loss: known now, not after the reconstruction pass.
+    has_loss = not adapter.arch.encoder
     batches = heldout_batches(adapter, request)
-    bar = tqdm(total=2 * len(batches), desc="eval", unit="batch", disable=not progress)
+    bar = tqdm(total=(2 if has_loss else 1) * len(batches), desc="eval", unit="batch",
+               disable=not progress)
     passes = _Passes(adapter, crosscoder, hookpoints, adapter.special_token_ids(), request.device,
                      bar.update)
     # Pass 1: reconstruction quality and the activation means that mean-ablation needs.
     stats = passes.reconstruction(batches)
     # Pass 2: splice each residual hookpoint's reconstruction (and its ablations) into the model.
-    losses = passes.splices(batches, resid_hookpoints, stats.mean_XD().float())
+    losses = (passes.splices(batches, resid_hookpoints, stats.mean_XD().float()) if has_loss
+              else None)
     bar.close()
     result = {"run": str(run_dir), "model": adapter.name, "corpus": request.corpus,
               "seed": request.seed, "context_length": request.context_length}
     result.update(eval_metrics(stats, losses, hookpoints, resid_hookpoints))
+    if not has_loss:
+        result["n_texts"] = sum(len(ids_BS) for ids_BS in batches)
+        result["ce_not_applicable"] = (
+            f"{adapter.name} is a {adapter.model_type} encoder: it has no next-token loss, so "
+            f"CE recovered does not apply")
     result["request"] = request.record()
     return result
 
@@ -172,19 +181,33 @@ class _Passes:
         return losses
 
 
-def eval_metrics(stats: ReconstructionStats, losses: TextLosses, hookpoints: list[str],
+CE_KEYS = ("ce_model", "ce_splice", "ce_zero", "ce_mean_ablation", "ce_recovered",
+           "ce_recovered_ci", "ce_recovered_mean_ablation", "n_texts")
+
+
+def eval_metrics(stats: ReconstructionStats, losses: TextLosses | None, hookpoints: list[str],
                  resid_hookpoints: list[str]) -> dict[str, Any]:
-    """The metrics of eval.json from the two passes' accumulators (pure)."""
-    weights_RC = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=0)
+    """The metrics of eval.json from the two passes' accumulators (pure); ``losses`` None (an
+    encoder: no next-token loss) gives None for every CE entry."""
     fvu_X = stats.fvu_X()
     firing_rate_H = stats.fires_H.double() / stats.n_tokens
-    return {
+    metrics = {
         "n_tokens": stats.n_tokens,
         "fvu": {name: float(fvu_X[x]) for x, name in enumerate(hookpoints)},
         "fvu_mean": float(fvu_X.mean()),
         "l0": stats.l0_sum / stats.n_tokens,
         "dead_fraction": float((stats.fires_H == 0).double().mean()),
         "dense_fraction": float((firing_rate_H > DENSE_FIRING_RATE).double().mean()),
+    }
+    if losses is None:
+        return {**metrics, **dict.fromkeys(CE_KEYS)}
+    return {**metrics, **ce_metrics(losses, resid_hookpoints)}
+
+
+def ce_metrics(losses: TextLosses, resid_hookpoints: list[str]) -> dict[str, Any]:
+    """The next-token loss entries of eval.json (SPEC §6.2), with bootstrap intervals."""
+    weights_RC = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=0)
+    return {
         "ce_model": losses.mean("model"),
         "ce_splice": {h: losses.mean(f"{h}/splice") for h in resid_hookpoints},
         "ce_zero": {h: losses.mean(f"{h}/zero") for h in resid_hookpoints},
@@ -205,19 +228,22 @@ def eval_metrics(stats: ReconstructionStats, losses: TextLosses, hookpoints: lis
 
 def format_table(result: dict) -> str:
     """A plain-text table of one evaluation (printed by `crossint eval`)."""
+    ce_model = result.get("ce_model")
     lines = [
         f"model {result['model']}  tokens {result['n_tokens']}  L0 {result['l0']:.1f}  "
         f"dead {result['dead_fraction']:.3f}  dense {result['dense_fraction']:.3f}  "
-        f"CE(model) {result['ce_model']:.4f}",
+        + (f"CE(model) {ce_model:.4f}" if ce_model is not None else "CE: not applicable"),
         f"{'hookpoint':<24} {'FVU':>8} {'CE splice':>10} {'CE rec.':>8} {'CE rec. (mean)':>15}",
     ]
     for name, fvu in result["fvu"].items():
         row = f"{name:<24} {fvu:>8.4f}"
-        if name in result["ce_recovered"]:
+        if name in (result.get("ce_recovered") or {}):
             row += (
                 f" {result['ce_splice'][name]:>10.4f} {result['ce_recovered'][name]:>8.3f}"
                 f" {result['ce_recovered_mean_ablation'][name]:>15.3f}"
             )
         lines.append(row)
     lines.append(f"{'mean':<24} {result['fvu_mean']:>8.4f}")
+    if result.get("ce_not_applicable"):
+        lines.append(f"CE recovered: not applicable ({result['ce_not_applicable']})")
     return "\n".join(lines)

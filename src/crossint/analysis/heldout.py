@@ -90,8 +90,11 @@ class HeldoutRequest:
     def resolve(self, run_dir: str | Path) -> HeldoutRequest:
         """This request with the defaults taken from the run's training cache: corpus, context
         length, text field and the corpus split (a run trained on a cache that records no split
-        of its file corpus, harvested by an older crossint, gets a RuntimeWarning)."""
-        manifest = training_manifest(run_dir)
+        of its file corpus, harvested by an older crossint, gets a RuntimeWarning). The text
+        settings come from the run's config.json (``source.text``), else from the cache's
+        manifest; a run whose cache is gone and whose config records no text needs ``corpus``
+        (CrossintError naming --corpus: never a silent switch to other text)."""
+        manifest = training_text(run_dir, needs_corpus=self.corpus is None)
         corpus = self.corpus or manifest.get("corpus", DEFAULT_CORPUS)
         trained_on = manifest if corpus == manifest.get("corpus") else {}
         text_field = self.text_field or trained_on.get("text_field") or "text"
@@ -193,8 +196,9 @@ def load_subject(run_dir: str | Path, request: HeldoutRequest, command: str = "e
 
     crosscoder, model_name = load_run(run_dir, command=command)
     request = request.resolve(run_dir)
+    adapter = load_model(request.model or model_name, device=request.device)  # checks the device
     crosscoder.to(request.device)
-    return crosscoder, load_model(request.model or model_name, device=request.device), request
+    return crosscoder, adapter, request
 
 
 def training_manifest(run_dir: str | Path) -> dict[str, Any]:
@@ -206,6 +210,28 @@ def training_manifest(run_dir: str | Path) -> dict[str, Any]:
     if not path or not (Path(path) / MANIFEST_NAME).is_file():
         return {}
     return read_json(Path(path) / MANIFEST_NAME, "activation cache manifest")
+
+
+def training_text(run_dir: str | Path, needs_corpus: bool = True) -> dict[str, Any]:
+    """The settings of the text a run's cache was harvested from (``corpus``,
+    ``context_length``, ``text_field``, ``corpus_split``, ...): those config.json records
+    (``source.text``), else the cache's manifest, else {} for a run trained without a cache.
+    A run trained on a cache that is gone, with no record, raises a CrossintError naming
+    --corpus when ``needs_corpus``."""
+    run = RunDir(run_dir)
+    source = run.read_config().get("source") or {}
+    recorded = source.get("text") if isinstance(source, dict) else None
+    if isinstance(recorded, dict) and isinstance(recorded.get("corpus"), str):
+        return recorded
+    manifest = training_manifest(run_dir)
+    if manifest or not needs_corpus or not source.get("path"):
+        return manifest
+    raise CrossintError(
+        f"the activation cache {source['path']} that {run_dir} was trained on is gone (moved "
+        f"or deleted) and {run.config} does not record which text it was harvested from: pass "
+        f"--corpus (stories, the .txt/.jsonl file or hf:NAME of the harvest) and "
+        f"--context-length, or put the cache back"
+    )
 
 
 def training_text_settings(run_dir: str | Path) -> dict[str, Any]:

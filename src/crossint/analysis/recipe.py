@@ -29,6 +29,22 @@ class DemoSettings:
     eval_tokens: int = 10_000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Bad sizes fail here, before the harvest (not after it, when training starts)."""
+        from crossint.errors import CrossintError
+
+        for name in ("tokens", "context_length", "features", "k", "steps", "batch_size",
+                     "eval_tokens", "seed"):
+            value, least = getattr(self, name), 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a positive integer" if least else "an integer >= 0"
+                raise CrossintError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
+        if self.context_length < 2:
+            raise CrossintError(f"--context-length must be at least 2, got {self.context_length}")
+        if self.k >= self.features:
+            raise CrossintError(f"--k must be smaller than --features, got k={self.k} and "
+                                f"features={self.features}")
+
 
 def harvest_stories(adapter: Any, cache_dir: Path, settings: DemoSettings,
                     progress: bool = True) -> Any:

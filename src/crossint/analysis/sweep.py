@@ -208,7 +208,8 @@ def check_finished_run(run_dir: str | Path, crosscoder_config: CrosscoderConfig,
         if name not in RESUME_FREE_SETTINGS and saved.get(name) != wanted[name]
     ]
     saved_penalty = run_penalty(run_dir)
-    if saved_penalty != penalty:
+    # λ = 0 trains no penalty whatever its kind: one λ = 0 run serves the sweeps of every kind
+    if saved_penalty != penalty and (saved_penalty.weight, penalty.weight) != (0.0, 0.0):
         differences.append(f"{CONFIG_KEY}={saved_penalty.describe()} "
                            f"(now {penalty.describe()})")
     if differences:

@@ -70,6 +70,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with common.locked_output(common.output_dir(args, CLUSTERS), "cluster"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from crossint.analysis.clustering import cluster_run, write_cluster_outputs
     from crossint.io import atomic_write_json
 

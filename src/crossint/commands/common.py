@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,24 @@ def heldout_request(args: argparse.Namespace, **overrides: Any):  # noqa: ANN201
               "context_length": args.context_length, "batch_size": args.text_batch_size,
               "model": getattr(args, "model", None),
               "device": getattr(args, "device", None) or "cpu", **count}
-    return HeldoutRequest(**{**fields, **overrides})
+    request = HeldoutRequest(**{**fields, **overrides})
+    check_device(request.device)
+    return request
+
+
+def check_device(device: str) -> None:
+    """CrossintError for a --device torch cannot use here (a CUDA device on a CPU-only install,
+    an unknown name), before anything is loaded."""
+    import torch
+
+    from crossint.errors import CrossintError
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise CrossintError(f"--device {device} is not available here ({reason}): use --device "
+                            f"cpu") from None
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, result: Result) -> None:
@@ -81,6 +99,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, result: Result) -> None:
 def output_dir(args: argparse.Namespace, result: Result) -> Path:
     """--out, or the run's own directory for ``result``."""
     return Path(args.out) if args.out else RunDir(args.run_dir).result_dir(result)
+
+
+def locked_output(directory: str | Path, command: str) -> contextlib.AbstractContextManager:
+    """Hold the exclusive lock of the output directory while ``crossint COMMAND`` runs
+    (``crossint.lock``): a second command writing there stops with a one-line error, and an
+    --out that is a file or cannot be written fails before any work."""
+    from crossint.lock import locked
+
+    return locked(directory, f"crossint {command}")
 
 
 def add_analysis_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from crossint.commands import common
+
 
 def register(subparsers) -> None:
     from crossint.analysis.recipe import DemoSettings
@@ -32,6 +34,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    with common.locked_output(args.out, "demo"):
+        return _run(args)
+
+
+def _run(args) -> int:
     from crossint.analysis.demo import DemoSettings, format_summary, run_demo
 
     settings = DemoSettings(**{f.name: getattr(args, f.name) for f in fields(DemoSettings)})

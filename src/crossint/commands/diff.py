@@ -40,6 +40,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with common.locked_output(args.out, "diff"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from crossint.analysis.diffing import diff_models
     from crossint.errors import CrossintError
 

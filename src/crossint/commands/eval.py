@@ -25,6 +25,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    with common.locked_output(common.output_dir(args, EVAL), "eval"):
+        return _run(args)
+
+
+def _run(args) -> int:
     from crossint.analysis.evaluate import evaluate, format_table
     from crossint.io import atomic_write_json
 

@@ -42,6 +42,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with common.locked_output(args.out, "fidelity"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from crossint.analysis.fidelity import fidelity, format_table, write_outputs
 
     result = fidelity(

@@ -76,10 +76,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from crossint.data.cache import cache_size_bytes, canonical_dtype
-    from crossint.models.adapter import load_model
+    from crossint.commands.common import locked_output
+    from crossint.data.cache import canonical_dtype
 
     dtype = canonical_dtype(args.dtype)
     for flag, value in (("--tokens", args.tokens), ("--batch-size", args.batch_size),
@@ -89,6 +87,16 @@ def run(args: argparse.Namespace) -> int:
             raise CrossintError(f"{flag} must be a positive integer, got {value}")
     out = Path(args.out)
     was_complete = _holds_complete_cache(out, args.resume)
+    with locked_output(out, "harvest"):  # before the model loads: a busy or bad --out fails now
+        return _run(args, out, dtype, was_complete)
+
+
+def _run(args: argparse.Namespace, out: Path, dtype: str, was_complete: bool) -> int:
+    import time
+
+    from crossint.data.cache import cache_size_bytes
+    from crossint.models.adapter import load_model
+
     adapter = load_model(args.model, device=_device(args.device))
     start = time.perf_counter()
     cache, new_tokens = _harvest(adapter, out, dtype, args)

@@ -69,6 +69,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with common.locked_output(common.output_dir(args, INTERACTIONS), "interactions"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from crossint.analysis.interactions import analyse_interactions, format_table, write_outputs
 
     result = analyse_interactions(

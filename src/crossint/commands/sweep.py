@@ -60,6 +60,11 @@ def fidelity_request(args: argparse.Namespace, device: str):  # noqa: ANN201 (la
 
 
 def run(args: argparse.Namespace) -> int:
+    with common.locked_output(args.out, "sweep"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from crossint.analysis.sweep import format_table, parse_lambdas, run_sweep
     from crossint.commands.train import new_configs, penalty_from_args
     from crossint.data.cache import ActivationCache

@@ -212,7 +212,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in RUN_DIR from its last checkpoint; settings "
-                             "default to the run's own")
+                             "default to the run's own (RUN_DIR must hold a run: the cache "
+                             "must be the one it started on, moved or copied caches are fine)")
     add_crosscoder_arguments(parser)
     add_optimisation_arguments(parser)
     add_penalty_arguments(parser)
@@ -221,6 +222,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from crossint.commands.common import locked_output
+    from crossint.rundir import RunDir
+
+    if args.resume and not RunDir(args.out).has_run():
+        # The rule of harvest --resume too: --resume continues something or stops.
+        raise CrossintError(f"--resume: {args.out} holds no training run to continue; leave out "
+                            "--resume to start one")
+    with locked_output(args.out, "train"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from crossint.crosscoder.train import read_run_configs
     from crossint.data.cache import ActivationCache
     from crossint.interactions.penalty import run_penalty, train_with_penalty

@@ -4,7 +4,9 @@ while training and once finished, checkpoints with exact resume, the resume chec
 
 A checkpoint (``checkpoint/state.pt``, written atomically) holds the model, the optimiser, the
 completed step, the RNG states, the dead-feature counters, and the settings the run was started
-with (``RunSettings``), which a resume must repeat.
+with (``RunSettings``), which a resume must repeat; ``checkpoint/state.sha256`` beside it holds
+its sha256, verified before it is loaded. The settings include the source's fingerprint (the
+cache's shard checksums), so a resume on other activations with the same hookpoints is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
 from crossint.crosscoder.model import FORMAT, FORMAT_VERSION, Crosscoder
 from crossint.crosscoder.source import ActivationSource, source_signature
 from crossint.errors import CrossintError
-from crossint.io import atomic_write, atomic_write_json, atomic_write_text, read_json
-from crossint.rundir import RunDir, metrics_text, read_metrics
+from crossint.io import atomic_write, atomic_write_json, atomic_write_text, read_json, sha256_file
+from crossint.rundir import CHECKPOINT_SUM, RunDir, metrics_text, read_metrics
 
 CHECKPOINT_FORMAT = "crossint.checkpoint"
 # Settings that change nothing about the numbers, so a resume may use other values.
@@ -31,7 +33,7 @@ RESUME_FREE_SETTINGS = frozenset({"checkpoint_every", "log_every", "device"})
 # Top-level config.json entries of the run itself (extra_config may not use them).
 RESERVED_CONFIG_KEYS = frozenset(
     {"format", "version", "status", "crosscoder", "training_crosscoder", "train", "source",
-     "final_metrics"}
+     "final_metrics", "weights_sha256"}
 )
 METRICS_FLUSH_SECONDS = 30.0
 
@@ -136,6 +138,9 @@ def checkpoint_path(out_dir: str | Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint, verified against the sha256 written beside it (``state.sha256``; a
+    checkpoint written before crossint recorded one loads unchecked)."""
+    verify_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -157,7 +162,38 @@ def save_checkpoint(path: Path, state: TrainingState, settings: RunSettings) -> 
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         **settings.checkpoint_entries(),
     }
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def write(tmp: Path) -> None:
+        torch.save(checkpoint, tmp)
+        # The checksum goes down before the checkpoint replaces the old one and keeps the old
+        # one's too: killed between the two, the old checkpoint still verifies.
+        previous = sha256_file(path) if path.is_file() else None
+        atomic_write_json(checksum_path(path), {"file": path.name, "sha256": sha256_file(tmp),
+                                                "previous_sha256": previous})
+
+    atomic_write(path, write)
+
+
+def checksum_path(path: Path) -> Path:
+    """Where the checksum of checkpoint ``path`` is kept (``checkpoint/state.sha256``)."""
+    return path.with_name(CHECKPOINT_SUM)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """CrossintError unless ``path`` has the sha256 recorded beside it (when one is)."""
+    sums = checksum_path(path)
+    if not sums.is_file() or not path.is_file():
+        return
+    record = read_json(sums, "checkpoint checksum")
+    if not isinstance(record, dict):
+        record = {}
+    accepted = {record.get("sha256"), record.get("previous_sha256")} - {None}
+    if sha256_file(path) not in accepted:
+        raise CrossintError(
+            f"checkpoint {path} does not match the sha256 recorded in {sums}: the file is "
+            f"corrupt, so the run cannot resume from it; restore it from a backup, or delete "
+            f"{path.parent} and train from the start"
+        )
 
 
 def restore_checkpoint(checkpoint: dict[str, Any], model: Crosscoder) -> tuple[Tensor, int]:
@@ -217,6 +253,15 @@ def _check_resume_source(saved: dict[str, Any], current: dict[str, Any], run: Pa
                 f"cannot resume {run}: it was trained on activations with {key} "
                 f"{saved.get(key)}, but the activations given have {current[key]}"
             )
+    # Checkpoints written before fingerprints, and in-memory sources, have none to compare.
+    if saved.get("fingerprint") and current.get("fingerprint") \
+            and saved["fingerprint"] != current["fingerprint"]:
+        raise CrossintError(
+            f"cannot resume {run}: it was trained on other activations (cache fingerprint "
+            f"{saved['fingerprint'][:16]}..., the activations given have "
+            f"{current['fingerprint'][:16]}...); resume with the cache it was started on (a "
+            f"moved or copied cache is fine), or use a new run directory"
+        )
 
 
 def _check_resume_settings(kind: str, saved: dict, given: dict, run: Path) -> None:

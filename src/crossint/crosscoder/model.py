@@ -19,13 +19,14 @@ from crossint.crosscoder.activations import ACTIVATIONS, Activation, make_activa
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.sparse import decode_features
 from crossint.errors import CrossintError
-from crossint.io import atomic_write, atomic_write_json, read_json
+from crossint.io import atomic_write, atomic_write_json, read_json, sha256_file
 from crossint.rundir import RunDir
 
 __all__ = ["ACTIVATIONS", "Crosscoder", "CrosscoderConfig", "CrosscoderOutput"]
 
 FORMAT = "crossint.crosscoder"
 FORMAT_VERSION = 1
+WEIGHTS_SHA256 = "weights_sha256"  # config.json: sha256 of model.safetensors
 
 
 @dataclass
@@ -283,10 +284,17 @@ class Crosscoder(nn.Module):
         }
         # The format is named in config.json; safetensors metadata is a hash map written in
         # random order, so leaving it out keeps reruns byte-identical.
-        atomic_write(run.weights, lambda tmp: save_file(tensors, str(tmp)))
+        digest: list[str] = []
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp))
+            digest.append(sha256_file(tmp))
+
+        atomic_write(run.weights, write)
         document = {"format": FORMAT, "version": FORMAT_VERSION}
         document.update(extra or {})
         document["crosscoder"] = self.inference_config().to_dict()
+        document[WEIGHTS_SHA256] = digest[0]  # verified by every from_pretrained
         atomic_write_json(run.config, document)
         return run.path
 
@@ -320,6 +328,7 @@ class Crosscoder(nn.Module):
             raise CrossintError(
                 f"crosscoder weights not found: {weights_path} (has training finished?)"
             )
+        _verify_weights(weights_path, document.get(WEIGHTS_SHA256), config_path)
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -356,4 +365,17 @@ class Crosscoder(nn.Module):
             f"positions={cfg.n_positions} ({cfg.n_models} model(s) x {len(cfg.hookpoints)} "
             f"hookpoints), d_model={cfg.d_model}, n_features={cfg.n_features}, "
             f"activation={cfg.activation}, k={cfg.k}, folded={cfg.folded}"
+        )
+
+
+def _verify_weights(weights_path: Path, recorded: Any, config_path: Path) -> None:
+    """CrossintError unless the weights have the sha256 config.json records (crosscoders saved
+    before crossint recorded one load unchecked)."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or sha256_file(weights_path) != recorded:
+        raise CrossintError(
+            f"{weights_path} does not match the sha256 recorded in {config_path} "
+            f"({WEIGHTS_SHA256}): the file is corrupt or truncated, or was changed after "
+            f"saving; restore it from a backup or train again"
         )

@@ -30,26 +30,39 @@ class ActivationSource(Protocol):
     def sample(self, n_tokens: int, seed: int) -> Tensor: ...
 
 
+# What a run records of its cache's text (config.json source.text): the analyses read the same
+# corpus, held-out part and context length from it even when the cache has been moved.
+TEXT_KEYS = ("corpus", "corpus_sha256", "text_field", "context_length", "corpus_split")
+
+
 def source_signature(source: ActivationSource) -> dict[str, Any]:
-    """What a run remembers about its data to refuse a mismatched resume."""
+    """What a run remembers about its data to refuse a mismatched resume: hookpoints, widths,
+    models and, for a cache, its ``fingerprint`` (the shards' checksums; None for sources
+    without one)."""
     models = getattr(source, "models", None)
     if models is None and isinstance(getattr(source, "model", None), str):
         models = [source.model]
+    fingerprint = getattr(source, "fingerprint", None)
     return {
         "hookpoints": list(source.hookpoints),
         "dims": {h: int(source.dims[h]) for h in source.hookpoints},
         "models": list(models) if models is not None else None,
+        "fingerprint": fingerprint if isinstance(fingerprint, str) else None,
     }
 
 
 def describe_source(source: ActivationSource) -> dict[str, Any]:
-    """Signature plus where the activations came from (recorded in config.json)."""
+    """Signature plus where the activations came from (recorded in config.json): the cache's
+    path and model, and ``text``, the settings of the text it was harvested from."""
     description = {"type": type(source).__name__, **source_signature(source)}
     description["n_tokens"] = int(source.n_tokens)
     for attribute in ("path", "model"):
         value = getattr(source, attribute, None)
         if isinstance(value, (str, Path)):
             description[attribute] = str(Path(value).resolve()) if attribute == "path" else value
+    manifest = getattr(source, "manifest", None)
+    if isinstance(manifest, dict):
+        description["text"] = {key: manifest[key] for key in TEXT_KEYS if key in manifest}
     return description
 
 
@@ -83,11 +96,32 @@ def check_source(config: CrosscoderConfig, source: ActivationSource) -> None:
         raise CrossintError(f"activations at {where} hold no tokens")
 
 
-def device_batches(batches: Iterator[Tensor], device: torch.device) -> Iterator[Tensor]:
-    """Move batches to the device. On CUDA a thread reads the next batches (pinned) while the
-    GPU trains, so data loading overlaps compute; the order never changes."""
+def check_finite_batch(batch_BXD: Tensor, index: int, hookpoints: list[str] | None) -> None:
+    """CrossintError naming the batch, tokens and hookpoints when the input holds NaN/Inf (the
+    loss would turn non-finite and look like a diverged run)."""
+    if bool(torch.isfinite(batch_BXD).all()):
+        return
+    bad_BX = ~torch.isfinite(batch_BXD).all(dim=-1)
+    positions = bad_BX.any(dim=0).nonzero().flatten().tolist()
+    names = [hookpoints[x] if hookpoints and x < len(hookpoints) else f"position {x}"
+             for x in positions]
+    rows = bad_BX.any(dim=1).nonzero().flatten().tolist()
+    raise CrossintError(
+        f"the input activations hold non-finite values (NaN/Inf): batch {index} (the batch of "
+        f"step {index + 1}), {len(rows)} of its {batch_BXD.shape[0]} tokens, at "
+        f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; training needs finite "
+        f"activations: clean the source (this is not a learning-rate problem)"
+    )
+
+
+def device_batches(batches: Iterator[Tensor], device: torch.device, start: int = 0,
+                   hookpoints: list[str] | None = None) -> Iterator[Tensor]:
+    """Move batches to the device, refusing batches with NaN/Inf (``check_finite_batch``;
+    ``start`` numbers the first batch). On CUDA a thread reads the next batches (pinned) while
+    the GPU trains, so data loading overlaps compute; the order never changes."""
     if device.type != "cuda":
-        for batch in batches:
+        for index, batch in enumerate(batches, start=start):
+            check_finite_batch(batch, index, hookpoints)
             yield batch.to(device=device, dtype=torch.float32)
         return
     ready: queue.Queue = queue.Queue(maxsize=3)
@@ -95,7 +129,8 @@ def device_batches(batches: Iterator[Tensor], device: torch.device) -> Iterator[
 
     def produce() -> None:
         try:
-            for batch in batches:
+            for index, batch in enumerate(batches, start=start):
+                check_finite_batch(batch, index, hookpoints)
                 item = batch.to(torch.float32)
                 if item.device.type == "cpu":
                     item = item.pin_memory()

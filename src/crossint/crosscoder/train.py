@@ -47,6 +47,7 @@ from crossint.crosscoder.checkpoint import (
 )
 from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
 from crossint.crosscoder.losses import fvu_X, learning_rate, token_variance, update_dead_counter
+from crossint.crosscoder.memory import check_training_memory
 from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
 from crossint.crosscoder.objective import ExtraLoss, ExtraMetric, Objective, extra_loss_ramp
 from crossint.crosscoder.source import (
@@ -57,6 +58,7 @@ from crossint.crosscoder.source import (
     source_signature,
 )
 from crossint.errors import CrossintError
+from crossint.lock import locked
 from crossint.rundir import RunDir
 
 __all__ = [
@@ -219,6 +221,13 @@ def metrics_row(
     return {k: _round(v) if isinstance(v, float) else v for k, v in row.items()}
 
 
+def _position_names(cc: CrosscoderConfig) -> list[str]:
+    """A name per input position, for error messages (``model:hookpoint`` when M > 1)."""
+    if cc.n_models == 1:
+        return list(cc.hookpoints)
+    return [f"{model}:{hookpoint}" for model, hookpoint in cc.positions]
+
+
 # --- the loop ----------------------------------------------------------------------------------
 @dataclass
 class _Run:
@@ -277,15 +286,45 @@ def train(
     gradients). ``extra_config`` (JSON-able) adds top-level entries to the run's config.json
     describing what the extra losses do; a resume must pass the same. Returns the saved (folded,
     eval-mode) crosscoder.
-    """
-    from tqdm.auto import tqdm
 
-    cc, tc, run_dir = crosscoder_config, train_config, RunDir(out_dir)
+    Before anything is written: the source must fit the crosscoder and hold at least one
+    batch, the device must exist and have memory for the estimate of
+    :func:`crossint.crosscoder.memory.training_bytes`; then the run directory's lock
+    (``crossint.lock``) is held for the whole run.
+    """
+    cc, tc = crosscoder_config, train_config
     check_extra_config(extra_config)
     check_source(cc, source)
+    check_batch_size(tc, source)
     settings = RunSettings.of(cc, tc, source, extra_config)
-    checkpoint = resume_checkpoint(run_dir, settings, resume)
     device = _device(tc.device)
+    check_training_memory(cc, tc, device)
+    # One writer per run directory: a second train (another process) stops here.
+    with locked(out_dir, "crossint train"):
+        return _train_locked(settings, source, RunDir(out_dir), resume, device,
+                             extra_losses, progress, extra_metrics)
+
+
+def check_batch_size(tc: TrainConfig, source: ActivationSource) -> None:
+    """A batch cannot hold more tokens than the source has (it would repeat tokens within one
+    batch)."""
+    if tc.batch_size > source.n_tokens:
+        where = getattr(source, "path", None) or type(source).__name__
+        raise CrossintError(
+            f"batch size {tc.batch_size} is larger than the {source.n_tokens} tokens of the "
+            f"activations at {where}: use --batch-size {source.n_tokens} or less, or harvest "
+            f"more tokens"
+        )
+
+
+def _train_locked(settings: RunSettings, source: ActivationSource, run_dir: RunDir,
+                  resume: bool, device: torch.device, extra_losses: Sequence[ExtraLoss],
+                  progress: bool, extra_metrics: Sequence[ExtraMetric]) -> Crosscoder:
+    """:func:`train` once the run directory's lock is held."""
+    from tqdm.auto import tqdm
+
+    cc, tc = settings.crosscoder, settings.train
+    checkpoint = resume_checkpoint(run_dir, settings, resume)
     state = initial_state(cc, tc, source, checkpoint, device)
     del checkpoint
     description = describe_source(source)
@@ -294,7 +333,8 @@ def train(
     run = _Run(run_dir, settings, Objective.for_run(cc, tc, extra_losses), tuple(extra_metrics),
                MetricsLog(run_dir.metrics, state.step))
     batches = device_batches(
-        iter(source.batches(tc.batch_size, seed=tc.seed, start_batch=state.step)), device
+        iter(source.batches(tc.batch_size, seed=tc.seed, start_batch=state.step)), device,
+        start=state.step, hookpoints=_position_names(cc),
     )
     bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, desc="train",
                unit="step", dynamic_ncols=True)

@@ -258,6 +258,15 @@ class ActivationCache:
     def n_shards(self) -> int:
         return len(self.shard_sizes)
 
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the shards' checksums in order: caches holding the same bytes (a moved or
+        copied cache) share it; a resumed training run must see the one it started on."""
+        digest = hashlib.sha256()
+        for entry in self.manifest["shards"]:
+            digest.update(f"{entry['sha256']}\n".encode())
+        return digest.hexdigest()
+
     def __repr__(self) -> str:
         return (f"ActivationCache({str(self.path)!r}, model={self.model!r}, "
                 f"hookpoints={len(self.hookpoints)}, n_tokens={self.n_tokens}, "
@@ -419,6 +428,7 @@ class TensorActivations:
             )
         if acts_TXD.shape[0] < 1:
             raise CrossintError("activations hold no tokens")
+        _check_finite(acts_TXD, names)
         self.acts_TXD = acts_TXD
         self.hookpoints: list[str] = names
         self.dims: dict[str, int] = {h: int(acts_TXD.shape[2]) for h in names}
@@ -445,6 +455,21 @@ class TensorActivations:
         n = min(n_tokens, self.n_tokens)
         rows = _rng(seed, RNG_SAMPLE, 1).choice(self.n_tokens, size=n, replace=False)
         return self.acts_TXD[torch.from_numpy(rows).to(self.acts_TXD.device)].float()
+
+
+def _check_finite(acts_TXD: torch.Tensor, hookpoints: list[str], chunk: int = 65536) -> None:
+    """CrossintError naming the first token and hookpoint holding NaN/Inf (in chunks of tokens,
+    so the check needs no copy of the whole tensor)."""
+    for start in range(0, acts_TXD.shape[0], chunk):
+        bad_TX = ~torch.isfinite(acts_TXD[start : start + chunk]).all(dim=-1)
+        if bool(bad_TX.any()):
+            token, x = (int(i) for i in bad_TX.nonzero()[0])
+            count = int((~torch.isfinite(acts_TXD)).sum())
+            raise CrossintError(
+                f"the activations hold {count} non-finite values (NaN/Inf), the first at token "
+                f"{start + token}, hookpoint {hookpoints[x]}; a crosscoder needs finite inputs: "
+                f"clean or drop those tokens first"
+            )
 
 
 def cache_size_bytes(path: str | Path) -> int:

@@ -35,6 +35,8 @@ from crossint.data.cache import (
 )
 from crossint.errors import CrossintError
 from crossint.io import atomic_write, atomic_write_json, read_json, sha256_file
+from crossint.lock import locked
+from crossint.rundir import LOCK
 
 
 def harvest(
@@ -64,7 +66,8 @@ def harvest(
     (or returned as is when complete); any other non-empty directory is an error and nothing in
     it is touched. A finite corpus that runs out early ends the harvest with fewer tokens (the
     manifest says ``corpus_exhausted``). ``on_shard(index, entry)`` is called after each shard
-    and its manifest entry are on disk.
+    and its manifest entry are on disk. The harvest holds ``out_dir``'s lock
+    (``crossint.lock``): a second harvest into it stops with a CrossintError.
     """
     if isinstance(adapter, (str, Path)):
         from crossint.models.adapter import load_model
@@ -89,10 +92,12 @@ def harvest(
         "shard_tokens": shard_tokens, "n_tokens_target": n_tokens,
     }, split)
     out = Path(out_dir)
-    manifest = _open_for_harvest(out, settings)
-    if not manifest["complete"]:
-        _harvest_shards(adapter, out, manifest, contexts, progress, on_shard)
-    return ActivationCache(out)
+    # One harvest per directory: a second one (another process) stops here, writing nothing.
+    with locked(out, "crossint harvest"):
+        manifest = _open_for_harvest(out, settings)
+        if not manifest["complete"]:
+            _harvest_shards(adapter, out, manifest, contexts, progress, on_shard)
+        return ActivationCache(out)
 
 
 def _check_arguments(adapter: Any, n_tokens: int, batch_size: int, shard_tokens: int, seed: int,
@@ -511,9 +516,10 @@ def _truncate_at_first_bad_shard(out: Path, manifest: dict) -> None:
 
 
 def _is_temporary(path: Path) -> bool:
-    # Names crossint.io.atomic_write gives its temporary files for our shards and manifest.
+    # Names crossint.io.atomic_write gives its temporary files for our shards and manifest, and
+    # the directory's lock (held while harvesting).
     name = path.name
-    return name.endswith(".tmp") and (
+    return name == LOCK or name.endswith(".tmp") and (
         name.startswith(".shard_") or name.startswith(f".{MANIFEST_NAME}.")
     )
 
@@ -521,7 +527,7 @@ def _is_temporary(path: Path) -> bool:
 def _remove_stale_temporaries(out: Path) -> None:
     # Left behind only by a killed process; they are never part of the cache.
     for path in out.iterdir():
-        if _is_temporary(path):
+        if _is_temporary(path) and path.name != LOCK:
             path.unlink(missing_ok=True)
 
 

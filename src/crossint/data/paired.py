@@ -52,6 +52,14 @@ class PairedActivations:
     def __repr__(self) -> str:
         return f"PairedActivations({self.first!r}, {self.second!r})"
 
+    @property
+    def fingerprint(self) -> str:
+        """Both caches' fingerprints in one (checked when a training run resumes)."""
+        import hashlib
+
+        both = f"{self.first.fingerprint}\n{self.second.fingerprint}\n"
+        return hashlib.sha256(both.encode()).hexdigest()
+
     def batches(self, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
         """[B, 2P, D] batches: the same tokens of both caches, model-major."""
         pairs = zip(self.first.batches(batch_size, seed, start_batch),  # both infinite

@@ -33,13 +33,10 @@ from crossint.interactions.contributions import (
     MLPFeatureBlock,
     active_features,
     feature_blocks,
-    iter_contributions,
     mlp_on,
-    neuron_stats,
     resolve_chunk,
 )
 from crossint.interactions.mlp import (
-    ShareSummary,
     check_penalty_options,
     interaction_penalty,
 )
@@ -276,6 +273,23 @@ def penalty_loss(penalty: Penalty, mlps: Mapping[int, MLPWeights], model: str | 
     return loss
 
 
+def batch_dominant_share(active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock]) -> float:
+    """The plain mean SPEC §4.2 dominant share over the batch's tokens × neurons × blocks, from
+    the same fused maximum-and-sum pass the dominance penalty uses (tokens sorted by count)."""
+    from crossint.interactions.contributions import SHARE_EPS, distinct_virtual_weights
+    from crossint.interactions.kernels import dominant_magnitudes
+
+    total, count = 0.0, 0
+    for block in blocks:
+        V_UN, row_BK = distinct_virtual_weights(active, block.d_HD, block.mlp.W_in_DN)
+        chunk = resolve_chunk(None, V_UN.device, active.features_BK.shape[1] * V_UN.shape[1])
+        _, Mx_BN, S_BN = dominant_magnitudes(active.f_BK.to(V_UN.dtype).abs(), V_UN.abs(),
+                                             row_BK, active.counts_B, chunk, with_sum=True)
+        total += float(((Mx_BN + SHARE_EPS) / (S_BN + SHARE_EPS)).double().sum())
+        count += Mx_BN.numel()
+    return total / max(count, 1)
+
+
 def penalty_metrics(penalty: Penalty, mlps: Mapping[int, MLPWeights],
                     model: str | None = None) -> ExtraMetric:
     """A logged-only metric: the unweighted L_int (the same ``value`` the loss uses) and the
@@ -286,14 +300,10 @@ def penalty_metrics(penalty: Penalty, mlps: Mapping[int, MLPWeights],
                output: CrosscoderOutput) -> dict[str, float]:
         with torch.no_grad():
             blocks = placed.blocks(crosscoder)
-            active = active_features(output.f_BH.detach())
+            active = active_features(output.f_BH.detach()).by_count()
             value = penalty.value(active, blocks)
-            shares = ShareSummary()
-            for block in blocks:
-                for _, contrib in iter_contributions(active, block.d_HD, block.mlp.W_in_DN):
-                    shares.update(block.block, neuron_stats(contrib))
         return {"interaction_penalty": float(value),
-                "dominant_share": float(shares.result()["dominant_share"])}
+                "dominant_share": batch_dominant_share(active, blocks)}
 
     return metric
 

