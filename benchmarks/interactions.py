@@ -153,8 +153,11 @@ def autograd_penalty(f_BH: torch.Tensor, blocks: list[MLPFeatureBlock]) -> torch
 
 
 PENALTIES = ("off", "analytic", "analytic_torch", "analytic_neuron", "autograd", "keep_error",
-             "additivity")
-KIND_PENALTIES = {"keep_error": KeepErrorPenalty(100.0), "additivity": AdditivityPenalty(100.0)}
+             "additivity", "keep_error_quarter", "additivity_quarter")
+# *_quarter: L_int on a quarter of each batch's tokens (--penalty-sample 0.25)
+KIND_PENALTIES = {"keep_error": KeepErrorPenalty(100.0), "additivity": AdditivityPenalty(100.0),
+                  "keep_error_quarter": KeepErrorPenalty(100.0, sample=0.25),
+                  "additivity_quarter": AdditivityPenalty(100.0, sample=0.25)}
 
 
 def bench_penalty(device: torch.device, repeats: int, batch: int = 1024,
@@ -180,7 +183,8 @@ def bench_penalty(device: torch.device, repeats: int, batch: int = 1024,
                     loss = loss + 100.0 * interaction_penalty(out.f_BH, blocks, normalise="neuron")
                 elif penalty in KIND_PENALTIES:
                     kind = KIND_PENALTIES[penalty]
-                    loss = loss + kind.weight * kind.value(active_features(out.f_BH), blocks)
+                    f_BH = out.f_BH[: kind.sampled_tokens(batch)]
+                    loss = loss + kind.weight * kind.value(active_features(f_BH), blocks)
                 else:
                     loss = loss + 100.0 * autograd_penalty(out.f_BH, blocks)
             optimizer.zero_grad(set_to_none=True)

@@ -54,17 +54,22 @@ def settings(steps: int = 20) -> TrainConfig:
 def test_kinds_options_and_errors():
     penalty = make_penalty("dominance", 3.0, normalise="neuron")
     assert penalty == DominancePenalty(3.0, normalise="neuron")
-    assert penalty.options() == {"weighting": "uniform", "normalise": "neuron"}
+    assert penalty.options() == {"sample": 1.0, "weighting": "uniform", "normalise": "neuron"}
     with pytest.raises(CrossintError, match="unknown penalty kind 'curly'.*dominance"):
         make_penalty("curly", 1.0)
-    with pytest.raises(CrossintError, match="no option sharpness.*weighting, normalise"):
+    with pytest.raises(CrossintError, match="no option sharpness.*sample, weighting, normalise"):
         make_penalty("dominance", 1.0, sharpness=2)
     for weight in (-1.0, float("nan"), float("inf"), True):
         with pytest.raises(CrossintError, match="--interaction-penalty"):
             DominancePenalty(weight)
     with pytest.raises(CrossintError, match="weighting"):
         DominancePenalty(1.0, weighting="l2")
-    assert make_penalty("additivity", 2.0, normalise="effect").options() == {"normalise": "effect"}
+    assert make_penalty("additivity", 2.0, normalise="effect").options() == {
+        "sample": 1.0, "normalise": "effect"}
+    for sample in (0.0, 1.5, float("nan"), True):
+        with pytest.raises(CrossintError, match="--penalty-sample"):
+            make_penalty("additivity", 1.0, sample=sample)
+    assert make_penalty("dominance", 1.0, sample=0.25).sampled_tokens(10) == 3
     assert make_penalty("keep_error", 2.0).describe() == "keep_error λ=2 (normalise=none)"
     with pytest.raises(CrossintError, match="no option weighting"):
         make_penalty("keep_error", 1.0, weighting="w_out")
@@ -75,7 +80,7 @@ def test_kinds_options_and_errors():
 def test_records_of_every_version_read_back():
     penalty = DominancePenalty(100.0, normalise="total")
     record = penalty.record([0, 1])
-    assert record == {"kind": "dominance", "lambda": 100.0, "weighting": "uniform",
+    assert record == {"kind": "dominance", "lambda": 100.0, "sample": 1.0, "weighting": "uniform",
                       "normalise": "total", "blocks": [0, 1]}
     assert penalty_from_record(record) == penalty
     # before kinds existed: no "kind"; before the per-neuron normalisation: a bool
@@ -196,3 +201,24 @@ def test_the_logged_share_is_the_analysis_share(tiny):
         meter.update(f_BH)
         logged = batch_dominant_share(active_features(f_BH).by_count(), blocks)
     assert logged == pytest.approx(meter.result()["dominant_share"], rel=1e-5)
+
+
+def test_a_sampled_penalty_is_the_penalty_of_the_batch_s_first_tokens(tiny):
+    from crossint.crosscoder.model import Crosscoder
+    from crossint.interactions.contributions import active_features, feature_blocks
+    from crossint.interactions.penalty import penalty_loss
+
+    source, mlps, config = tiny
+    crosscoder = Crosscoder(config, seed=0)
+    acts_BXD = source.acts_TXD[:40]
+    output = crosscoder(acts_BXD)
+    penalty = make_penalty("additivity", 3.0, sample=0.25)
+    loss = penalty_loss(penalty, mlps)(crosscoder, acts_BXD, output)["interaction"]
+    blocks = feature_blocks(crosscoder, mlps)
+    expected = 3.0 * make_penalty("additivity", 1.0).value(active_features(output.f_BH[:10]),
+                                                           blocks)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    f_BH = output.f_BH
+    f_BH.retain_grad()
+    loss.backward()
+    assert f_BH.grad[10:].abs().sum() == 0 and f_BH.grad[:10].abs().sum() > 0

@@ -104,7 +104,7 @@ PENALTY_KINDS_HELP = (
     "output error of keeping only each neuron's dominant feature) or additivity (the MLP output "
     "error of adding up each feature's effect alone; SPEC §4.7)"
 )
-PENALTY_OPTION_FLAGS = ("weighting", "normalise")  # --penalty-X sets option X of the kind
+PENALTY_OPTION_FLAGS = ("sample", "weighting", "normalise")  # --penalty-X sets option X of the kind
 
 
 def add_penalty_arguments(parser: argparse.ArgumentParser, with_lambda: bool = True) -> None:
@@ -130,6 +130,9 @@ def add_penalty_arguments(parser: argparse.ArgumentParser, with_lambda: bool = T
                             "keep_error, additivity: 'effect' divides each block's error by its "
                             "features' whole effect on the MLP ‖MLP(x̂) − MLP(c)‖², so that "
                             "shrinking the features does not pay and every block counts alike")
+    group.add_argument("--penalty-sample", type=float, metavar="FRACTION",
+                       help="compute L_int on this fraction of each batch's tokens (default 1: "
+                            "all): an unbiased estimate at that fraction of the penalty's cost")
     group.add_argument("--penalty-warmup", type=float, metavar="FRACTION",
                        help="ramp λ linearly from 0 over this fraction of the steps (default 0: "
                             "full λ from the first step)")

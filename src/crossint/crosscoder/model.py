@@ -235,6 +235,15 @@ class Crosscoder(nn.Module):
         self._check_acts(acts_TXD)
         if acts_TXD.shape[0] == 0:
             raise CrossintError("cannot estimate the normalisation from an empty sample")
+        finite_TX = torch.isfinite(acts_TXD).all(dim=-1)
+        if not bool(finite_TX.all()):
+            raise CrossintError(
+                f"the input activations hold non-finite values (NaN/Inf) in the normalisation "
+                f"sample: {int((~finite_TX).any(dim=1).sum())} of its {acts_TXD.shape[0]} "
+                f"tokens, first at token {int((~finite_TX).any(dim=1).nonzero()[0])}, at "
+                f"{self._position_names(~finite_TX.all(dim=0))}; training needs finite "
+                f"activations: clean the source"
+            )
         mean_norm_X = acts_TXD.double().norm(dim=-1).mean(dim=0)
         bad = [
             f"{m}/{h}"
@@ -242,12 +251,15 @@ class Crosscoder(nn.Module):
             if not (math.isfinite(norm) and norm > 0)
         ]
         if bad:
-            raise CrossintError(
-                f"cannot normalise: activations at {bad} are all zero or not finite"
-            )
+            raise CrossintError(f"cannot normalise: activations at {bad} are all zero")
         scale_X = math.sqrt(self.config.d_model) / mean_norm_X
         self.scale_X.copy_(scale_X.to(self.scale_X.dtype))
         return self.scale_X
+
+    def _position_names(self, mask_X: Tensor) -> str:
+        """``model/hookpoint`` of the positions where ``mask_X`` is True."""
+        return ", ".join(f"{m}/{h}" for (m, h), hit in zip(self.positions, mask_X.tolist(),
+                                                            strict=True) if hit)
 
     @torch.no_grad()
     def fold_normalisation(self) -> Crosscoder:

@@ -59,6 +59,9 @@ class Penalty:
 
     kind: ClassVar[str] = ""
     weight: float = 0.0
+    # L_int on the first ``sample`` fraction of each batch's tokens: an unbiased estimate of the
+    # batch mean (batches are random samples of the cache), at that fraction of the cost
+    sample: float = dataclasses.field(default=1.0, kw_only=True)
 
     def __post_init__(self) -> None:
         weight = self.weight
@@ -68,6 +71,17 @@ class Penalty:
                 "the interaction penalty weight λ (--interaction-penalty) must be a finite "
                 f"number >= 0, got {weight!r}"
             )
+        sample = self.sample
+        if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not (
+                0 < sample <= 1):
+            raise CrossintError(
+                f"the penalty's token sample (--penalty-sample) must be a fraction in (0, 1], "
+                f"got {sample!r}"
+            )
+
+    def sampled_tokens(self, n_tokens: int) -> int:
+        """How many of a batch's ``n_tokens`` tokens L_int is computed on (at least one)."""
+        return max(1, math.ceil(self.sample * n_tokens))
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -90,7 +104,8 @@ class Penalty:
         return dataclasses.replace(self, weight=weight)
 
     def describe(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        options = ", ".join(f"{k}={v}" for k, v in self.options().items()
+                            if not (k == "sample" and v == 1.0))
         return f"{self.kind} λ={self.weight:g}" + (f" ({options})" if options else "")
 
 
@@ -266,7 +281,8 @@ def penalty_loss(penalty: Penalty, mlps: Mapping[int, MLPWeights], model: str | 
 
     def loss(crosscoder: Crosscoder, acts_BXD: Tensor,
              output: CrosscoderOutput) -> dict[str, Tensor]:
-        active = active_features(output.f_BH)
+        f_BH = output.f_BH[: penalty.sampled_tokens(output.f_BH.shape[0])]
+        active = active_features(f_BH)
         return {LOSS_NAME: penalty.weight * penalty.value(active, placed.blocks(crosscoder),
                                                           chunk_tokens)}
 
