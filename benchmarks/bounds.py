@@ -6,7 +6,9 @@
 (a) ``command``: `crossint bound RUN --tokens N` end to end (every strategy on every block, then
     the end-to-end chain with its spliced forward passes), and the per-block bounds alone
     (``--no-chain``), in a fresh process each: wall and CPU seconds, peak resident memory.
-    Target: 10k storylm tokens in ≤ 2 minutes on 2 cores.
+    Target: 10k storylm tokens in ≤ 2 minutes on 2 cores. The machine's load average is
+    recorded beside each row: on a shared machine wall time measures the neighbours, CPU seconds
+    the command.
 (b) ``memory``: the per-block bounds (every strategy, one block of D 128, N 512, K ≈ 20) over
     10k tokens for growing dictionaries H: peak resident memory above the process's baseline.
     Only the V rows of the distinct active features depend on H (U·N floats, U ≤ min(H, T·K)).
@@ -54,7 +56,8 @@ def bench_command(run: str, tokens: int, threads: int) -> list[dict]:
             usage = child_usage([sys.executable, "-m", "crossint", "bound", run, "--tokens",
                                  str(tokens), "--out", str(Path(tmp) / label[:5]), "--quiet",
                                  *extra], threads)
-            rows.append({"what": label, "tokens": tokens, "threads": threads, **usage})
+            rows.append({"what": label, "tokens": tokens, "threads": threads, **usage,
+                         "load_1min": os.getloadavg()[0]})
     return rows
 
 

@@ -1,7 +1,7 @@
 """Print the penalty-kind tables of docs/results.md from sweep directories (`crossint sweep ...
 --fidelity-texts N`): reconstruction next to Φ per block and with every block replaced at once.
 
-    python scripts/penalty_table.py runs/kind_additivity runs/kind_additivity_effect
+    python scripts/penalty_table.py runs/kind_additivity_s runs/kind_additivity_effect_s
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ from crossint.analysis.frontier import measure_value
 from crossint.rundir import FIDELITY, SWEEP
 
 SCHEMES = ("none", "keep_largest", "independent")
+
+
+def kind_label(label: str, row: dict[str, Any]) -> str:
+    return "none (no penalty)" if row["lambda"] == 0 else label
 
 
 def fmt(value: float | None, spec: str = ".3f") -> str:
@@ -32,6 +36,17 @@ def interval(row: dict[str, Any], scheme: str, where: str) -> str:
                else (fidelity.get("per_block") or {}).get(where)) or {}
     low_high = (summary.get("phi_ci") or {}).get(scheme)
     return "–" if not low_high else f"[{low_high[0]:.2f}, {low_high[1]:.2f}]"
+
+
+def unique_baselines(sweeps: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Drop the λ = 0 rows of later sweeps that share the first one's run (same L_rec): one
+    λ = 0 run serves every kind, and its row is printed once."""
+    seen: set[float] = set()
+    for _, rows in sweeps:
+        for row in [r for r in rows if r["lambda"] == 0]:
+            if row["recon_loss"] in seen:
+                rows.remove(row)
+            seen.add(row["recon_loss"])
 
 
 def sweep_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -76,7 +91,7 @@ def print_ce_table(sweeps: list[tuple[str, list[dict[str, Any]]]], blocks: list[
                 continue
             cells = [" / ".join(fmt(ce[w].get(s)) for s in SCHEMES) + f" ({fmt(ce[w]['zero'])})"
                      for w in wheres]
-            print(f"| {label} | {row['lambda']:g} | " + " | ".join(cells) + " |")
+            print(f"| {kind_label(label, row)} | {row['lambda']:g} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -85,15 +100,19 @@ def main() -> None:
     args = parser.parse_args()
     first = [sweep_rows(path) for path in args.sweeps]
     blocks = blocks_of(first[0][1])
+    baselines = {label: next((r["recon_loss"] for r in rows if r["lambda"] == 0), None)
+                 for label, rows in first}
+    unique_baselines(first)
     print("| kind | λ | L_rec (× λ=0) | FVU | mlp_in FVU | A | share | "
           + " | ".join(f"Φ block {b}: none / keep / ind" for b in blocks)
           + " | Φ all blocks: none / keep / ind | Φ_ind all, 95% CI |")
     print("|" + "---|" * (9 + len(blocks)))
     for label, rows in first:
-        base = next((row["recon_loss"] for row in rows if row["lambda"] == 0), None)
+        base = baselines[label]
         for row in rows:
             ratio = row["recon_loss"] / base if base else None
-            print(f"| {label} | {row['lambda']:g} | {fmt(row['recon_loss'], '.1f')} "
+            print(f"| {kind_label(label, row)} | {row['lambda']:g} "
+                  f"| {fmt(row['recon_loss'], '.1f')} "
                   f"({fmt(ratio, '.2f')}×) | {fmt(row.get('fvu'))} | {fmt(row.get('mlp_in_fvu'))} "
                   f"| {fmt(row.get('additivity_error'), '.2f')} "
                   f"| {fmt(row.get('dominant_share'))} | "

@@ -309,7 +309,7 @@ def test_query_overlap_matches_naive_loops(subject):
     fblock, w = subject["fblock"], subject["weights"]
     terms = head_terms(fblock, subject["attn_in"], subject["features"], subject["f"],
                        subject["fixed"])
-    cos_ASKK, valid_ASKK = query_overlap(terms, query_contributions(terms))
+    cos_ASKK, valid_ASKK = query_overlap(terms)
     for h in (0, fblock.n_heads - 1):
         n = Naive(subject, h)
         for t in range(1, S):
@@ -426,6 +426,35 @@ def test_meter_accumulates_and_never_breaks_the_bound(subject):
         assert 0 < row["query_share"] <= 1 and row["recon_pattern_error"] >= 0
     full, dominant = meter.first_patterns
     assert full.shape == dominant.shape == (fblock.n_heads, S, S)
+
+
+def test_blocks_with_equal_windows_share_one_pair_table(subject):
+    fblock = subject["fblock"]
+    other = dataclasses.replace(fblock, block=0)
+    shared = attention_module.shares_pair_table(fblock, other, S)
+    assert shared == (subject["weights"].positional == "absolute")
+    if not shared:
+        return
+    context = (subject["attn_in"], subject["features"], subject["f"], subject["fixed"])
+    alone, owner = AttentionMeter(other, H), AttentionMeter(fblock, H)
+    sharer = AttentionMeter(other, H, shared_pairs=owner.pairs)
+    for meter in (alone, owner, sharer):
+        meter.update(*context)
+    for mine, theirs in zip(sharer.pair_table(), alone.pair_table(), strict=True):
+        assert torch.equal(mine, theirs)
+    narrower = dataclasses.replace(fblock, window=2)  # different visible pairs: its own table
+    assert not attention_module.shares_pair_table(fblock, narrower, S)
+
+
+def test_offset_counts_match_naive_loops():
+    from crossint.analysis.attention import offset_counts
+
+    hit_QSS = torch.rand(4, S, S, generator=torch.Generator().manual_seed(5)) < 0.5
+    count_QG = offset_counts(hit_QSS)
+    for q in range(4):
+        for o in range(1 - S, S):
+            naive = sum(1 for t in range(S) for s in range(S) if t - s == o and hit_QSS[q, t, s])
+            assert count_QG[q, o + S - 1] == naive
 
 
 # --- the bound as a property --------------------------------------------------------------------

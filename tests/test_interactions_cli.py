@@ -72,7 +72,7 @@ def metrics(run: Path) -> list[dict]:
 def test_penalty_is_recorded_logged_and_raises_the_share(runs):
     config = json.loads((runs["penalised"] / "config.json").read_text())
     assert config["interaction_penalty"] == {"kind": "dominance", "lambda": 100.0,
-                                             "weighting": "uniform",
+                                             "sample": 1.0, "weighting": "uniform",
                                              "normalise": "total", "blocks": [0, 1]}
     assert config["status"] == "finished"
     plain = json.loads((runs["plain"] / "config.json").read_text())["interaction_penalty"]

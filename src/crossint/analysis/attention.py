@@ -31,19 +31,19 @@ from crossint.analysis.heldout import (
     request_from,
     training_manifest,
 )
-from crossint.analysis.interactions import check_model
+from crossint.analysis.interactions import check_model, select_site_blocks
 from crossint.errors import CrossintError
 from crossint.interactions.attention import (
     AttentionMeter,
     attention_feature_blocks,
-    attn_in_blocks,
     cross_position,
     pair_scores,
     query_spread,
+    shares_pair_table,
     visibility,
 )
 from crossint.interactions.contributions import active_features
-from crossint.io import atomic_write_json, atomic_write_text, sha256_file
+from crossint.io import atomic_write_json, atomic_write_text, json_safe, sha256_file
 from crossint.models.hookpoints import hookpoint
 from crossint.rundir import RunDir
 
@@ -61,18 +61,6 @@ PAIR_COLUMNS = ("list", "block", "head", "a", "b", "count", "frequency", "weight
                 "others", "cross", "cross_z", "cross_score", "mass", "mean_offset")
 
 
-def json_safe(value: Any) -> Any:
-    """NaN/Inf become null, tensors numbers (for attention.json)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Tensor):
-        return json_safe(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
 
 def select_attention_blocks(crosscoder: Any, blocks: Sequence[int] | None,
                             run_dir: str | Path, n_blocks: int) -> list[int]:
@@ -83,23 +71,8 @@ def select_attention_blocks(crosscoder: Any, blocks: Sequence[int] | None,
             f"block(s) {', '.join(map(str, outside))} out of range: the model has {n_blocks} "
             f"blocks (0..{n_blocks - 1})"
         )
-    available = attn_in_blocks(crosscoder)
-    if not available:
-        raise CrossintError(
-            f"the crosscoder in {run_dir} reads no blocks.{{l}}.attn_in hookpoint (it reads "
-            f"{', '.join(crosscoder.config.hookpoints)}); attention interactions need the "
-            "attention inputs: train on a cache harvested with the paper layout"
-        )
-    if blocks is None:
-        return available
-    missing = sorted(set(blocks) - set(available))
-    if missing:
-        raise CrossintError(
-            f"the crosscoder in {run_dir} has no attn_in hookpoint for block(s) "
-            f"{', '.join(map(str, missing))}; it reads attn_in of blocks "
-            f"{', '.join(map(str, available))}"
-        )
-    return sorted(set(blocks))
+    return select_site_blocks(crosscoder, blocks, run_dir, "attn_in",
+                              "attention interactions need the attention inputs")
 
 
 @dataclass
@@ -166,7 +139,11 @@ def measure_attention(setup: AttentionSetup, progress: bool) -> MeasuredAttentio
     from tqdm.auto import tqdm
 
     H = setup.crosscoder.config.n_features
-    meters = [AttentionMeter(fblock, H) for fblock in setup.fblocks]
+    meters: list[AttentionMeter] = []
+    for fblock in setup.fblocks:  # blocks with equal pair tables fill one (half the work)
+        owner = next((m for m in meters if m.owns_pairs and shares_pair_table(
+            m.fblock, fblock, setup.request.context_length)), None)
+        meters.append(AttentionMeter(fblock, H, shared_pairs=owner and owner.pairs))
     measured = MeasuredAttention(meters, [], 0)
     with torch.no_grad():
         for ids_BS in tqdm(setup.batches, desc="attention", unit="batch", disable=not progress,
@@ -289,6 +266,16 @@ def token_pieces(ids_S: Tensor, query: int, key: int, text: dict[int, str]
     return {"tokens": pieces, "query_mark": marks[query], "key_mark": marks[key]}
 
 
+def offset_counts(hit_QSS: Tensor) -> Tensor:
+    """count_QG[q, o + S − 1] = #{(t, s): hit_QSS[q, t, s], t − s = o} for every offset o in
+    (−S, S): the sums along each diagonal (exact: integer counts in float64)."""
+    Q, S, _ = hit_QSS.shape
+    positions = torch.arange(S, device=hit_QSS.device)
+    offset_SS = positions[:, None] - positions[None, :] + (S - 1)
+    return hit_QSS.new_zeros((Q, 2 * S - 1), dtype=torch.float64).index_add_(
+        1, offset_SS.flatten(), hit_QSS.flatten(1).double())
+
+
 class PairExamples:
     """The best occurrence per context of listed (a, b) feature pairs at one block (the
     largest f_a(t)·f_b(s) over visible position pairs), the top ``n`` over contexts, and the
@@ -298,10 +285,9 @@ class PairExamples:
         self.a_Q, self.b_Q, self.fblock, self.n = a_Q, b_Q, fblock, n
         self.S = n_positions
         self.visible_SS = visibility(n_positions, fblock.causal, fblock.window).double()
-        self.visible_offsets = [o for o in range(1 - n_positions, n_positions)
-                        if bool(self.visible_SS.diagonal(-o).any())]
         self.best: list[list[tuple[float, int, int, int]]] = [[] for _ in range(a_Q.numel())]
-        self.offset_count_G = torch.zeros(a_Q.numel() * (2 * n_positions - 1))
+        self.offset_count_G = torch.zeros(a_Q.numel() * (2 * n_positions - 1),
+                                          dtype=torch.float64)
 
     def update(self, c: int, context: StoredContext) -> None:
         f_SK, features_SK = context.f_SK.double(), context.features_SK
@@ -309,21 +295,15 @@ class PairExamples:
             return
         f_a_SQ = ((features_SK[:, :, None] == self.a_Q) * f_SK[:, :, None]).sum(1)
         f_b_SQ = ((features_SK[:, :, None] == self.b_Q) * f_SK[:, :, None]).sum(1)
+        count_QG = self.offset_count_G.view(self.a_Q.numel(), 2 * self.S - 1)
         for start in range(0, self.a_Q.numel(), 256):
             part = slice(start, start + 256)
             w_QSS = f_a_SQ[:, part].T[:, :, None] * f_b_SQ[:, part].T[:, None, :]
             value_Q, where_Q = w_QSS.mul_(self.visible_SS).flatten(1).max(dim=1)
+            count_QG[part] += offset_counts(w_QSS > 0)
             for q in (value_Q > 0).nonzero().flatten().tolist():
                 t, s = divmod(int(where_Q[q]), self.S)
                 self._keep(start + q, (float(value_Q[q]), c, t, s))
-        a_QS, b_QS = (f_a_SQ.T > 0).double(), (f_b_SQ.T > 0).double()
-        count_QG = self.offset_count_G.view(self.a_Q.numel(), 2 * self.S - 1)
-        for offset in self.visible_offsets:  # query t = key s + offset
-            if offset >= 0:
-                hits_Q = (a_QS[:, offset:] * b_QS[:, :self.S - offset]).sum(1)
-            else:
-                hits_Q = (a_QS[:, :self.S + offset] * b_QS[:, -offset:]).sum(1)
-            count_QG[:, offset + self.S - 1] += hits_Q
 
     def _keep(self, q: int, candidate: tuple[float, int, int, int]) -> None:
         best = self.best[q]

@@ -28,7 +28,7 @@ from crossint.analysis.interactions import AnalysisSetup, prepare_analysis
 from crossint.errors import CrossintError
 from crossint.interactions import bounds as B
 from crossint.interactions.contributions import active_features
-from crossint.io import atomic_write_json, sha256_file
+from crossint.io import atomic_write_json, json_safe, sha256_file
 from crossint.models.hookpoints import hookpoint
 from crossint.rundir import RunDir
 
@@ -113,7 +113,7 @@ def analyse_bound(run_dir: str | Path, request: HeldoutRequest | None = None, *,
     if state.n_tokens == 0:
         raise CrossintError(f"corpus {setup.request.corpus!r} gave no usable (non-special) "
                             "tokens")
-    return _clean(_run_result(run_dir, state, blocks))
+    return json_safe(_run_result(run_dir, state, blocks))
 
 
 def _add_batch(state: _RunState, ids_BS: Tensor, chunk_tokens: int | None) -> None:
@@ -246,17 +246,6 @@ def _summary(per_block: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- JSON, files and the table -------------------------------------------------------------------
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Tensor):
-        return _clean(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
 
 def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
     names = [Path(run).name or str(run) for run in run_dirs]
@@ -314,8 +303,8 @@ def format_table(document: dict[str, Any]) -> str:
         for row in result["per_block"]:
             keep = row["explanations"]["keep"]
             cells = "".join(
-                f"{_fmt(keep['strategies'][s]['ratio'], '.3g')} / "
-                f"{_fmt(keep['strategies'][s]['cost_ratio'], '.3f'):<9}".rjust(20)
+                " " + f"{_fmt(keep['strategies'][s]['ratio'], '.3g')} / "
+                f"{_fmt(keep['strategies'][s]['cost_ratio'], '.3f'):<9}".rjust(19)
                 for s in B.STRATEGIES[1:])
             lines.append(f"  {row['block']!s:<6}{keep['measured']:>10.4g}{cells}")
         if result.get("chain"):

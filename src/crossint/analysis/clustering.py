@@ -337,8 +337,7 @@ def write_cluster_outputs(document: dict[str, Any], profiles: list[dict[str, Any
     affinities ordered by cluster) into ``out_dir``."""
     from pathlib import Path
 
-    from crossint.analysis.interactions import _clean
-    from crossint.io import atomic_write_json
+    from crossint.io import atomic_write_json, json_safe
     from crossint.report.plots import plot_cluster_coherence, plot_ordered_affinity
 
     out_dir = Path(out_dir)
@@ -350,6 +349,6 @@ def write_cluster_outputs(document: dict[str, Any], profiles: list[dict[str, Any
     plot_ordered_affinity(similarities["interaction"][np.ix_(order, order)],
                           [len(members) for members in largest], paths["affinity"],
                           title=f"Interaction affinity, {len(largest)} largest clusters")
-    atomic_write_json(paths["features"], _clean({"features": profiles}))
-    atomic_write_json(paths["json"], _clean(document))  # last: complete outputs
+    atomic_write_json(paths["features"], json_safe({"features": profiles}))
+    atomic_write_json(paths["json"], json_safe(document))  # last: complete outputs
     return paths

@@ -20,10 +20,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from crossint.data.cache import SPLIT_KEY
+from crossint.data.cache import CORPUS_FILE_KEY, SPLIT_KEY
 from crossint.data.corpus import CorpusSplit, split_corpus
 from crossint.errors import CrossintError
-from crossint.io import read_json
+from crossint.io import read_json, sha256_file
 from crossint.rundir import RunDir
 
 HELDOUT_SEED = 12345  # default text seed for analyses; harvests default to seed 0
@@ -95,8 +95,9 @@ class HeldoutRequest:
         manifest; a run whose cache is gone and whose config records no text needs ``corpus``
         (CrossintError naming --corpus: never a silent switch to other text)."""
         manifest = training_text(run_dir, needs_corpus=self.corpus is None)
-        corpus = self.corpus or manifest.get("corpus", DEFAULT_CORPUS)
-        trained_on = manifest if corpus == manifest.get("corpus") else {}
+        corpus = self.corpus or recorded_corpus(run_dir, manifest)
+        trained_on = manifest if corpus in (manifest.get("corpus"),
+                                            manifest.get(CORPUS_FILE_KEY)) else {}
         text_field = self.text_field or trained_on.get("text_field") or "text"
         split = self.split
         if split is None and corpus != "stories":
@@ -153,6 +154,33 @@ def request_from(request: HeldoutRequest | None, fields: dict[str, Any],
     if "n_tokens" in fields or "n_texts" in fields:
         defaults = {k: v for k, v in defaults.items() if k not in ("n_tokens", "n_texts")}
     return HeldoutRequest(**{**defaults, **fields})
+
+
+def recorded_corpus(run_dir: str | Path, text: dict[str, Any]) -> str:
+    """The corpus a run's cache was harvested from (``text``: ``training_text``), stories if
+    unknown. A local file is looked for where the harvest recorded it (its absolute path, then
+    the path as given) and must still hold the same text: a file that is gone or changed is a
+    CrossintError naming --corpus, never a silent switch to other text."""
+    corpus = text.get("corpus", DEFAULT_CORPUS)
+    if corpus == "stories" or corpus.startswith("hf:"):
+        return corpus
+    places = [place for place in (text.get(CORPUS_FILE_KEY), corpus) if place]
+    found = next((place for place in places if Path(place).is_file()), None)
+    if found is None:
+        raise CrossintError(
+            f"the corpus {' or '.join(dict.fromkeys(places))} that the training cache of "
+            f"{run_dir} was harvested from is not found (moved or deleted): pass --corpus with "
+            f"its new place, or put it back"
+        )
+    expected = text.get("corpus_sha256")
+    if expected and sha256_file(found) != expected:
+        raise CrossintError(
+            f"the corpus {found} has changed since the training cache of {run_dir} was "
+            f"harvested from it (its sha256 differs), so its held-out documents are not the "
+            f"recorded ones: put the original back, or pass --corpus {found} to analyse the "
+            f"file as it is now"
+        )
+    return found
 
 
 def _training_split(run_dir: str | Path, corpus: str, text_field: str,

@@ -31,7 +31,7 @@ from crossint.errors import CrossintError
 from crossint.interactions import independence as I
 from crossint.interactions.additivity import full_post, iter_terms
 from crossint.interactions.contributions import active_features
-from crossint.io import atomic_write_json, atomic_write_text, sha256_file
+from crossint.io import atomic_write_json, atomic_write_text, json_safe, sha256_file
 from crossint.models.hookpoints import hookpoint
 from crossint.rundir import RunDir
 
@@ -67,7 +67,7 @@ def analyse_independence(run_dir: str | Path, request: HeldoutRequest | None = N
     generator = torch.Generator().manual_seed(seed)
     per_block = [_block_distances(setup, fblock, halves, hist, generator)
                  for fblock in setup.fblocks]
-    return _clean({
+    return json_safe({
         "run": str(run_dir), "crosscoder_sha256": sha256_file(RunDir(run_dir).weights),
         "model": setup.adapter.name, "n_tokens": accumulator.n_tokens,
         "n_tokens_A": sum(f.shape[0] for f in halves["A"]["f"]),
@@ -213,15 +213,6 @@ def _significance(acc: I.CoactivationAccumulator, pairs: I.PairTable, min_count:
             "pmi_above_zero": int((pairs.low_Q[expected] > 0).sum()) / population,
             "pmi_below_zero": below / population}
 
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def pairs_csv(rows: list[dict[str, Any]]) -> str:

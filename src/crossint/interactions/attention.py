@@ -232,7 +232,7 @@ def head_terms(fblock: AttentionFeatureBlock, attn_in_SD: Tensor, features_SK: T
 
     q_fixed_ASd, q_ASKd = split(fblock.W_Q_ADd, fblock.b_Q_Ad)
     k_fixed_ASd, k_ASKd = split(fblock.W_K_ADd, fblock.b_K_Ad)
-    x_SD = x_fixed_SD + (f_SK[:, None, :] @ d_UD[row_SK]).squeeze(1)
+    x_SD = x_fixed_SD + torch.einsum("sk,skd->sd", f_SK, d_UD[row_SK])
     v_ASd = x_SD @ fblock.W_V_ADd + fblock.b_V_Ad[:, None]
     S = attn_in_SD.shape[0]
     if fblock.inv_freq is not None:
@@ -380,24 +380,39 @@ def dominance_test(terms: HeadTerms, cq_ASKS: Tensor, W_O_AdD: Tensor) -> Domina
 
 
 # --- cross-feature interaction of query features -------------------------------------------------
-def query_overlap(terms: HeadTerms, cq_ASKS: Tensor) -> tuple[Tensor, Tensor]:
+def visible_key_covariance(terms: HeadTerms) -> Tensor:
+    """C_ASdd[h, t] = Σ_s (k(s) − k̄_t)(k(s) − k̄_t)ᵀ over the keys s visible from t (k̄_t their
+    mean): the scatter of the keys a query position sees."""
+    mask_SS = terms.visible_SS.to(terms.k_ASd.dtype)
+    k_ASd = terms.k_ASd
+    A, S, d = k_ASd.shape
+    n_S = mask_SS.sum(-1).clamp(min=1.0)
+    second_ASdd = (mask_SS @ (k_ASd[..., :, None] * k_ASd[..., None, :]).view(A, S, d * d))
+    sum_ASd = mask_SS @ k_ASd
+    outer_ASdd = sum_ASd[..., :, None] * sum_ASd[..., None, :] / n_S[:, None, None]
+    return second_ASdd.view(A, S, d, d) - outer_ASdd
+
+
+def query_overlap(terms: HeadTerms) -> tuple[Tensor, Tensor]:
     """Cosine over the visible keys of two query features' score parts at the same query
     position, each centred over those keys (softmax ignores a constant): cos_ASKK[h, t, k, l]
     for slots k < l, and where it is defined (both active, a measured query with ≥ 2 visible
-    keys, neither part constant)."""
+    keys, neither part constant).
+
+    Slot k's centred part is scale·q_k·(k(s) − k̄_t), so the Gram matrix of the parts is
+    scale²·q_k·C_t·q_l with C_t the visible keys' scatter: O(S·K·d²) per head instead of
+    O(S²·K²)."""
     visible_SS = terms.visible_SS
     n_visible_S = visible_SS.sum(-1)
-    mask_ASKS = visible_SS[None, :, None, :]
-    mean_ASK = (cq_ASKS * mask_ASKS).sum(-1) / n_visible_S[None, :, None]
-    centred_ASKS = (cq_ASKS - mean_ASK[..., None]) * mask_ASKS
-    gram_ASKK = centred_ASKS @ centred_ASKS.transpose(-1, -2)
+    q_ASKd = terms.q_ASKd
+    gram_ASKK = (q_ASKd @ visible_key_covariance(terms)) @ q_ASKd.transpose(-1, -2)
     norm_ASK = gram_ASKK.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
     K = terms.active_SK.shape[1]
     upper_KK = torch.ones(K, K, dtype=torch.bool, device=visible_SS.device).triu(1)
     coactive_SKK = (upper_KK & terms.active_SK[:, :, None] & terms.active_SK[:, None, :]
                     & (terms.query_S & (n_visible_S >= 2))[:, None, None])
     valid_ASKK = (coactive_SKK & (norm_ASK[..., :, None] > 0) & (norm_ASK[..., None, :] > 0))
-    cos_ASKK = gram_ASKK / (norm_ASK[..., :, None] * norm_ASK[..., None, :])
+    cos_ASKK = (gram_ASKK / (norm_ASK[..., :, None] * norm_ASK[..., None, :])).clamp(-1.0, 1.0)
     return cos_ASKK.masked_fill(~valid_ASKK, 0.0), valid_ASKK
 
 
@@ -671,6 +686,17 @@ class DominanceSummary:
         return rows
 
 
+def shares_pair_table(first: AttentionFeatureBlock, second: AttentionFeatureBlock,
+                      n_positions: int) -> bool:
+    """Whether two blocks' pair tables are equal on contexts of up to ``n_positions``: every
+    block reads the same features, so for absolute positions (no per-head score columns) the
+    counts and Σ f_a f_b differ only through the visible position pairs."""
+    if first.rotary or second.rotary:
+        return False
+    return bool(torch.equal(visibility(n_positions, first.causal, first.window),
+                            visibility(n_positions, second.causal, second.window)))
+
+
 class AttentionMeter:
     """SPEC §5 on one block, one context at a time: the dominance test (with the
     reconstruction's own pattern error against the model's), the feature-pair sums and the
@@ -678,13 +704,16 @@ class AttentionMeter:
     dominant patterns (float32, CPU) for a plot."""
 
     def __init__(self, fblock: AttentionFeatureBlock, n_features: int,
-                 dense_cells: int = DENSE_CELLS, merge_entries: int = MERGE_ENTRIES) -> None:
+                 dense_cells: int = DENSE_CELLS, merge_entries: int = MERGE_ENTRIES,
+                 shared_pairs: PairTable | None = None) -> None:
         A, device = fblock.n_heads, fblock.d_HD.device
         self.fblock, self.n_features = fblock, n_features
         self.summary = DominanceSummary(A)
-        # columns: position pairs, Σ f_a f_b, then (rotary only) Σ f_a f_b·Q_ab per head
-        self.pairs = PairTable(n_features, 2 + (A if fblock.rotary else 0), dense_cells,
-                               merge_entries, device)
+        # columns: position pairs, Σ f_a f_b, then (rotary only) Σ f_a f_b·Q_ab per head.
+        # A shared table is filled by the meter that made it (see shares_pair_table).
+        self.owns_pairs = shared_pairs is None
+        self.pairs = shared_pairs if shared_pairs is not None else PairTable(
+            n_features, 2 + (A if fblock.rotary else 0), dense_cells, merge_entries, device)
         # columns: co-active query positions, then per head the defined cosines and their sum
         self.overlaps = PairTable(n_features, 1 + 2 * A, dense_cells, merge_entries, device)
         self.overlap_sums = torch.zeros(2, A, dtype=torch.float64)
@@ -700,10 +729,12 @@ class AttentionMeter:
         model_ASS = masked_softmax(model_scores(fblock, attn_in_SD), terms.visible_SS)
         self.summary.update(test, terms.query_S,
                             (model_ASS - test.pattern_ASS).abs().sum(-1))
-        self._add_overlaps(features_SK.to(fblock.d_HD.device), *query_overlap(terms, cq_ASKS))
-        sums = pair_sums(fblock, features_SK, f_SK, fixed_S, with_scores=fblock.rotary)
-        self.pairs.add(sums.a_E, sums.b_E, [sums.count_E, sums.weight_E,
-                                            *(() if sums.score_AE is None else sums.score_AE)])
+        self._add_overlaps(features_SK.to(fblock.d_HD.device), *query_overlap(terms))
+        if self.owns_pairs:
+            sums = pair_sums(fblock, features_SK, f_SK, fixed_S, with_scores=fblock.rotary)
+            self.pairs.add(sums.a_E, sums.b_E, [sums.count_E, sums.weight_E,
+                                                *(() if sums.score_AE is None
+                                                  else sums.score_AE)])
         if self.first_patterns is None:
             self.first_patterns = (test.pattern_ASS.float().cpu(),
                                    test.pattern_dom_ASS.float().cpu())

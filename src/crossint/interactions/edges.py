@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -258,3 +259,85 @@ def kept_mlp_output(f_TH: Tensor, block: MLPFeatureBlock, kept: EdgeSet | None,
     if not parts:
         return block.d_HD.new_zeros((0, mlp.W_out_ND.shape[1]))
     return torch.cat(parts)
+
+
+# --- modularity (Louvain, networkx) -----------------------------------------------------------
+MODULARITY_SEED = 0  # Louvain visits nodes in a random order: fixed, so the modules are repeatable
+
+
+def _networkx() -> Any:
+    try:
+        import networkx
+    except ImportError as e:
+        raise CrossintError("modularity needs networkx: pip install 'crossint[graph]'") from e
+    return networkx
+
+
+def edge_graph(u_Q: Tensor, v_Q: Tensor, weight_Q: Tensor, n_nodes: int) -> Any:
+    """An undirected weighted networkx graph on nodes 0..n_nodes−1 with edges (u, v, weight);
+    zero weights dropped, repeated pairs (either direction) summed."""
+    nx = _networkx()
+    keep = weight_Q > 0
+    lo_Q = torch.minimum(u_Q[keep], v_Q[keep]).long()
+    hi_Q = torch.maximum(u_Q[keep], v_Q[keep]).long()
+    keys, inverse = torch.unique(lo_Q * n_nodes + hi_Q, return_inverse=True)
+    sums = torch.zeros(len(keys), dtype=torch.float64).index_add_(
+        0, inverse, weight_Q[keep].double())
+    graph = nx.Graph()
+    graph.add_nodes_from(range(n_nodes))
+    graph.add_weighted_edges_from(zip((keys // n_nodes).tolist(), (keys % n_nodes).tolist(),
+                                      sums.tolist(), strict=True))
+    return graph
+
+
+def louvain_modules(graph: Any, seed: int = MODULARITY_SEED) -> tuple[float, list[int]]:
+    """(modularity Q, module of every node) of networkx's Louvain partition of ``graph``
+    (weighted, resolution 1). Q is NaN for a graph without weight; isolated nodes are their
+    own modules."""
+    nx = _networkx()
+    module_N = [0] * graph.number_of_nodes()
+    if graph.size(weight="weight") <= 0:
+        for k, node in enumerate(graph.nodes):
+            module_N[node] = k
+        return float("nan"), module_N
+    communities = nx.community.louvain_communities(graph, weight="weight", seed=seed)
+    communities = sorted(communities, key=lambda c: (-len(c), min(c)))
+    for m, community in enumerate(communities):
+        for node in community:
+            module_N[node] = m
+    return float(nx.community.modularity(graph, communities, weight="weight")), module_N
+
+
+def bipartite_modularity(i_Q: Tensor, j_Q: Tensor, weight_Q: Tensor, n_out: int,
+                         n_in: int, seed: int = MODULARITY_SEED) -> dict[str, Any]:
+    """Modularity of one block's graph: its ``n_in`` input functions (senders j) and ``n_out``
+    output functions (receivers i) as distinct nodes, edge (i, j) weighted by its weight. The
+    same construction for a basis (E[i, j]) and for a crosscoder's features (§4.5 with the
+    diagonal), so the numbers compare."""
+    graph = edge_graph(i_Q.long() + n_in, j_Q.long(), weight_Q, n_in + n_out)
+    q, module_N = louvain_modules(graph, seed)
+    sizes = torch.bincount(torch.tensor(module_N, dtype=torch.long)) if module_N else None
+    touched = sizes[sizes > 1] if sizes is not None else torch.zeros(0)
+    return {"modularity": q, "n_modules": int(touched.numel()),
+            "module_sizes": sorted(touched.tolist(), reverse=True)[:10]}
+
+
+def dense_edges(E_IJ: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(i_Q, j_Q, weight_Q)`` of the non-zero entries of a dense edge matrix."""
+    i_Q, j_Q = (E_IJ > 0).nonzero(as_tuple=True)
+    return i_Q, j_Q, E_IJ[i_Q, j_Q]
+
+
+def layered_modules(edges: Sequence[Tensor], seed: int = MODULARITY_SEED
+                    ) -> tuple[float, list[list[int]]]:
+    """Louvain over a whole layered graph: node layer k has ``edges[k].shape[1]`` nodes (and the
+    last ``edges[-1].shape[0]``); ``edges[l]`` (I×J) joins layer l's node j to layer l + 1's
+    node i. Returns (modularity, the module of every node per layer)."""
+    sizes = [E.shape[1] for E in edges] + ([edges[-1].shape[0]] if edges else [])
+    offsets = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+    parts = [dense_edges(E) for E in edges]
+    u_Q = torch.cat([i + offsets[l + 1] for l, (i, _, _) in enumerate(parts)] or [torch.zeros(0)])
+    v_Q = torch.cat([j + offsets[l] for l, (_, j, _) in enumerate(parts)] or [torch.zeros(0)])
+    w_Q = torch.cat([w.double() for _, _, w in parts] or [torch.zeros(0)])
+    q, module_N = louvain_modules(edge_graph(u_Q.long(), v_Q.long(), w_Q, offsets[-1]), seed)
+    return q, [module_N[offsets[k]:offsets[k + 1]] for k in range(len(sizes))]

@@ -41,6 +41,7 @@ from crossint.errors import CrossintError
 BlockFn = Callable[[Tensor], Tensor]  # x_BSD -> y_BSI
 KINDS = ("pca", "lib")
 RTOL = 1e-7  # eigenvalues below RTOL × the largest are truncated (covariance and M alike)
+EDGE_CHUNK = 16  # input functions whose Jacobian-vector products run as one vectorised call
 
 
 # --- moments and PCA ---------------------------------------------------------------------------
@@ -137,22 +138,34 @@ class LayerBasis:
         return self.decode(self.encode(x_D))
 
 
+def covariance_eigh(name: str, cov_DD: Tensor, rtol: float = RTOL) -> tuple[Tensor, Tensor]:
+    """``truncated_eigh`` of a node layer's covariance; CrossintError when nothing is left (every
+    token has the same activation: the Gram matrix is singular through and through)."""
+    eig_J, U_DJ = truncated_eigh(cov_DD, rtol)
+    if eig_J.numel() == 0:
+        raise CrossintError(f"{name}: the activations' covariance is zero (every token has the "
+                            f"same activation), so PCA and LIB keep no direction: use more "
+                            f"varied text")
+    return eig_J, U_DJ
+
+
 def pca_basis(name: str, mean_D: Tensor, cov_DD: Tensor, rtol: float = RTOL) -> LayerBasis:
     """The PCA baseline: orthonormal eigenvectors of the covariance (not whitened)."""
-    eig_J, U_DJ = truncated_eigh(cov_DD, rtol)
+    eig_J, U_DJ = covariance_eigh(name, cov_DD, rtol)
     return LayerBasis(name, "pca", mean_D.double(), U_DJ, U_DJ.T.contiguous(), eig_J)
 
 
-def whitening(cov_DD: Tensor, rtol: float = RTOL) -> tuple[Tensor, Tensor]:
+def whitening(cov_DD: Tensor, rtol: float = RTOL, name: str = "node layer"
+              ) -> tuple[Tensor, Tensor]:
     """``(W_DY, W_pinv_YD)``: y = (x − μ)·W has identity covariance; x − μ = y·W_pinv."""
-    eig_Y, U_DY = truncated_eigh(cov_DD, rtol)
+    eig_Y, U_DY = covariance_eigh(name, cov_DD, rtol)
     return U_DY / eig_Y.sqrt(), (U_DY * eig_Y.sqrt()).T.contiguous()
 
 
 def lib_basis(name: str, mean_D: Tensor, cov_DD: Tensor, grad_gram_DD: Tensor,
               rtol: float = RTOL) -> LayerBasis:
     """SPEC §11 steps 1–2 from the covariance and the gradient Gram M' (raw coordinates)."""
-    W_DY, W_pinv_YD = whitening(cov_DD, rtol)
+    W_DY, W_pinv_YD = whitening(cov_DD, rtol, name)
     M_YY = W_pinv_YD @ grad_gram_DD.to(torch.float64) @ W_pinv_YD.T
     Lambda_J, V_YJ = truncated_eigh((M_YY + M_YY.T) / 2, rtol)
     if Lambda_J.numel() == 0:
@@ -230,9 +243,11 @@ def gradient_gram(fn: BlockFn, x_BSD: Tensor, keep_BS: Tensor, centre_D: Tensor,
             y_BSI = fn(x_alpha_BSD)
         # The same cotangents at every α: same seed for each point.
         gen_state = generator.get_state() if generator is not None else None
-        for r, phi_BSI in enumerate(_cotangents(y_BSI, keep_BS, sources, generator)):
-            (g_BSD,) = torch.autograd.grad(y_BSI, x_alpha_BSD, phi_BSI, retain_graph=True)
-            grads[r] = grads.get(r, 0) + weight * g_BSD.detach()
+        phis = list(_cotangents(y_BSI, keep_BS, sources, generator))
+        for start in range(0, len(phis), EDGE_CHUNK):
+            phi_RBSI = torch.stack(phis[start:start + EDGE_CHUNK])
+            for r, g_BSD in enumerate(_batched_grad(y_BSI, x_alpha_BSD, phi_RBSI), start):
+                grads[r] = grads.get(r, 0) + weight * g_BSD.detach()
         if generator is not None and alpha != points[-1][0]:
             generator.set_state(gen_state)
     n_sources = len(grads)
@@ -242,6 +257,18 @@ def gradient_gram(fn: BlockFn, x_BSD: Tensor, keep_BS: Tensor, centre_D: Tensor,
         gram_DD += g_TD.T @ g_TD
     scale = 1.0 / n_sources if sources else 1.0
     return _check_finite(gram_DD * scale, "gradients")
+
+
+def _batched_grad(y_BSI: Tensor, x_BSD: Tensor, phi_RBSI: Tensor) -> Tensor:
+    """The vector-Jacobian products of every cotangent along R: one vectorised backward pass
+    where the model's backward allows it, else one pass per cotangent."""
+    try:
+        (g_RBSD,) = torch.autograd.grad(y_BSI, x_BSD, phi_RBSI, retain_graph=True,
+                                        is_grads_batched=True)
+        return g_RBSD
+    except Exception:  # noqa: BLE001 (an op without a batching rule: one pass each)
+        return torch.stack([torch.autograd.grad(y_BSI, x_BSD, phi_BSI, retain_graph=True)[0]
+                            for phi_BSI in phi_RBSI])
 
 
 # --- edges (SPEC §11 step 3) ---------------------------------------------------------------------
@@ -274,11 +301,20 @@ def edge_sums(fn: BlockFn, x_BSD: Tensor, keep_BS: Tensor, basis_in: LayerBasis,
     linears = [(jvp_function(fn, path_point(x_BSD, keep_BS, basis_in.mean_D, alpha)), weight)
                for alpha, weight in integration_points(steps)]
     columns = []
-    for j in range(len(C_pinv_JD)):
-        tangent_BSD = f_BSJ[..., j, None] * C_pinv_JD[j]
-        a_BSI = sum(weight * linear(tangent_BSD) for linear, weight in linears)
-        columns.append((a_BSI[keep_BS].double() ** 2).sum(dim=0))
-    return _check_finite(torch.stack(columns, dim=1).cpu(), "edge attributions")
+    for js in torch.arange(len(C_pinv_JD)).split(EDGE_CHUNK):
+        tangent_CBSD = f_BSJ[..., js].permute(2, 0, 1)[..., None] * C_pinv_JD[js, None, None]
+        a_CBSI = sum(weight * apply_batched(linear, tangent_CBSD) for linear, weight in linears)
+        columns.append((a_CBSI[:, keep_BS].double() ** 2).sum(dim=1))
+    return _check_finite(torch.cat(columns).T.cpu(), "edge attributions")
+
+
+def apply_batched(linear: Callable[[Tensor], Tensor], tangent_C: Tensor) -> Tensor:
+    """``linear`` on every tangent along the first axis: vectorised (``torch.vmap``) where the
+    function allows it, else one call per tangent."""
+    try:
+        return torch.vmap(linear)(tangent_C)
+    except Exception:  # noqa: BLE001 (an op without a batching rule: one call each)
+        return torch.stack([linear(tangent) for tangent in tangent_C])
 
 
 # --- edge ablation -----------------------------------------------------------------------------
@@ -294,17 +330,17 @@ def masked_block_output(block: BlockFn, x_BSD: Tensor, keep_BS: Tensor, basis_in
     keep_BS1 = keep_BS[..., None]
     f_in_BSJ = basis_in.encode(x_BSD)
     rows_GJ, group_I = torch.unique(mask_IJ.bool(), dim=0, return_inverse=True)
-    f_out_BSI: Tensor | None = None
+    f_out_BSI = f_in_BSJ.new_zeros((*f_in_BSJ.shape[:2], basis_out.dim))
     clean_BSD = None
-    for g, row_J in enumerate(rows_GJ):
-        x_in_BSD = torch.where(keep_BS1, basis_in.decode(f_in_BSJ * row_J.to(f_in_BSJ)), x_BSD)
-        y_BSD = block(x_in_BSD)
+    for gs in torch.arange(len(rows_GJ)).split(EDGE_CHUNK):
+        kept_CBSJ = f_in_BSJ * rows_GJ[gs, None, None, :].to(f_in_BSJ)
+        x_in_CBSD = torch.where(keep_BS1, basis_in.decode(kept_CBSJ), x_BSD)
+        y_CBSD = apply_batched(block, x_in_CBSD)
         if clean_BSD is None:
-            clean_BSD = y_BSD  # special positions see no ablation (their inputs are their own)
-        outputs = (group_I == g).nonzero().squeeze(1)
-        part_BSI = basis_out.encode(y_BSD)[..., outputs]
-        if f_out_BSI is None:
-            f_out_BSI = part_BSI.new_zeros((*part_BSI.shape[:2], basis_out.dim))
-        f_out_BSI[..., outputs] = part_BSI
-    assert f_out_BSI is not None and clean_BSD is not None
+            clean_BSD = y_CBSD[0]  # special positions see no ablation (their inputs are their own)
+        f_CBSI = basis_out.encode(y_CBSD)
+        for c, g in enumerate(gs.tolist()):
+            outputs = (group_I == g).nonzero().squeeze(1)
+            f_out_BSI[..., outputs] = f_CBSI[c][..., outputs]
+    assert clean_BSD is not None
     return torch.where(keep_BS1, basis_out.decode(f_out_BSI), clean_BSD)

@@ -559,13 +559,16 @@ def lib_section(paths: Sequence[Path]) -> str:
                 needed = ["—" if s["edges"] is None else s["edges"] for s in row["sparsity"]]
                 rows.append((rep, row["block"], row["n_in"], row["n_edges"], row["loss_all"],
                              row["loss_none"], *needed, row.get("gini"),
-                             row.get("top1_fraction")))
+                             row.get("top1_fraction"), row.get("modularity")))
         body += table(["representation", "block", "nodes", "candidate edges", "loss, all edges",
                        "loss, no edge", *(f"edges @ {t:g}" for t in tolerances), "Gini",
-                       "top-1% share"], rows)
+                       "top-1% share", "modularity"], rows)
         plots = rundir.LIB_COMPARE.paths(path.parent)
         body += image(plots["weights"], "edge-weight distributions")
         body += image(plots["sparsity"], "loss against kept edges")
+        graphs = rundir.LIB.paths(Path(str(document.get("lib_dir") or path.parent)))
+        body += image(graphs["graph"], "LIB interaction graph")
+        body += image(graphs["pca_graph"], "PCA interaction graph")
     return section("lib", "Local Interaction Basis vs features (SPEC §11)", body) if body else ""
 
 

@@ -499,11 +499,14 @@ _LINESTYLES = ("-", "--", "-.", ":")
 
 def plot_lib_graph(layers: Sequence[str], eigenvalues: Sequence[Sequence[float]],
                    edges: Sequence[Sequence[Sequence[float]]], path: str | Path,
-                   title: str = "LIB interaction graph (top edges per block)") -> Path:
+                   title: str = "LIB interaction graph (top edges per block)",
+                   modules: Sequence[Sequence[int]] | None = None) -> Path:
     """The LIB graph: one column of nodes per node layer (``layers``), node area ∝ √(Λ / the
     layer's largest Λ) (Λ spans orders of magnitude); ``edges[l]`` = [[i, j, weight], ...] from
     node j of layer l to node i of layer l + 1, line width ∝ weight relative to the block's
-    largest. Nodes below the lowest one an edge touches (+5, at least 24 shown) are cut off."""
+    largest. Nodes below the lowest one an edge touches (+5, at least 24 shown) are cut off.
+    ``modules[k][n]``: node n of layer k's module (Louvain), coloured (the 10 largest; the others
+    black)."""
     if len(eigenvalues) != len(layers) or len(edges) != max(len(layers) - 1, 0):
         raise CrossintError(f"{len(layers)} layers need as many eigenvalue lists and one edge "
                             f"list fewer, got {len(eigenvalues)} and {len(edges)}")
@@ -520,15 +523,25 @@ def plot_lib_graph(layers: Sequence[str], eigenvalues: Sequence[Sequence[float]]
     for l, values in enumerate(eigenvalues):
         shown = [max(float(v), 0.0) for v in values][:height]
         largest = max(shown, default=0.0) or 1.0
-        axes.scatter([l] * len(shown), range(len(shown)), zorder=2, color="black",
+        axes.scatter([l] * len(shown), range(len(shown)), zorder=2,
+                     color=_module_colours(modules[l] if modules else [], len(shown)),
                      s=[2.0 + 200.0 * math.sqrt(v / largest) for v in shown])
     axes.set_xticks(range(len(layers)), list(layers), fontsize=7)
     axes.set_ylim(height, -1)
-    axes.set_ylabel("LIB function (descending Λ)", fontsize=8)
+    axes.set_ylabel("basis function (descending eigenvalue)", fontsize=8)
     axes.set_xlim(-0.3, len(layers) - 0.7)
     axes.tick_params(labelsize=7)
     axes.set_title(title, fontsize=10)
     return _save(figure, path)
+
+
+def _module_colours(module_N: Sequence[int], n: int) -> list[Any]:
+    """tab10 colours for modules 0–9 (Louvain modules come sorted by size), black otherwise."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return [palette(int(module_N[k])) if k < len(module_N) and 0 <= module_N[k] < 10
+            else "black" for k in range(n)]
 
 
 def plot_edge_weights(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
