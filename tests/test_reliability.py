@@ -252,7 +252,8 @@ def test_sigterm_then_sigkill_during_training_lose_nothing(caches, tmp_path, cap
     with monkeypatch.context() as patched:
         patched.setattr(train_module, "train_step", terminated_at_25)
         assert main(["train", *settings, "--out", str(run)]) == 143
-    assert "crossint train: terminated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "crossint train: terminated" in err and "--resume" in err
     assert checkpoint_step() == 20 and not (run / LOCK).exists()
     killed = subprocess.Popen([sys.executable, "-c", BLOCKING_TRAIN, "45", "train", *settings,
                                "--out", str(run), "--resume"],

@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C or SIGTERM: atomic writes dropped their temporary files, locks were released,
         # the last checkpoint and shards stay; the same command (or --resume) continues.
         terminated = isinstance(e, Terminated)
-        print(f"crossint {args.command}: {'terminated' if terminated else 'interrupted'}",
-              file=sys.stderr)
+        how = "the same command with --resume" if args.command == "train" else "the same command"
+        print(f"crossint {args.command}: {'terminated' if terminated else 'interrupted'}; "
+              f"{how} continues from what was saved", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as e:  # an ordinary failure (disk, device, memory) becomes one line
         message = user_error(e)
