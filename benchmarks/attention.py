@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_results
+from common import status_kb, write_results
 from crossint.analysis.attention import (
     add_examples,
     block_heads,
@@ -34,14 +34,6 @@ from crossint.analysis.attention import (
 from crossint.analysis.heldout import HeldoutRequest
 
 MB = 2**20
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def table_bytes(table) -> int:
@@ -60,14 +52,14 @@ def main() -> None:
     if not Path(args.run, "model.safetensors").is_file():
         raise SystemExit(f"{args.run}: no trained crosscoder (train one on storylm first)")
     blocks = [int(b) for b in args.blocks.split(",")]
-    start_kb = _status_kb("VmRSS")
+    start_kb = status_kb("VmRSS")
     times: dict[str, float] = {}
     cpu = time.process_time()
     load_before = os.getloadavg()[0]
     clock = time.perf_counter()
     setup = prepare_attention(args.run, HeldoutRequest(n_tokens=args.tokens), blocks)
     times["load_and_text_s"] = time.perf_counter() - clock
-    setup_kb = _status_kb("VmRSS")  # libraries, model, crosscoder and held-out text
+    setup_kb = status_kb("VmRSS")  # libraries, model, crosscoder and held-out text
     clock = time.perf_counter()
     measured = measure_attention(setup, progress=False)
     times["measure_s"] = time.perf_counter() - clock
@@ -90,7 +82,7 @@ def main() -> None:
            "threads": args.threads, **times,
            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "setup_rss_growth_MB": (setup_kb - start_kb) * 1024 / MB,
-           "peak_rss_growth_MB": (_status_kb("VmHWM") - start_kb) * 1024 / MB,
+           "peak_rss_growth_MB": (status_kb("VmHWM") - start_kb) * 1024 / MB,
            "tables": tables,
            "bound_violations": sum(r["bound_violations"] + r["tight_bound_violations"]
                                    for r in heads)}

@@ -73,3 +73,12 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def status_kb(key: str) -> int:
+    """A field of this process's /proc/self/status in kB (Linux), e.g. VmRSS or VmHWM."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from common import print_table, time_call, time_interleaved, write_results
+from common import print_table, status_kb, time_call, time_interleaved, write_results
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.losses import reconstruction_loss
 from crossint.crosscoder.model import Crosscoder
@@ -71,14 +71,6 @@ def torch_path_only(disable_fused: bool) -> Iterator[None]:
             os.environ[DISABLE_ENV] = previous
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
     """Extra memory (MB) one call of ``fn`` needs at its peak: CUDA's allocator peak, or on the
     CPU the resident-set high-water mark (reset through /proc/self/clear_refs) above the
@@ -97,9 +89,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
         pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    start = _status_kb("VmRSS")
+    start = status_kb("VmRSS")
     fn()
-    return max(_status_kb("VmHWM") - start, 0) * 1024 / MB
+    return max(status_kb("VmHWM") - start, 0) * 1024 / MB
 
 
 def sync_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -114,3 +114,29 @@ def kernel_path(request, monkeypatch):
     elif not kernels.fused_available(torch.zeros(1)):
         pytest.skip("numba is not installed (the fast extra)")
     return request.param
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    """An extra loss that contributes nothing and stops the run when step ``step`` begins."""
+    calls = {"n": 0}
+
+    def extra(crosscoder, acts_BXD, output):
+        if calls["n"] == step:
+            raise Interrupt
+        calls["n"] += 1
+        return {}
+
+    return extra
+
+
+def assert_one_line_error(capsys, code: int, command: str, *fragments: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 1, err
+    assert err.count("\n") == 0, err
+    assert err.startswith(f"crossint {command}: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from conftest import assert_one_line_error
 from crossint.analysis.attention import analyse_attention
 from crossint.cli import main
 from crossint.crosscoder.model import Crosscoder, CrosscoderConfig
@@ -519,15 +520,6 @@ MEASURE = ["--tokens", "600", "--context-length", "32", "--top-pairs", "5", "--e
            "--quiet"]
 
 
-def assert_one_line_error(capsys, code: int, *fragments: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert code == 1, err
-    assert err.count("\n") == 0, err
-    assert err.startswith("crossint attention: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-
-
 @pytest.fixture(scope="module")
 def attention_run(trained_paper_run, tmp_path_factory) -> Path:
     """A copy of the tiny GPT-2 paper-layout run with attention results in RUN/attention."""
@@ -623,12 +615,12 @@ def test_analysis_agrees_with_the_meter_on_one_context(llama_run, tiny_text_file
 def test_cli_errors_are_one_line(trained_paper_run, tmp_path, capsys):
     run = str(trained_paper_run)
     code = main(["attention", run, "--blocks", "5", "--out", str(tmp_path / "a"), *MEASURE])
-    assert_one_line_error(capsys, code, "block(s) 5 out of range", "2 blocks")
+    assert_one_line_error(capsys, code, "attention", "block(s) 5 out of range", "2 blocks")
     code = main(["attention", str(tmp_path / "missing"), *MEASURE])
-    assert_one_line_error(capsys, code, "not found")
+    assert_one_line_error(capsys, code, "attention", "not found")
     code = main(["attention", run, "--top-pairs", "-1", "--out", str(tmp_path / "b"),
                  *MEASURE[:4], "--quiet"])
-    assert_one_line_error(capsys, code, "top pairs must be an integer >= 0")
+    assert_one_line_error(capsys, code, "attention", "top pairs must be an integer >= 0")
     config = json.loads((trained_paper_run / "config.json").read_text())
     model = config["crosscoder"]["models"][0]
     for hookpoints, blocks, fragments in (
@@ -642,7 +634,7 @@ def test_cli_errors_are_one_line(trained_paper_run, tmp_path, capsys):
                                     n_features=16, activation="topk", k=2)).save_pretrained(other)
         code = main(["attention", str(other), *(["--blocks", blocks] if blocks else []),
                      *MEASURE])
-        assert_one_line_error(capsys, code, *fragments)
+        assert_one_line_error(capsys, code, "attention", *fragments)
 
 
 def test_cli_rejects_another_model(trained_paper_run, tmp_path, capsys):
@@ -652,12 +644,12 @@ def test_cli_rejects_another_model(trained_paper_run, tmp_path, capsys):
     capsys.readouterr()
     code = main(["attention", str(trained_paper_run), "--model", str(wide), "--out",
                  str(tmp_path / "o"), *MEASURE])
-    assert_one_line_error(capsys, code, "d_model 48", "width 32")
+    assert_one_line_error(capsys, code, "attention", "d_model 48", "width 32")
     deep = build_tiny_gpt2(tmp_path / "deep", n_blocks=3)
     capsys.readouterr()
     code = main(["attention", str(trained_paper_run), "--model", str(deep), "--out",
                  str(tmp_path / "o"), *MEASURE])
-    assert_one_line_error(capsys, code, "does not match", "n_blocks 2")
+    assert_one_line_error(capsys, code, "attention", "does not match", "n_blocks 2")
 
 
 def test_report_section_links_pairs_to_feature_cards(attention_run, tmp_path):

@@ -12,18 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_one_line_error
 from crossint.cli import main
 
 TEXT = ["--tokens", "300", "--context-length", "32", "--quiet"]
-
-
-def assert_one_line_error(capsys, code: int, command: str, *fragments: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert code == 1, err
-    assert err.count("\n") == 0, err
-    assert err.startswith(f"crossint {command}: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import assert_one_line_error
 from crossint.analysis.heldout import HeldoutRequest, heldout_batches, non_special_BS
 from crossint.analysis.interactions import analyse_interactions
 from crossint.cli import main
@@ -28,15 +29,6 @@ MEASURE = ["--tokens", "600", "--context-length", "32", "--top-pairs", "12",
 TOP_KEYS = ("dominant_share", "nondominant", "bound", "measured_gap", "per_block", "top_pairs",
             "delta2_spearman")
 PAIR_KEYS = ("i", "j", "block", "strength", "frequency", "ratio", "hadamard", "delta2")
-
-
-def assert_one_line_error(capsys, code: int, command: str, *fragments: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert code == 1, err
-    assert err.count("\n") == 0, err
-    assert err.startswith(f"crossint {command}: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")

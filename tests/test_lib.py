@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_one_line_error
 from crossint.analysis.heldout import HeldoutRequest, heldout_batches
 from crossint.analysis.lib import (
     BatchPass,
@@ -54,15 +55,6 @@ from crossint.interactions.lib import (
 )
 from crossint.interactions.pairwise import interaction_mass
 from crossint.models.adapter import load_model
-
-
-def assert_one_line_error(capsys, code: int, *fragments: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert code == 1, err
-    assert err.count("\n") == 0, err
-    assert err.startswith("crossint lib: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 # --- a tiny float64 model and one batch of it ----------------------------------------------------
@@ -455,7 +447,7 @@ def test_too_few_tokens_is_one_line(tiny_model_dir, tiny_text_file, tmp_path, ca
     code = main(["lib", "--model", str(tiny_model_dir), "--corpus", str(tiny_text_file),
                  "--tokens", "10", "--context-length", "8", "--out", str(tmp_path / "x"),
                  "--quiet"])
-    assert_one_line_error(capsys, code, "at least 33", "--tokens")
+    assert_one_line_error(capsys, code, "lib", "at least 33", "--tokens")
 
 
 def test_a_crosscoder_of_another_width_is_one_line(tiny_text_file, trained_paper_run, tmp_path,
@@ -470,7 +462,7 @@ def test_a_crosscoder_of_another_width_is_one_line(tiny_text_file, trained_paper
     assert code == 0, capsys.readouterr().err
     code = main(["lib", "--compare", str(tmp_path / "lib16"), str(trained_paper_run), "--out",
                  str(tmp_path / "cmp"), "--quiet"])
-    assert_one_line_error(capsys, code, "width 32", "width 16")
+    assert_one_line_error(capsys, code, "lib", "width 32", "width 16")
 
 
 def test_a_lib_of_another_model_of_the_same_width_is_one_line(tiny_text_file, trained_paper_run,
@@ -485,14 +477,14 @@ def test_a_lib_of_another_model_of_the_same_width_is_one_line(tiny_text_file, tr
     assert code == 0, capsys.readouterr().err
     code = main(["lib", "--compare", str(tmp_path / "lib_other"), str(trained_paper_run),
                  "--out", str(tmp_path / "cmp"), "--quiet"])
-    assert_one_line_error(capsys, code, "was trained on model", "one model")
+    assert_one_line_error(capsys, code, "lib", "was trained on model", "one model")
 
 
 def test_too_many_integration_steps_for_the_memory_is_one_line(tiny_model_dir, tiny_text_file,
                                                                tmp_path, capsys):
     code = main(["lib", "--model", str(tiny_model_dir), "--corpus", str(tiny_text_file),
                  "--integration-steps", str(10 ** 12), "--out", str(tmp_path / "x"), "--quiet"])
-    assert_one_line_error(capsys, code, "integration steps", "--integration-steps")
+    assert_one_line_error(capsys, code, "lib", "integration steps", "--integration-steps")
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -504,10 +496,10 @@ def test_bad_compare_options_are_one_line(lib_dir, trained_paper_run, tmp_path, 
                                           fragment):
     code = main(["lib", "--compare", str(lib_dir), str(trained_paper_run), "--out",
                  str(tmp_path / "c"), "--quiet", *argv])
-    assert_one_line_error(capsys, code, fragment)
+    assert_one_line_error(capsys, code, "lib", fragment)
 
 
 def test_compare_without_a_lib_is_one_line(trained_paper_run, tmp_path, capsys):
     code = main(["lib", "--compare", str(tmp_path), str(trained_paper_run), "--out",
                  str(tmp_path / "c"), "--quiet"])
-    assert_one_line_error(capsys, code, "lib.json")
+    assert_one_line_error(capsys, code, "lib", "lib.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny_tokenizer
+from conftest import Interrupt, build_tiny_tokenizer, interrupt_at
 from crossint import lock
 from crossint.cli import main
 from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
@@ -47,23 +47,6 @@ def configs(hookpoints=HOOKS, d_model=D, models=("tiny",), **train_changes):
 
 def weights(model: Crosscoder) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step: int):
-    """An extra loss that stops the run when step ``step`` begins."""
-    calls = {"n": 0}
-
-    def extra(crosscoder, acts_BXD, output):
-        if calls["n"] == step:
-            raise Interrupt
-        calls["n"] += 1
-        return {}
-
-    return extra
 
 
 def one_line_error(capsys) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Interrupt, interrupt_at
 from crossint.cli import main
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.losses import (
@@ -76,23 +77,6 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_at(step: int):
-    """An extra loss that contributes nothing and stops the run when step ``step`` begins."""
-    calls = {"n": 0}
-
-    def extra(crosscoder, acts_BXD, output):
-        if calls["n"] == step:
-            raise Interrupt
-        calls["n"] += 1
-        return {}
-
-    return extra
 
 
 # --- losses and schedule vs naive float64 ---------------------------------------------------

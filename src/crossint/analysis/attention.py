@@ -31,7 +31,7 @@ from crossint.analysis.heldout import (
     request_from,
     training_manifest,
 )
-from crossint.analysis.interactions import check_model, select_site_blocks
+from crossint.analysis.interactions import AnalysisSetup, check_model, select_site_blocks
 from crossint.errors import CrossintError
 from crossint.interactions.attention import (
     AttentionMeter,
@@ -75,30 +75,15 @@ def select_attention_blocks(crosscoder: Any, blocks: Sequence[int] | None,
                               "attention interactions need the attention inputs")
 
 
-@dataclass
-class AttentionSetup:
-    """A checked run ready to measure: crosscoder, subject model, the analysed blocks with
-    their float64 attention feature blocks, and the held-out batches."""
-
-    crosscoder: Any
-    adapter: Any
-    blocks: list[int]
-    fblocks: list[Any]
-    hookpoints: list[str]
-    special_ids: set[int]
-    batches: list[Tensor]
-    request: HeldoutRequest
-
-
 def prepare_attention(run_dir: str | Path, request: HeldoutRequest,
-                      blocks: Sequence[int] | None = None) -> AttentionSetup:
+                      blocks: Sequence[int] | None = None) -> AnalysisSetup:
     """Load and check a run for `crossint attention` and read the held-out text."""
     crosscoder, adapter, request = load_subject(run_dir, request, "attention")
     check_model(crosscoder, adapter, training_manifest(run_dir), run_dir)
     block_ids = select_attention_blocks(crosscoder, blocks, run_dir, adapter.n_blocks)
     weights = {block: adapter.attention_weights(block) for block in block_ids}
     fblocks = attention_feature_blocks(crosscoder, weights, dtype=torch.float64)
-    return AttentionSetup(
+    return AnalysisSetup(
         crosscoder=crosscoder, adapter=adapter, blocks=block_ids, fblocks=fblocks,
         hookpoints=list(crosscoder.config.hookpoints), special_ids=adapter.special_token_ids(),
         batches=heldout_batches(adapter, request), request=request,
@@ -134,7 +119,7 @@ class MeasuredAttention:
     n_tokens: int  # measured query positions (non-special tokens)
 
 
-def measure_attention(setup: AttentionSetup, progress: bool) -> MeasuredAttention:
+def measure_attention(setup: AnalysisSetup, progress: bool) -> MeasuredAttention:
     """The one pass: each context's dominance test, pair sums and key overlaps at each block."""
     from tqdm.auto import tqdm
 
@@ -319,7 +304,7 @@ class PairExamples:
         return sorted(pairs, key=lambda item: (-item[1], item[0]))
 
 
-def add_examples(setup: AttentionSetup, measured: MeasuredAttention,
+def add_examples(setup: AnalysisSetup, measured: MeasuredAttention,
                  heads: list[dict[str, Any]], n_examples: int) -> None:
     """Fill each listed pair's ``examples``, ``mean_offset`` and ``offsets`` (the second
     pass over the stored contexts, which it empties)."""

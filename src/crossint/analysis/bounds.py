@@ -23,6 +23,7 @@ from torch import Tensor
 
 from crossint import rundir
 from crossint.analysis.bound_chain import ChainState
+from crossint.analysis.fidelity import run_names
 from crossint.analysis.heldout import HeldoutRequest, capture_tokens, request_from
 from crossint.analysis.interactions import AnalysisSetup, prepare_analysis
 from crossint.errors import CrossintError
@@ -246,15 +247,6 @@ def _summary(per_block: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- JSON, files and the table -------------------------------------------------------------------
-
-def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
-    names = [Path(run).name or str(run) for run in run_dirs]
-    if len(set(names)) < len(names):
-        names = [str(run) for run in run_dirs]
-    if len(set(names)) < len(names):
-        raise CrossintError(f"the same run was given twice: {', '.join(names)}")
-    return names
-
 
 def analyse_bounds(run_dirs: Sequence[str | Path], request: HeldoutRequest | None = None,
                    **options: Any) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def surrogate_outputs(f_TH: Tensor, block: MLPFeatureBlock, schemes: Sequence[st
 
 
 # --- the analysis -------------------------------------------------------------------------------
-def _run_names(run_dirs: Sequence[str | Path]) -> list[str]:
+def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
     names = [Path(run).name or str(run) for run in run_dirs]
     if len(set(names)) < len(names):
         names = [str(run) for run in run_dirs]
@@ -224,7 +224,7 @@ def fidelity(
     if not run_dirs:
         raise CrossintError("give at least one run directory")
     request = request_from(request, text, n_texts=FIDELITY_TEXTS)
-    names = _run_names(run_dirs)
+    names = run_names(run_dirs)
     crosscoders, adapter = _load_runs(names, run_dirs, request)
     request = request.resolve(run_dirs[0])
     chosen = _choose_blocks(blocks, crosscoders, adapter.n_blocks)

@@ -136,9 +136,9 @@ def request_record(request: HeldoutRequest, blocks: Sequence[int] | None, top_pa
 
 @dataclass
 class AnalysisSetup:
-    """What every held-out MLP analysis of a run starts from: the crosscoder and its subject
-    model (checked to match), the analysed blocks with their float64 feature blocks, and the
-    held-out batches of the (resolved) request."""
+    """What every held-out analysis of a run starts from: the crosscoder and its subject
+    model (checked to match), the analysed blocks with their float64 feature blocks (MLP, or
+    attention for `crossint attention`), and the held-out batches of the (resolved) request."""
 
     crosscoder: Any
     adapter: Any

@@ -51,6 +51,14 @@ def register(subparsers) -> None:
                         help="default 128, or the model's maximum when shorter")
     parser.add_argument("--batch-size", dest="text_batch_size", type=int, default=16,
                         metavar="N", help="contexts per forward pass (default %(default)s)")
+    add_basis_arguments(parser)
+    add_compare_arguments(parser)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run)
+
+
+def add_basis_arguments(parser: argparse.ArgumentParser) -> None:
     lib = parser.add_argument_group("the basis and the edges")
     lib.add_argument("--integration-steps", type=int, default=0, metavar="K",
                      help="integrated-gradient steps (midpoint rule); 0 = plain gradients "
@@ -65,6 +73,9 @@ def register(subparsers) -> None:
                           "(default %(default)s)")
     lib.add_argument("--rtol", type=float, default=1e-7,
                      help="truncate eigenvalues below rtol × the largest (default %(default)s)")
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     compare = parser.add_argument_group("--compare")
     compare.add_argument("--tolerances", default=TOLERANCES, metavar="T1,T2",
                          help="loss tolerances in nats above the loss with every edge kept "
@@ -72,9 +83,6 @@ def register(subparsers) -> None:
     compare.add_argument("--precision", type=float, default=0.02,
                          help="stop the bisection when its bracket is within this fraction of "
                               "the edge count (0: exact; default %(default)s)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run)
 
 
 def parse_tolerances(text: str) -> list[float]:

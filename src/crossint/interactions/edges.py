@@ -35,6 +35,7 @@ from crossint.interactions.contributions import (
     neuron_stats,
     reconstructed_mlp_in,
 )
+from crossint.interactions.pairwise import interaction_mass
 
 DENSE_TABLE_LIMIT = 1 << 26  # H² up to this: kept edges as a dense boolean table
 
@@ -168,19 +169,9 @@ def bisect_edges(loss_of: Callable[[int], float], n_edges: int, targets: Sequenc
 # --- crosscoder edges (SPEC §4.5 with the diagonal) -------------------------------------------
 def feature_edge_mass(contrib: Contributions, stats: NeuronStats,
                       w_out_N: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token, ``(i_E, j_E, mass_E)`` with mass = Σ_n 1[dom(b,n) = i]·‖W_out[n]‖·|p[b,n,j]|,
-    non-zero entries only: SPEC §4.5 for j ≠ i, and for j = i the dominant feature's own
-    weighted contribution at the neurons it dominates."""
-    features_BK = contrib.features_BK
-    weighted_BKN = contrib.p_BKN.abs() * w_out_N
-    dominant_BKN = torch.zeros_like(weighted_BKN).scatter_(
-        1, stats.slot_BN[:, None, :], (stats.Mx_BN > 0).to(weighted_BKN.dtype)[:, None, :]
-    )
-    mass_BKK = torch.bmm(dominant_BKN, weighted_BKN.transpose(1, 2))  # [b, dominant, other]
-    valid_BK = features_BK >= 0
-    keep_BKK = valid_BK[:, :, None] & valid_BK[:, None, :] & (mass_BKK > 0)
-    b_E, d_E, k_E = keep_BKK.nonzero(as_tuple=True)
-    return features_BK[b_E, d_E], features_BK[b_E, k_E], mass_BKK[b_E, d_E, k_E]
+    """Per token, ``(i_E, j_E, mass_E)``: SPEC §4.5 for j ≠ i, and for j = i the dominant
+    feature's own weighted contribution at the neurons it dominates."""
+    return interaction_mass(contrib, stats, w_out_N, with_self=True)
 
 
 class EdgeSums:

@@ -38,10 +38,12 @@ _MIN_PENDING = 1 << 20  # sparse entries buffered before a merge
 
 # --- per-chunk pieces --------------------------------------------------------------------------
 def interaction_mass(
-    contrib: Contributions, stats: NeuronStats, w_out_N: Tensor
+    contrib: Contributions, stats: NeuronStats, w_out_N: Tensor, with_self: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SPEC §4.5 mass of one chunk at one block as (i_E, j_E, mass_E), summed over neurons per
-    token: entry (b, i, j) = Σ_n 1[dom(b,n) = i]·‖W_out[n]‖·|p[b,n,j]| for j ≠ i, non-zero only."""
+    token: entry (b, i, j) = Σ_n 1[dom(b,n) = i]·‖W_out[n]‖·|p[b,n,j]| for j ≠ i, non-zero only.
+    ``with_self``: also j = i, the dominant feature's own weighted contribution at the neurons
+    it dominates (the diagonal the LIB comparison's edges keep)."""
     features_BK = contrib.features_BK
     n_slots = features_BK.shape[1]
     weighted_BKN = contrib.p_BKN.abs() * w_out_N
@@ -51,7 +53,8 @@ def interaction_mass(
     mass_BKK = torch.bmm(dominant_BKN, weighted_BKN.transpose(1, 2))  # [b, dominant, other]
     valid_BK = features_BK >= 0
     keep_BKK = valid_BK[:, :, None] & valid_BK[:, None, :] & (mass_BKK > 0)
-    keep_BKK &= ~torch.eye(n_slots, dtype=torch.bool, device=keep_BKK.device)
+    if not with_self:
+        keep_BKK &= ~torch.eye(n_slots, dtype=torch.bool, device=keep_BKK.device)
     b_E, d_E, k_E = keep_BKK.nonzero(as_tuple=True)
     return features_BK[b_E, d_E], features_BK[b_E, k_E], mass_BKK[b_E, d_E, k_E]
 
