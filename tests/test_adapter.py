@@ -13,6 +13,7 @@ from crossint.errors import CrossintError
 from crossint.models import hookpoints as hp
 from crossint.models.adapter import (
     AttentionWeights,
+    BlockInput,
     ModelAdapter,
     estimate_lipschitz,
     load_model,
@@ -23,6 +24,34 @@ from crossint.models.architectures import ARCHITECTURES, get_architecture
 VOCAB = 100
 D_MODEL = 32
 N_BLOCKS = 2
+
+
+# Llama-like families: (config class, model class, what differs from the shared tiny config).
+LLAMA_LIKE = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(mlp_bias=True, attention_bias=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=8)),
+    # Sandwich norms, soft-capped logits, sliding window on block 0.
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=8, query_pre_attn_scalar=16, sliding_window=4, attn_logit_softcapping=5.0)),
+    # Gemma 2 + per-head q/k norms, rotary frequencies per layer type.
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    # Per-head q/k norms, sliding window from block 1 on.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # No pre-norms, post-norms, q/k norms over all heads together.
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=0)),
+    # Fused qkv and gate_up projections, partial rotary, sliding window.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=5,
+        partial_rotary_factor=0.5)),
+    # Residual, embedding, attention and logit multipliers.
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(
+        residual_multiplier=0.3, embedding_multiplier=2.0, attention_multiplier=0.2,
+        logits_scaling=2.0)),
+}
 
 
 def _build(family: str):
@@ -58,16 +87,10 @@ def _build(family: str):
             use_parallel_residual=family == "gpt_neox",
         )  # fmt: skip
         model = tf.GPTNeoXForCausalLM(config)
-    elif family == "llama":
-        config = tf.LlamaConfig(**llama_like, mlp_bias=True, attention_bias=True)
-        model = tf.LlamaForCausalLM(config)
-    elif family == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like))
-    elif family == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(**{**llama_like, "sliding_window": 4}))
-    elif family == "gemma":
-        config = tf.GemmaConfig(**{**llama_like, "num_key_value_heads": 1}, head_dim=8)
-        model = tf.GemmaForCausalLM(config)
+    elif family in LLAMA_LIKE:
+        config_class, model_class, overrides = LLAMA_LIKE[family]
+        config = getattr(tf, config_class)(**{**llama_like, **overrides})
+        model = getattr(tf, model_class)(config)
     elif family == "bert":
         config = tf.BertConfig(
             **common, num_hidden_layers=N_BLOCKS, intermediate_size=64, max_position_embeddings=64
@@ -81,19 +104,23 @@ def _build(family: str):
         model = tf.RobertaForMaskedLM(config)
     else:
         raise ValueError(family)
-    # Larger-than-default weights so that nonlinearities and attention patterns matter.
+    # Larger-than-default weights so that nonlinearities and attention patterns matter, and
+    # norm gains away from their initial 1 (or 0 for Gemma's 1 + weight) so that each counts.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2 and "embed" not in name and "wte" not in name:
                 param.mul_(5.0)
+            elif "norm" in name.lower() and name.endswith("weight"):
+                param.add_(0.3 * torch.randn_like(param))
     return model.eval()
 
 
 FAMILIES = [
     "gpt2", "gpt_neo", "gpt_neox", "gpt_neox_sequential", "llama", "qwen2", "mistral", "gemma",
-    "bert", "roberta",
+    "gemma2", "gemma3_text", "qwen3", "olmo2", "phi3", "granite", "bert", "roberta",
 ]  # fmt: skip
 ENCODERS = {"bert", "roberta"}
+PLAIN_MLP = {"gpt2", "gpt_neo", "gpt_neox", "bert", "roberta"}  # the others are gated
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -109,6 +136,20 @@ def _ids(batch: int = 2, seq: int = 9, seed: int = 1) -> Tensor:
 def _close(a: Tensor, b: Tensor, tol: float = 1e-5) -> bool:
     a, b = a.double(), b.double()
     return bool(torch.allclose(a, b, atol=tol * max(1.0, float(b.abs().max())), rtol=tol))
+
+
+def _rms_norm(norm, x: Tensor) -> Tensor:
+    """Naive float64 RMS norm from exposed weights: x / sqrt(mean(x²) + eps) · gain."""
+    x = x.double()
+    return x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * norm.gain_F.double()
+
+
+def _to_residual(w, output: Tensor) -> Tensor:
+    """What the residual adds for a sublayer output: out_scale · out_norm(output), in float64."""
+    output = output.double()
+    if w.out_norm is not None:
+        output = _rms_norm(w.out_norm, output)
+    return output * w.out_scale
 
 
 # --- the four issue tests -------------------------------------------------------------------
@@ -131,15 +172,18 @@ def test_mlp_rebuilt_from_weights_maps_mlp_in_to_mlp_out(adapter):
         mlp_in_BSD = acts[f"blocks.{l}.mlp_in"]
         assert w.W_in_DN.shape == (adapter.d_model, adapter.d_mlp)
         assert w.W_out_ND.shape == (adapter.d_mlp, adapter.d_model)
-        assert w.gated == (adapter.family == "llama")
-        assert _close(w.post(mlp_in_BSD), acts[f"blocks.{l}.mlp_post"])
-        assert _close(w.forward(mlp_in_BSD), acts[f"blocks.{l}.mlp_out"])
-        # The same MLP in float64 from the raw tensors: φ(u·W_in + b_in) [* up] · W_out + b_out.
+        assert w.gated == (adapter.model_type not in PLAIN_MLP)
+        # Bit-exact: the same operations in the same order as the model's own forward.
+        assert torch.equal(w.post(mlp_in_BSD), acts[f"blocks.{l}.mlp_post"])
+        assert torch.equal(w.forward(mlp_in_BSD), acts[f"blocks.{l}.mlp_out"])
+        # The same MLP in float64 from the raw tensors: φ(u·W_in + b_in) [* up] · W_out + b_out,
+        # then the residual's post-norm / multiplier.
         u = mlp_in_BSD.double()
         post = w.act(u @ w.W_in_DN.double() + w.b_in_N.double())
         if w.gated:
             post = post * (u @ w.W_up_DN.double() + w.b_up_N.double())
-        assert _close(post @ w.W_out_ND.double() + w.b_out_D.double(), acts[f"blocks.{l}.mlp_out"])
+        output = post @ w.W_out_ND.double() + w.b_out_D.double()
+        assert _close(_to_residual(w, output), acts[f"blocks.{l}.mlp_out"])
 
 
 @pytest.mark.parametrize("site", hp.SITES)
@@ -156,7 +200,7 @@ def test_identity_patch_leaves_logits_unchanged(adapter, site):
 
             patched = adapter.logits(ids, patches={f"blocks.{l}.{site}": identity})
             assert calls == [1]
-            assert _close(patched, reference, 1e-5)
+            assert torch.equal(patched, reference)
 
 
 def test_identity_patch_everywhere_at_once(adapter):
@@ -166,7 +210,7 @@ def test_identity_patch_everywhere_at_once(adapter):
         patched = adapter.logits(
             ids, patches={n: lambda x: x.clone() for n in adapter.hookpoints()}
         )
-    assert _close(patched, reference, 1e-5)
+    assert torch.equal(patched, reference)
 
 
 def test_unknown_hookpoint_lists_valid_ones(adapter):
@@ -194,16 +238,24 @@ def test_sites_are_the_tensors_spec_defines(adapter):
             ln_a = adapter.module("ln2", l)
             assert _close(ln_a(a["resid_pre"] + a["attn_out"]), a["resid_mid"])
         else:
-            assert _close(adapter.module("ln1", l)(a["resid_pre"]), a["attn_in"])
+            assert torch.equal(_pre_norm(adapter, "ln1", l, a["resid_pre"]), a["attn_in"])
             assert torch.equal(a["resid_mid"], a["resid_pre"] + a["attn_out"])
-            assert _close(a["resid_post"], a["resid_mid"] + a["mlp_out"])
+            assert _close(a["resid_post"], a["resid_mid"] + a["mlp_out"])  # parallel: other order
             mlp_reads = a["resid_pre"] if adapter.parallel_residual else a["resid_mid"]
-            assert _close(adapter.module("ln2", l)(mlp_reads), a["mlp_in"])
+            assert torch.equal(_pre_norm(adapter, "ln2", l, mlp_reads), a["mlp_in"])
         w = adapter.mlp_weights(l)
         if not w.gated:
             assert _close(w.act(a["mlp_pre"]), a["mlp_post"])
         if l + 1 < adapter.n_blocks:
             assert torch.equal(a["resid_post"], acts[f"blocks.{l + 1}.resid_pre"])
+
+
+def _pre_norm(adapter, role: str, block: int, x: Tensor) -> Tensor:
+    """ln1 / ln2 applied to x; the identity for blocks without that norm (OLMo-2)."""
+    if getattr(adapter.arch, role) is None:
+        return x
+    with torch.no_grad():
+        return adapter.module(role, block)(x)
 
 
 def test_hookpoint_dim_matches_captured_tensors(adapter):
@@ -291,7 +343,7 @@ def test_patching_resid_mid_reaches_the_mlp_and_the_residual(adapter):
         if adapter.parallel_residual:  # the MLP reads ln2(resid_pre), untouched by the patch
             assert torch.equal(a["mlp_in"], clean[f"blocks.{l}.mlp_in"])
         else:
-            assert _close(adapter.module("ln2", l)(target), a["mlp_in"])
+            assert _close(_pre_norm(adapter, "ln2", l, target), a["mlp_in"])
             assert not _close(a["mlp_in"], clean[f"blocks.{l}.mlp_in"])
 
 
@@ -331,6 +383,67 @@ def test_patch_with_wrong_shape_is_an_error(adapter):
         adapter.logits(_ids(), patches={"blocks.0.mlp_pre": 3.0})
 
 
+# --- family details ----------------------------------------------------------------------------
+
+
+def test_fused_gate_up_mlp_pre_is_the_gate_half_and_patches_only_it():
+    adapter = ModelAdapter(_build("phi3"))
+    names = ["blocks.0.mlp_in", "blocks.0.mlp_pre", "blocks.0.mlp_post"]
+    clean = adapter.capture(_ids(), names)
+    with torch.no_grad():
+        gate_up = adapter.module("mlp_in_linear", 0)(clean["blocks.0.mlp_in"])
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(clean["blocks.0.mlp_pre"], gate)
+    w = adapter.mlp_weights(0)
+    assert torch.equal(w.pre(clean["blocks.0.mlp_in"]), gate)
+    target = torch.randn(gate.shape, generator=torch.Generator().manual_seed(5))
+    patched = adapter.capture(_ids(), names, patches={"blocks.0.mlp_pre": lambda x: target})
+    assert torch.equal(patched["blocks.0.mlp_post"], up * w.act(target))
+
+
+def test_granite_sublayer_outputs_are_scaled_by_the_residual_multiplier():
+    adapter = ModelAdapter(_build("granite"))
+    assert adapter.residual_scale == 0.3
+    outputs: list[Tensor] = []
+    handle = adapter.module("attn", 0).register_forward_hook(
+        lambda module, args, output: outputs.append(output[0]))
+    try:
+        acts = adapter.capture(_ids(), ["blocks.0.attn_out"])
+    finally:
+        handle.remove()
+    assert torch.equal(acts["blocks.0.attn_out"], outputs[0] * 0.3)
+    # A patched attn_out is what the residual adds.
+    generator = torch.Generator().manual_seed(6)
+    target = torch.randn(acts["blocks.0.attn_out"].shape, generator=generator)
+    names = ["blocks.0.resid_pre", "blocks.0.resid_mid"]
+    got = adapter.capture(_ids(), names, patches={"blocks.0.attn_out": lambda x: target})
+    assert _close(got["blocks.0.resid_mid"], got["blocks.0.resid_pre"] + target, 1e-6)
+
+
+@pytest.mark.parametrize("model_type, rope, problem", [
+    ("phi3", dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4,
+                  original_max_position_embeddings=32), "changes its frequencies"),
+    ("qwen3", dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=32),
+     "scales cos and sin by 1.069"),
+])  # fmt: skip
+def test_rotary_that_is_not_a_fixed_rotation_is_refused_by_attention_weights(
+    model_type, rope, problem
+):
+    import transformers as tf
+
+    config_class, model_class, overrides = LLAMA_LIKE[model_type]
+    config = getattr(tf, config_class)(
+        vocab_size=VOCAB, hidden_size=D_MODEL, num_attention_heads=4, num_hidden_layers=N_BLOCKS,
+        intermediate_size=64, max_position_embeddings=64, num_key_value_heads=2,
+        **{**overrides, "partial_rotary_factor": 1.0, "head_dim": 8},
+        rope_parameters={**rope, "rope_theta": 10_000.0},
+    )  # fmt: skip
+    adapter = ModelAdapter(getattr(tf, model_class)(config))
+    with pytest.raises(CrossintError, match=f"{model_type} .* block 0: .*{problem}"):
+        adapter.attention_weights(0)
+    assert len(adapter.capture(_ids(), "paper")) == 4 * N_BLOCKS + 1  # hookpoints still work
+
+
 # --- attention weights -------------------------------------------------------------------------
 
 
@@ -348,18 +461,33 @@ def _rotate(x_BASd: Tensor, rotary_dim: int, theta: float) -> Tensor:
     return out
 
 
+def _qk_norm(norm, x_BASd: Tensor) -> Tensor:
+    """A query/key norm: per head (gain of head_dim entries) or over all heads together."""
+    if norm is None:
+        return x_BASd
+    if norm.gain_F.numel() == x_BASd.shape[-1]:
+        return _rms_norm(norm, x_BASd)
+    B, A, S, d = x_BASd.shape
+    flat_BSF = x_BASd.transpose(1, 2).reshape(B, S, A * d)
+    return _rms_norm(norm, flat_BSF).reshape(B, S, A, d).transpose(1, 2)
+
+
 def _reference_attention(w: AttentionWeights, attn_in_BSD: Tensor) -> Tensor:
-    """The attention sublayer recomputed from the exposed weights alone, in float64."""
+    """The attention sublayer recomputed from the exposed weights alone, in float64: what the
+    residual adds (after the post-norm and the residual multiplier, where the model has them)."""
     x = attn_in_BSD.double()
     S = x.shape[1]
     rep = w.n_heads // w.n_kv_heads
     q = torch.einsum("bsD,hDd->bhsd", x, w.W_Q_ADd.double()) + w.b_Q_Ad.double()[None, :, None]
     k = torch.einsum("bsD,hDd->bhsd", x, w.W_K_ADd.double()) + w.b_K_Ad.double()[None, :, None]
     v = torch.einsum("bsD,hDd->bhsd", x, w.W_V_ADd.double()) + w.b_V_Ad.double()[None, :, None]
+    q, k = _qk_norm(w.q_norm, q), _qk_norm(w.k_norm, k)
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if w.positional == "rotary":
         q, k = _rotate(q, w.rotary_dim, w.rope_theta), _rotate(k, w.rotary_dim, w.rope_theta)
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * w.scale
+    if w.softcap is not None:
+        scores = w.softcap * torch.tanh(scores / w.softcap)
     i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
     allowed = torch.ones(S, S, dtype=torch.bool)
     if w.causal:
@@ -368,7 +496,8 @@ def _reference_attention(w: AttentionWeights, attn_in_BSD: Tensor) -> Tensor:
         allowed &= (i - j) < w.window
     pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     z = torch.einsum("bhij,bhjd->bhid", pattern, v)
-    return torch.einsum("bhid,hdD->biD", z, w.W_O_AdD.double()) + w.b_O_D.double()
+    output = torch.einsum("bhid,hdD->biD", z, w.W_O_AdD.double()) + w.b_O_D.double()
+    return _to_residual(w, output)
 
 
 def test_attention_recomputed_from_weights_matches_attn_out(adapter):
@@ -386,19 +515,30 @@ def test_attention_recomputed_from_weights_matches_attn_out(adapter):
 
 def test_attention_metadata(adapter):
     w0, w1 = adapter.attention_weights(0), adapter.attention_weights(1)
-    expected_kv = {"llama": 2, "qwen2": 2, "mistral": 2, "gemma": 1}
-    assert w0.n_kv_heads == expected_kv.get(adapter.model_type, 4)
+    expected_kv = {"gpt2": 4, "gpt_neo": 4, "gpt_neox": 4, "bert": 4, "roberta": 4, "gemma": 1}
+    assert w0.n_kv_heads == expected_kv.get(adapter.model_type, 2)
     assert w0.kv_head(w0.n_heads - 1) == w0.n_kv_heads - 1
     assert w0.causal == (adapter.model_type not in ENCODERS)
     if w0.positional == "rotary":
         rd = w0.rotary_dim
-        assert rd == (4 if adapter.family == "gpt_neox" else 8)  # rotary_pct 0.5 of d_head 8
-        freqs = w0.rope_theta ** (-torch.arange(0, rd, 2, dtype=torch.float64) / rd)
-        assert torch.allclose(w0.rotary_inv_freq.double(), freqs, rtol=1e-6)
+        partial = adapter.model_type in ("gpt_neox", "phi3")  # rotary on half of d_head 8
+        assert rd == (4 if partial else 8)
+        for w in (w0, w1):
+            freqs = w.rope_theta ** (-torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+            assert torch.allclose(w.rotary_inv_freq.double(), freqs, rtol=1e-6)
     else:
         assert w0.positional == "absolute" and w0.rotary_dim == 0
-    windows = {"gpt_neo": (None, 3), "mistral": (4, 4)}
+    if adapter.model_type == "gemma3_text":  # local and global layers turn at their own rates
+        assert (w0.rope_theta, w1.rope_theta) == (10_000.0, 1_000_000.0)
+    windows = {"gpt_neo": (None, 3), "mistral": (4, 4), "gemma2": (4, None),
+               "gemma3_text": (4, None), "qwen3": (None, 4), "phi3": (5, 5)}
     assert (w0.window, w1.window) == windows.get(adapter.model_type, (None, None))
+    assert w0.softcap == (5.0 if adapter.model_type == "gemma2" else None)
+    qk_norm = adapter.model_type in ("gemma3_text", "qwen3", "olmo2")
+    assert (w0.q_norm is not None) == (w0.k_norm is not None) == qk_norm
+    sandwich = adapter.model_type in ("gemma2", "gemma3_text", "olmo2")
+    assert (w0.out_norm is not None) == sandwich == (adapter.mlp_weights(0).out_norm is not None)
+    assert w0.out_scale == (0.3 if adapter.model_type == "granite" else 1.0)
     if adapter.model_type == "gpt2":  # scale_attn_by_inverse_layer_idx
         assert w0.scale == pytest.approx(8**-0.5) and w1.scale == pytest.approx(8**-0.5 / 2)
 
@@ -463,6 +603,46 @@ def test_token_losses_match_cross_entropy(adapter):
     assert torch.isnan(losses[0, -2:]).all() and not torch.isnan(losses[0, :-2]).any()
     keep = ~torch.isnan(losses)
     assert torch.allclose(losses[keep].double(), naive[keep], atol=1e-4)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "resid_mid", "mlp_out", "resid_post"])
+def test_a_pass_started_at_a_block_equals_the_full_pass(adapter, site):
+    """Eval and fidelity start a patched pass at the patched block from the clean residual
+    stream, with variants stacked along the batch: the losses must be the full pass's."""
+    if adapter.arch.encoder:
+        return
+    ids = _ids(seq=7).repeat(2, 1)  # two variants of the same texts stacked along the batch
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for l in range(adapter.n_blocks):
+            resid_pre = adapter.capture(ids, [f"blocks.{l}.resid_pre"])[f"blocks.{l}.resid_pre"]
+            noise = torch.randn(resid_pre.shape, generator=gen)
+            patches = {f"blocks.{l}.{site}": lambda x, noise=noise: x + noise}
+            full = adapter.token_losses(ids, patches=patches)
+            mlp_shapes: list[tuple] = []  # (a one-token probe of the block output may run)
+            handle = adapter.module("mlp", 0).register_forward_hook(
+                lambda module, args, out, shapes=mlp_shapes: shapes.append(tuple(out.shape[:2])))
+            try:
+                started = adapter.token_losses(ids, patches=patches,
+                                               start=BlockInput(l, resid_pre))
+            finally:
+                handle.remove()
+            assert _close(started, full, 1e-6), l
+            assert (tuple(ids.shape) in mlp_shapes) == (l == 0)  # blocks before l did not run
+            assert not any("forward" in vars(block) for block in adapter._blocks)
+
+
+def test_a_started_pass_refuses_patches_before_its_block(adapter):
+    if adapter.arch.encoder:
+        return
+    ids = _ids()
+    resid_pre = adapter.capture(ids, ["blocks.1.resid_pre"])["blocks.1.resid_pre"]
+    with pytest.raises(CrossintError, match="lies before block 1"):
+        adapter.logits(ids, patches={"blocks.0.mlp_out": lambda x: x},
+                       start=BlockInput(1, resid_pre))
+    with pytest.raises(CrossintError, match="expected"):
+        adapter.logits(ids, start=BlockInput(1, resid_pre[:1]))
+    assert not any("forward" in vars(block) for block in adapter._blocks)
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -547,8 +727,11 @@ def test_unsupported_model_type_lists_supported_ones(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(CrossintError, match="supported model types are"):
         load_model(tmp_path)
-    with pytest.raises(CrossintError, match="bert, gemma, gpt2"):
+    with pytest.raises(CrossintError, match="bert, gemma, gemma2, gemma3_text, gpt2") as err:
         get_architecture("mamba")
+    assert "'mamba'" in str(err.value)
+    for family in ("granite", "olmo2", "phi3", "qwen3"):
+        assert family in str(err.value)
 
 
 def test_every_table_entry_is_tested():
@@ -574,3 +757,38 @@ def test_cuda_device(tiny_model_dir):
     assert all(t.device.type == "cuda" and t.dtype == torch.bfloat16 for t in acts.values())
     assert adapter.mlp_weights(0).W_in_DN.device.type == "cuda"
     assert torch.isfinite(adapter.token_losses(ids)).all()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "qwen3", "granite"])
+def test_end_to_end_chain_refuses_variants_its_constants_do_not_bound(family):
+    """The bound chain's Lipschitz constants are for plain pre-LN blocks (SPEC §7)."""
+    from crossint.analysis.bound_chain import _check_chainable
+
+    model = ModelAdapter(_build(family), name=family)
+    with pytest.raises(CrossintError, match=f"does not cover {model.family}.*--no-chain"):
+        _check_chainable(model, model.attention_weights(0), model.mlp_weights(0))
+    plain = ModelAdapter(_build("llama"), name="llama")
+    _check_chainable(plain, plain.attention_weights(0), plain.mlp_weights(0))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "granite"])
+def test_surrogate_mlp_outputs_are_what_the_residual_adds(family):
+    """Fidelity's surrogates splice at mlp_out, which for sandwich-norm and Granite models is
+    the MLP module's output after the post-norm or multiplier."""
+    from crossint.analysis.fidelity import surrogate_outputs
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.model import Crosscoder
+    from crossint.interactions import feature_blocks
+
+    model = ModelAdapter(_build(family), name=family)
+    D = model.d_model
+    config = CrosscoderConfig(hookpoints=["blocks.0.mlp_in"], models=["m"], d_model=D,
+                              n_features=8, k=4, activation="topk")
+    crosscoder = Crosscoder(config, seed=0)
+    (block,) = feature_blocks(crosscoder, {0: model.mlp_weights(0)}, dtype=torch.float64)
+    f_TH = torch.rand(5, 8, dtype=torch.float64)
+    out = surrogate_outputs(f_TH, block, ["none"])["none"]
+    xhat_TD = block.b_dec_D + f_TH @ block.d_HD
+    mlp = model.mlp_weights(0)
+    expected = mlp.to_residual(mlp.post(xhat_TD.float()) @ mlp.W_out_ND + mlp.b_out_D)
+    assert torch.allclose(out.float(), expected, atol=1e-4)

@@ -44,6 +44,7 @@ from crossint.interactions.attention import (
     query_spread,
 )
 from crossint.models.adapter import ModelAdapter
+from test_adapter import _build as build_family_model
 
 D_MODEL, VOCAB, S, H = 32, 100, 9, 10
 FAMILIES = ["gpt2", "llama", "gpt_neox", "gpt_neo"]
@@ -513,6 +514,21 @@ def test_unsupported_attention_fails_with_a_clear_message():
         check_supported(dataclasses.replace(weights, positional="alibi"), 3)
     with pytest.raises(CrossintError, match="multiple"):
         check_supported(dataclasses.replace(weights, n_kv_heads=3), 0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2"])
+def test_qk_norm_and_soft_capping_are_refused_naming_the_family(model_type):
+    weights = ModelAdapter(build_family_model(model_type)).attention_weights(0)
+    what = "normalises queries and keys" if model_type == "qwen3" else "soft-caps scores"
+    with pytest.raises(CrossintError, match=f"{model_type} model {what}") as err:
+        check_supported(weights, 0)
+    assert "\n" not in str(err.value)
+
+
+def test_post_norms_and_residual_multipliers_are_analysed():
+    check_supported(ModelAdapter(build_family_model("granite")).attention_weights(0), 0)
+    gemma2 = ModelAdapter(build_family_model("gemma2")).attention_weights(0)
+    check_supported(dataclasses.replace(gemma2, softcap=None), 0)  # Gemma 2 without the cap
 
 
 # --- end to end ----------------------------------------------------------------------------------

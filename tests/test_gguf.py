@@ -332,7 +332,7 @@ def _metadata_only(gguf, path, arch: str):
     writer.add_head_count(2)
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(32064)  # phi3 defaults put special tokens at 32000+
+    writer.add_vocab_size(32064)  # room for default special tokens (phi3 puts them at 32000+)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -341,11 +341,12 @@ def _metadata_only(gguf, path, arch: str):
 
 
 def test_gguf_architecture_crossint_does_not_support(gguf, tmp_path):
-    # transformers reads phi3 GGUF files; crossint's adapter has no table entry for phi3.
-    path = _metadata_only(gguf, tmp_path / "phi.gguf", "phi3")
+    # transformers reads stablelm GGUF files; crossint's adapter has no table entry for it.
+    path = _metadata_only(gguf, tmp_path / "stablelm.gguf", "stablelm")
     message = _error(path)
-    assert str(path) in message and "unsupported model type 'phi3'" in message
-    assert "crossint reads GGUF files of gpt2, llama, mistral, qwen2" in message
+    assert str(path) in message and "unsupported model type 'stablelm'" in message
+    assert ("crossint reads GGUF files of gemma2, gpt2, llama, mistral, phi3, qwen2, qwen3"
+            in message)
 
 
 def test_gguf_architecture_transformers_cannot_read(gguf, tmp_path):

@@ -61,6 +61,25 @@ def splice_patches(outputs: dict[str, dict[int, Tensor]], keep_BS: Tensor, like_
         for name, by_block in outputs.items()}
 
 
+def _check_chainable(adapter: Any, attention: Any, mlp: Any) -> None:
+    """The chain's Lipschitz constants are for plain pre-LN blocks: refuse, in one line, the
+    variants whose extra maps they do not bound (the per-block bounds still apply)."""
+    config = adapter.model.config
+    found = [name for name, present in (
+        ("query/key norms", attention.q_norm is not None or attention.k_norm is not None),
+        ("soft-capped attention scores", attention.softcap is not None),
+        ("post-attention or post-MLP norms",
+         attention.out_norm is not None or mlp.out_norm is not None),
+        ("residual multipliers", attention.out_scale != 1.0 or mlp.out_scale != 1.0),
+        ("soft-capped or scaled logits",
+         getattr(config, "final_logit_softcapping", None) is not None
+         or getattr(config, "logits_scaling", 1.0) != 1.0),
+    ) if present]
+    if found:
+        raise CrossintError(f"the end-to-end chain does not cover {adapter.family} models "
+                            f"({', '.join(found)}): use --no-chain for the per-block bounds")
+
+
 @dataclass
 class ChainState:
     """The chain's constants and the per-batch records."""
@@ -85,6 +104,7 @@ class ChainState:
         constants, attention = {}, {}
         for l in blocks:
             attention[l] = adapter.attention_weights(l)
+            _check_chainable(adapter, attention[l], adapter.mlp_weights(l))
             constants[l] = C.BlockConstants(
                 norm_params(adapter.module("ln1", l)), C.attention_norms(attention[l]),
                 norm_params(adapter.module("ln2", l)), C.mlp_constants(adapter.mlp_weights(l)),

@@ -8,6 +8,7 @@ in, against zero- and mean-ablation of that hookpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from crossint.analysis.heldout import (
     load_subject,
     request_from,
 )
-from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
-from crossint.models.hookpoints import RESID_SITES, parse_hookpoint
+from crossint.analysis.splicing import TextLosses, percentile_interval, variant_losses
+from crossint.models.adapter import BlockInput
+from crossint.models.hookpoints import RESID_SITES, hookpoint, parse_hookpoint
 
 DENSE_FIRING_RATE = 0.1  # SPEC §3.6: a feature firing on more than 10% of tokens is "dense"
 BOOTSTRAP_RESAMPLES = 1000  # text resamples behind every confidence interval
@@ -71,9 +73,11 @@ class ReconstructionStats:
 EVAL_TOKENS = 20_000  # default held-out tokens
 
 
-def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int]):
-    """The captured pass (``Captured``) and the crosscoder's output on its tokens."""
-    captured = capture_tokens(adapter, ids_BS, hookpoints, special_ids)
+def _reconstruct(adapter, crosscoder, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int],
+                 also: Sequence[str] = ()):
+    """The captured pass (``Captured``, with the ``also`` hookpoints in its ``acts``) and the
+    crosscoder's output on its tokens."""
+    captured = capture_tokens(adapter, ids_BS, hookpoints, special_ids, also)
     with torch.no_grad():
         out = crosscoder(captured.acts_TXD)
     return captured, out
@@ -155,13 +159,18 @@ class _Passes:
     def splices(self, batches: list[Tensor], resid_hookpoints: list[str], mean_XD: Tensor,
                 ) -> TextLosses:
         """Next-token losses of the model, and with every residual hookpoint replaced by its
-        reconstruction, by zeros and by its mean (special tokens keep their activations)."""
+        reconstruction, by zeros and by its mean (special tokens keep their activations).
+
+        The three variants of a hookpoint in block l share one pass that starts at block l
+        from the unpatched residual stream (captured with the crosscoder's hookpoints)."""
         mean_XD = mean_XD.to(self.device)
+        block_of = {h: parse_hookpoint(h, self.adapter.n_blocks)[0] for h in resid_hookpoints}
+        starts = [hookpoint(l, "resid_pre") for l in sorted(set(block_of.values()))]
         losses = TextLosses()
         for ids_BS in batches:
             ids_BS = ids_BS.to(self.device)
             (acts, keep_BS, _), out = _reconstruct(self.adapter, self.crosscoder, ids_BS,
-                                                   self.hookpoints, self.special_ids)
+                                                   self.hookpoints, self.special_ids, starts)
             losses.new_batch(keep_BS[:, :-1])
             losses.add("model", _token_losses(self.adapter, ids_BS))
             for x, name in enumerate(self.hookpoints):
@@ -170,13 +179,15 @@ class _Passes:
                 recon_BSD = torch.zeros_like(acts[name])
                 recon_BSD[keep_BS] = out.recon_BXD[:, x].to(recon_BSD.dtype)
                 variants = {
-                    "splice": recon_BSD,
-                    "zero": torch.zeros_like(recon_BSD),
-                    "mean": mean_XD[x].expand_as(recon_BSD),
+                    "splice": {name: recon_BSD},
+                    "zero": {name: torch.zeros_like(recon_BSD)},
+                    "mean": {name: mean_XD[x].to(recon_BSD.dtype).expand_as(recon_BSD)},
                 }
-                for variant, replacement_BSD in variants.items():
-                    patches = {name: replace_where(replacement_BSD, ~keep_BS)}
-                    losses.add(f"{name}/{variant}", _token_losses(self.adapter, ids_BS, patches))
+                l = block_of[name]
+                start = BlockInput(l, acts[hookpoint(l, "resid_pre")])
+                for variant, loss_BS in variant_losses(self.adapter, ids_BS, keep_BS, start,
+                                                       variants).items():
+                    losses.add(f"{name}/{variant}", loss_BS)
             self.tick()
         return losses
 

@@ -42,7 +42,7 @@ from crossint.analysis.heldout import (
     load_run,
     request_from,
 )
-from crossint.analysis.splicing import TextLosses, percentile_interval, replace_where
+from crossint.analysis.splicing import TextLosses, percentile_interval, variant_losses
 from crossint.errors import CrossintError
 from crossint.interactions.additivity import MLPTerms, independent_post, iter_terms, kept_post
 from crossint.interactions.contributions import (
@@ -52,6 +52,7 @@ from crossint.interactions.contributions import (
     feature_blocks,
 )
 from crossint.io import sha256_file
+from crossint.models.adapter import BlockInput
 from crossint.models.hookpoints import hookpoint
 from crossint.rundir import RunDir
 
@@ -131,7 +132,7 @@ def surrogate_outputs(f_TH: Tensor, block: MLPFeatureBlock, schemes: Sequence[st
     for _, terms in iter_terms(active_features(f_TH), block):
         for scheme in schemes:
             post_BN = scheme_post(terms, mlp.act, scheme, generator)
-            parts[scheme].append(post_BN @ mlp.W_out_ND + mlp.b_out_D)
+            parts[scheme].append(mlp.to_residual(post_BN @ mlp.W_out_ND + mlp.b_out_D))
     empty_TD = block.b_dec_D.new_zeros((0, mlp.W_out_ND.shape[1]))
     return {scheme: torch.cat(chunks) if chunks else empty_TD for scheme, chunks in parts.items()}
 
@@ -238,9 +239,9 @@ def fidelity(
     )
     batches = heldout_batches(adapter, request)
     losses = TextLosses()
-    n_passes = len(batches) * (1 + len(crosscoders) * (len(chosen) * len(SCHEMES)
-                                                        + len(ALL_BLOCK_SCHEMES)))
-    with tqdm(total=n_passes, desc="fidelity", unit="pass", disable=not progress) as bar:
+    n_variants = len(batches) * (1 + len(crosscoders) * (len(chosen) * len(SCHEMES)
+                                                          + len(ALL_BLOCK_SCHEMES)))
+    with tqdm(total=n_variants, desc="fidelity", unit="variant", disable=not progress) as bar:
         for ids_BS in batches:
             splicer.add(losses, ids_BS.to(request.device), bar.update)
     weights_RC = losses.resample_weights(BOOTSTRAP_RESAMPLES, seed=scheme_seed)
@@ -311,14 +312,17 @@ class _SchemeSplicer:
     hookpoints: list[str]  # every run's hookpoints, captured once
     generator: torch.Generator
 
-    def add(self, losses: TextLosses, ids_BS: Tensor, tick: Callable[[], Any]) -> None:
+    def add(self, losses: TextLosses, ids_BS: Tensor, tick: Callable[[int], Any]) -> None:
+        """The schemes of one patch share passes that start at its first block (from the
+        unpatched residual stream captured with the crosscoders' hookpoints)."""
         adapter = self.adapter
+        starts = [hookpoint(l, "resid_pre") for l in self.blocks]
         with torch.no_grad():
             acts, keep_BS, acts_TXD = capture_tokens(adapter, ids_BS, self.hookpoints,
-                                                     adapter.special_token_ids())
+                                                     adapter.special_token_ids(), starts)
             losses.new_batch(keep_BS[:, :-1])
             losses.add("model", adapter.token_losses(ids_BS))
-            tick()
+            tick(1)
             for name, crosscoder in self.crosscoders.items():
                 hookpoints = crosscoder.config.hookpoints
                 out = crosscoder(acts_TXD[:, [self.hookpoints.index(h) for h in hookpoints]])
@@ -327,20 +331,30 @@ class _SchemeSplicer:
                 like_BSD = acts[hookpoint(self.blocks[0], "resid_mid")]
                 for l in self.blocks:
                     resid_mid_TD = out.recon_BXD[:, hookpoints.index(hookpoint(l, "resid_mid"))]
-                    for scheme in SCHEMES:
-                        new_BSD = _tokens_to_batch(resid_mid_TD + outputs[l][scheme].to(
-                            resid_mid_TD.dtype), keep_BS, like_BSD)
-                        patches = {hookpoint(l, "resid_post"): replace_where(new_BSD, ~keep_BS)}
-                        losses.add(f"{name}/{l}/{scheme}",
-                                   adapter.token_losses(ids_BS, patches=patches))
-                        tick()
-                for scheme in ALL_BLOCK_SCHEMES:
-                    patches = {hookpoint(l, "mlp_out"): replace_where(
-                        _tokens_to_batch(outputs[l][scheme], keep_BS, like_BSD), ~keep_BS)
-                        for l in self.blocks}
-                    losses.add(f"{name}/all/{scheme}",
-                               adapter.token_losses(ids_BS, patches=patches))
-                    tick()
+                    variants = {
+                        f"{name}/{l}/{scheme}": {hookpoint(l, "resid_post"): _tokens_to_batch(
+                            resid_mid_TD + outputs[l][scheme].to(resid_mid_TD.dtype), keep_BS,
+                            like_BSD)}
+                        for scheme in SCHEMES
+                    }
+                    start = BlockInput(l, acts[hookpoint(l, "resid_pre")])
+                    self._add_variants(losses, ids_BS, keep_BS, start, variants, tick)
+                variants = {
+                    f"{name}/all/{scheme}": {hookpoint(l, "mlp_out"): _tokens_to_batch(
+                        outputs[l][scheme], keep_BS, like_BSD) for l in self.blocks}
+                    for scheme in ALL_BLOCK_SCHEMES
+                }
+                first = min(self.blocks)
+                start = BlockInput(first, acts[hookpoint(first, "resid_pre")])
+                self._add_variants(losses, ids_BS, keep_BS, start, variants, tick)
+
+    def _add_variants(self, losses: TextLosses, ids_BS: Tensor, keep_BS: Tensor,
+                      start: BlockInput, variants: dict[str, dict[str, Tensor]],
+                      tick: Callable[[int], Any]) -> None:
+        for key, loss_BS in variant_losses(self.adapter, ids_BS, keep_BS, start,
+                                           variants).items():
+            losses.add(key, loss_BS)
+        tick(len(variants))
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -317,11 +318,13 @@ class Captured(NamedTuple):
 
 
 def capture_tokens(
-    adapter: Any, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int]
+    adapter: Any, ids_BS: Tensor, hookpoints: list[str], special_ids: set[int],
+    also: Sequence[str] = (),
 ) -> Captured:
-    """Run the model on ``ids_BS`` and keep ``hookpoints`` (NaN/Inf activations refused)."""
+    """Run the model on ``ids_BS`` and keep ``hookpoints`` (NaN/Inf activations refused);
+    ``also``: more hookpoints captured in the same pass, in ``acts`` only."""
     with torch.no_grad():
-        acts = adapter.capture(ids_BS, hookpoints)
+        acts = adapter.capture(ids_BS, list(dict.fromkeys([*hookpoints, *also])))
     keep_BS = non_special_BS(ids_BS, special_ids)
     acts_TXD = torch.stack([acts[h][keep_BS] for h in hookpoints], dim=1).float()
     n_bad = int((~torch.isfinite(acts_TXD)).sum())

@@ -6,10 +6,17 @@ analysis (Φ per keep/drop scheme, SPEC §6.1): both are the same ratio of next-
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from crossint.models.adapter import BlockInput
+
+# Logits entries (1 GiB in float32) of one stacked pass of :func:`variant_losses`: the logits,
+# tokens × vocabulary, are the largest tensor of a pass, so they bound how many variants share it.
+STACKED_LOGITS = 2**28
 
 
 def loss_recovered(loss_model: float, loss_patched: float, loss_ablated: float) -> float:
@@ -37,6 +44,34 @@ def replace_where(replacement_BSD: Tensor, keep_BS: Tensor) -> Callable[[Tensor]
         return torch.where(keep_BS[..., None].to(original_BSD.device), original_BSD, new_BSD)
 
     return patch
+
+
+@torch.no_grad()
+def variant_losses(adapter: Any, ids_BS: Tensor, replaced_BS: Tensor, start: BlockInput,
+                   variants: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Next-token losses (B, S−1) of the model with each variant's replacements
+    ``{hookpoint: (B, S, D)}`` written in where ``replaced_BS`` is True (elsewhere, at special
+    tokens, the model keeps its own activations; see :func:`replace_where`).
+
+    Every variant patches the same hookpoints, all in ``start.block`` or later, so each pass
+    starts there from the unpatched residual stream, and the variants ride along the batch
+    axis (several per pass, up to ``STACKED_LOGITS`` logits)."""
+    names = list(variants)
+    per_pass = max(1, STACKED_LOGITS // (ids_BS.numel() * adapter.vocab_size))
+    losses: dict[str, Tensor] = {}
+    for first in range(0, len(names), per_pass):
+        chunk = names[first : first + per_pass]
+        n = len(chunk)
+        original_BS = ~replaced_BS.repeat(n, 1)
+        patches = {
+            hookpoint: replace_where(torch.cat([variants[v][hookpoint] for v in chunk]),
+                                     original_BS)
+            for hookpoint in variants[chunk[0]]
+        }
+        stacked = BlockInput(start.block, start.resid_pre_BSD.repeat(n, 1, 1))
+        losses_BS = adapter.token_losses(ids_BS.repeat(n, 1), patches=patches, start=stacked)
+        losses.update(zip(chunk, losses_BS.split(len(ids_BS)), strict=True))
+    return losses
 
 
 class TextLosses:

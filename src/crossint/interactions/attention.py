@@ -56,6 +56,16 @@ def check_supported(weights: AttentionWeights, block: int) -> None:
     if weights.positional == "rotary" and (weights.rotary_inv_freq is None
                                            or weights.rotary_dim <= 0):
         raise CrossintError(f"block {block} is rotary but its rotary frequencies are unknown")
+    # The feature-pair decomposition needs scores bilinear in attn_in: a norm of q and k, or a
+    # soft cap on the scores, breaks it. (A post-norm or residual multiplier acts after the
+    # pattern: only the output error is then measured before it.)
+    if weights.q_norm is not None or weights.softcap is not None:
+        what = "normalises queries and keys" if weights.q_norm is not None else "soft-caps scores"
+        raise CrossintError(
+            f"block {block} of this {weights.family or 'model'} model {what}, so its attention "
+            f"scores do not split into feature pairs: the attention analysis supports models "
+            f"whose scores are bilinear in attn_in (no q/k norm, no logit soft-capping)"
+        )
     if weights.n_heads % weights.n_kv_heads:
         raise CrossintError(
             f"block {block} has {weights.n_heads} query heads and {weights.n_kv_heads} key/value "

@@ -672,7 +672,7 @@ def chunk_bounds(chunk: BoundChunk, verifier: BlockVerifier) -> ChunkBounds:
         recon = reconstruction_bounds(chunk, s, verifier, table) * (1 + ROUNDING)
     posts["zero"] = kept_post(terms, act, torch.zeros_like(full_BN))  # SPEC §6.1 zero: z = c
     b_out = mlp.b_out_D.double()
-    outputs = {e: post @ W_out + b_out for e, post in posts.items()}
+    outputs = {e: mlp.to_residual(post @ W_out + b_out) for e, post in posts.items()}
     return ChunkBounds(gap, bounds, total, recon, outputs)
 
 

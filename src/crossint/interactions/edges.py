@@ -246,7 +246,7 @@ def kept_mlp_output(f_TH: Tensor, block: MLPFeatureBlock, kept: EdgeSet | None,
         if mlp.gated:
             assert mlp.W_up_DN is not None and mlp.b_up_N is not None
             post_BN = post_BN * (reconstructed_mlp_in(contrib, block) @ mlp.W_up_DN + mlp.b_up_N)
-        parts.append(post_BN @ mlp.W_out_ND + mlp.b_out_D)
+        parts.append(mlp.to_residual(post_BN @ mlp.W_out_ND + mlp.b_out_D))
     if not parts:
         return block.d_HD.new_zeros((0, mlp.W_out_ND.shape[1]))
     return torch.cat(parts)

@@ -26,15 +26,24 @@ Post-LN blocks (BERT, RoBERTa): ``x_mid = LN_a(x + attn(x))``, ``x_out = LN_m(x_
     ``mlp_out`` = the MLP output projection, added to x_mid before LN_m · ``resid_post`` = x_out,
     the block output after LN_m.
 
+Sandwich-norm blocks (Gemma 2/3, OLMo-2) normalise each sublayer's output before the residual add:
+``resid_mid = resid_pre + N_a(attn(ln1(resid_pre)))``, ``resid_post = resid_mid +
+N_m(mlp(ln2(resid_mid)))`` (OLMo-2 has no ln1/ln2). The sites keep their meaning: ``attn_out`` and
+``mlp_out`` are the *post-norm* outputs (what the residual adds), ``resid_mid`` is the residual
+between the sublayers, ``attn_in``/``mlp_in`` what the Q/K/V and the MLP's first linear read
+(after ln1/ln2; the residual itself in OLMo-2). Granite adds ``residual_multiplier ×`` each
+sublayer output: ``attn_out``/``mlp_out`` are those products.
+
 Patching ``resid_mid`` of a pre-LN block replaces the attention output by ``target − resid_pre``
 (resid_pre as seen in the same pass), so everything downstream — the residual and the MLP input —
-sees the target; in exact arithmetic the identity patch is a no-op, in floating point it is exact
-to rounding.
+sees the target, exact to rounding; elements the patch leaves unchanged keep the model's own
+values, so the identity patch is exact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import mmap
@@ -43,7 +52,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +96,17 @@ class _StopForward(Exception):
 
 
 @dataclass(frozen=True, eq=False)
+class NormWeights:
+    """An RMS norm ``x / sqrt(mean(x²) + eps) · gain`` over the last axis. ``gain`` is the
+    effective multiplier (Gemma's ``1 + weight``), in float32; ``apply`` is the model's own
+    module, exact in every dtype."""
+
+    gain_F: Tensor
+    eps: float
+    apply: Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
 class MLPWeights:
     """One block's MLP in raw weights: ``MLP(u) = φ(u·W_in + b_in)·W_out + b_out`` (SPEC §4).
 
@@ -94,6 +114,10 @@ class MLPWeights:
     where W_in is the gate projection. Note that the SPEC §4.3 bound is stated for plain MLPs;
     for gated ones the up projection multiplies the activation.
     Tensors are the model's own (treat them as read-only), in D×N / N×D orientation.
+
+    ``MLP(u)`` is the MLP module's output. What the residual adds (``mlp_out``) is
+    ``out_scale · out_norm(MLP(u))``: ``out_norm`` is the post-MLP norm of sandwich-norm models
+    (Gemma 2/3, OLMo-2), ``out_scale`` Granite's residual multiplier (None and 1 elsewhere).
     """
 
     W_in_DN: Tensor
@@ -105,6 +129,8 @@ class MLPWeights:
     lipschitz: float
     W_up_DN: Tensor | None = None
     b_up_N: Tensor | None = None
+    out_norm: NormWeights | None = None
+    out_scale: float = 1.0
 
     @property
     def gated(self) -> bool:
@@ -124,8 +150,16 @@ class MLPWeights:
         return post_BN
 
     def forward(self, mlp_in_BD: Tensor) -> Tensor:
-        """The MLP output added to the residual stream, rebuilt from these weights."""
-        return self.post(mlp_in_BD) @ self.W_out_ND + self.b_out_D
+        """The MLP output added to the residual stream (``mlp_out``), rebuilt from these
+        weights."""
+        return self.to_residual(self.post(mlp_in_BD) @ self.W_out_ND + self.b_out_D)
+
+    def to_residual(self, output_BD: Tensor) -> Tensor:
+        """What the residual adds for the MLP module's output ``output_BD`` (the identity
+        unless the model has a post-MLP norm or a residual multiplier), in the model's order."""
+        if self.out_norm is not None:
+            output_BD = self.out_norm.apply(output_BD)
+        return output_BD if self.out_scale == 1.0 else output_BD * self.out_scale
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,6 +174,13 @@ class AttentionWeights:
     ``Σ_h softmax(score)·v_h·W_O[h] + b_O``. Grouped-query attention: W_K / W_V have
     ``n_kv_heads`` heads and query head h reads kv head ``h // (n_heads // n_kv_heads)``.
     Missing biases are zeros.
+
+    Variants (None / 1 where absent): ``q_norm``/``k_norm`` normalise q and k before rotary,
+    per head when their gain has ``head_dim`` entries (Qwen3, Gemma 3), else over all heads'
+    features together (OLMo-2); ``softcap`` replaces the score by ``softcap·tanh(score /
+    softcap)`` before masking (Gemma 2); the residual adds ``out_scale · out_norm(output)``
+    (sandwich norms of Gemma 2/3 and OLMo-2; Granite's residual multiplier), which is
+    ``attn_out``. ``family`` names the architecture, for error messages.
     """
 
     W_Q_ADd: Tensor
@@ -158,6 +199,12 @@ class AttentionWeights:
     rotary_inv_freq: Tensor | None = None
     window: int | None = None
     causal: bool = True
+    q_norm: NormWeights | None = None
+    k_norm: NormWeights | None = None
+    softcap: float | None = None
+    out_norm: NormWeights | None = None
+    out_scale: float = 1.0
+    family: str = ""
 
     @property
     def n_heads(self) -> int:
@@ -170,6 +217,15 @@ class AttentionWeights:
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` reads (grouped-query attention)."""
         return head // (self.n_heads // self.n_kv_heads)
+
+
+def _rotary_problem(rope_type: str | None, cos_scale: float) -> str | None:
+    """Why a rotary embedding is not the fixed rotation AttentionWeights describes, or None."""
+    if rope_type in ("dynamic", "longrope"):
+        return "changes its frequencies with the sequence length"
+    if cos_scale != 1.0:  # yarn, longrope: q·k would be scaled by cos_scale²
+        return f"scales cos and sin by {cos_scale:.4g}"
+    return None
 
 
 def _in_out_weight(module: nn.Module, conv1d: bool) -> tuple[Tensor, Tensor | None]:
@@ -243,6 +299,39 @@ def _apply_patch(name: str, fn: PatchFn, original: Tensor) -> Tensor:
     return new.to(device=original.device, dtype=original.dtype)
 
 
+@dataclass(frozen=True)
+class _View:
+    """How a site's tensor is read from a module's output, and how a patched site tensor is
+    written back: ``write(output, read, patched)`` returns the module output to continue with."""
+
+    read: Callable[[Tensor], Tensor]
+    write: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+_PLAIN = _View(read=lambda y: y, write=lambda y, read, new: new)
+
+
+def _scaled_view(scale: float) -> _View:
+    """The residual adds ``scale ×`` the module output (Granite): the site is that product. A
+    patch is divided back by ``scale``, except where it left the product unchanged: those
+    elements keep the module's own value, so the identity patch is exact."""
+    if scale == 1.0:
+        return _PLAIN
+    return _View(
+        read=lambda y: y * scale,
+        write=lambda y, read, new: torch.where(new == read, y, new / scale),
+    )
+
+
+def _gate_half_view(width: int) -> _View:
+    """A fused [gate | up] projection output (Phi-3): the site is the gate half; a patch
+    replaces only that half."""
+    return _View(
+        read=lambda y: y[..., :width],
+        write=lambda y, read, new: torch.cat([new, y[..., width:]], dim=-1),
+    )
+
+
 class _Pass:
     """What one forward pass captures and patches, and what it has captured so far."""
 
@@ -267,6 +356,16 @@ class _Pass:
     def maybe_stop(self, name: str) -> None:
         if name == self.stop_at:
             raise _StopForward
+
+
+class BlockInput(NamedTuple):
+    """Where a patched pass can start: ``resid_pre_BSD``, the residual stream entering block
+    ``block`` in an unpatched pass over the same tokens. A pass given it skips blocks
+    0..block−1 (their output is this tensor), so a patch in block l costs the blocks from l on
+    rather than the whole model."""
+
+    block: int
+    resid_pre_BSD: Tensor
 
 
 class _BlockHooks:
@@ -297,40 +396,51 @@ class _BlockHooks:
 
         self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def on_output(self, module: nn.Module, site: str) -> None:
-        """``site`` is the output (or its first element) of ``module``."""
+    def on_output(self, module: nn.Module, site: str, view: _View = _PLAIN) -> None:
+        """``site`` is ``view.read`` of the output (or its first element) of ``module``."""
         name, state = self.name[site], self.state
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             y = _first_output(output)
-            new = state.visit(name, y)
+            seen = view.read(y)
+            new = state.visit(name, seen)
             state.maybe_stop(name)
-            return _with_first_output(output, new) if new is not y else None
+            return _with_first_output(output, view.write(y, seen, new)) if new is not seen else None
 
         self.handles.append(module.register_forward_hook(hook))
 
-    def on_derived_resid_mid(self, attn_out: nn.Module) -> None:
-        """Pre-LN blocks: resid_mid from the output of the ``attn_out`` module (needs the
-        block's resid_pre stored by :meth:`on_input`)."""
-        self.handles.append(attn_out.register_forward_hook(self._resid_mid_hook))
+    def on_derived_resid_mid(self, attn_out: nn.Module, view: _View = _PLAIN) -> None:
+        """Pre-LN blocks: resid_mid from the output of the ``attn_out`` module, read through
+        ``view`` (needs the block's resid_pre stored by :meth:`on_input`)."""
 
-    def _resid_mid_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            return self._resid_mid(output, view)
+
+        self.handles.append(attn_out.register_forward_hook(hook))
+
+    def _resid_mid(self, output: Any, view: _View) -> Any:
         # SPEC §2, pre-LN: resid_mid = resid_pre + attn_out, the block's own sum (the
         # addition is commutative, so this is bit-identical to the model's).
         state, name = self.state, self.name
-        attn_out = _first_output(output)
+        out = _first_output(output)
+        attn_out = view.read(out)
         resid_pre = state.resid_pre[self.l]
         resid_mid = resid_pre + attn_out
         fn = state.patches.get(name["resid_mid"])
         new_out = attn_out
         if fn is not None:
-            resid_mid = _apply_patch(name["resid_mid"], fn, resid_mid)
-            # The block adds attn_out to resid_pre: make that sum equal the target.
-            new_out = resid_mid - resid_pre
+            target = _apply_patch(name["resid_mid"], fn, resid_mid)
+            # The block adds attn_out to resid_pre: make that sum equal the target. Elements
+            # the patch left unchanged keep attn_out, so they stay exact (target − resid_pre
+            # can differ from attn_out in the last bit).
+            new_out = torch.where(target == resid_mid, attn_out, target - resid_pre)
+            resid_mid = target
             state.record(name["attn_out"], new_out)
         state.record(name["resid_mid"], resid_mid)
         state.maybe_stop(name["resid_mid"])
-        return _with_first_output(output, new_out) if new_out is not attn_out else None
+        if new_out is attn_out:
+            return None
+        return _with_first_output(output, view.write(out, attn_out, new_out))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,12 +476,12 @@ class ModelAdapter:
             if getattr(block, "chunk_size_feed_forward", 0):
                 block.chunk_size_feed_forward = 0
         self.d_model: int = int(config.hidden_size)
-        W_in_DN, _ = _in_out_weight(self._module(0, self.arch.mlp_in_linear), self.arch.conv1d)
-        self.d_mlp: int = int(W_in_DN.shape[1])
+        self.d_mlp: int = int(self._mlp_in_weights(0)[0].shape[1])
         self.vocab_size: int = int(config.vocab_size)
         self.max_context: int = self.arch.max_context(config)
         self.parallel_residual: bool = self.arch.parallel_residual(config)
-        self._rotary = self._find_rotary()
+        self.residual_scale: float = float(self.arch.residual_scale(config))
+        self._rotary_emb = self._find_rotary()
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -455,12 +565,15 @@ class ModelAdapter:
         input_ids_BS: Tensor,
         attention_mask_BS: Tensor | None = None,
         patches: Mapping[str, PatchFn] | None = None,
+        start: BlockInput | None = None,
     ) -> Tensor:
         """Output logits (B, S, V), with ``patches={hookpoint: fn(original_BSD) -> new_BSD}``
-        replacing tensors during the pass. Runs in the caller's grad mode (wrap it in
-        ``torch.no_grad()`` unless you need gradients through the model)."""
+        replacing tensors during the pass. ``start`` (a :class:`BlockInput` for the same
+        tokens) runs only the blocks from ``start.block`` on; the patches must lie there. Runs
+        in the caller's grad mode (wrap it in ``torch.no_grad()`` unless you need gradients
+        through the model)."""
         state = _Pass((), self._check_patches(patches), None)
-        output = self._run(input_ids_BS, attention_mask_BS, state)
+        output = self._run(input_ids_BS, attention_mask_BS, state, start)
         logits = getattr(output, "logits", None)
         if logits is None:
             raise CrossintError(
@@ -474,8 +587,10 @@ class ModelAdapter:
         input_ids_BS: Tensor,
         attention_mask_BS: Tensor | None = None,
         patches: Mapping[str, PatchFn] | None = None,
+        start: BlockInput | None = None,
     ) -> Tensor:
         """Next-token cross-entropy (B, S-1): entry t is the loss of predicting token t+1.
+        ``patches`` and ``start`` as in :meth:`logits`.
 
         Positions whose target is padding (attention mask 0) are NaN, so that a plain mean
         cannot silently include them (use ``nanmean`` or the mask)."""
@@ -485,7 +600,7 @@ class ModelAdapter:
                 f"use a causal language model (gpt2, gpt_neo, gpt_neox, llama, ...) for losses"
             )
         input_ids_BS = self._check_input_ids(input_ids_BS)
-        logits_BSV = self.logits(input_ids_BS, attention_mask_BS, patches)
+        logits_BSV = self.logits(input_ids_BS, attention_mask_BS, patches, start)
         logprobs_BSV = torch.log_softmax(logits_BSV[:, :-1].float(), dim=-1)
         targets_BS = input_ids_BS[:, 1:]
         losses_BS = -logprobs_BSV.gather(-1, targets_BS.unsqueeze(-1)).squeeze(-1)
@@ -498,13 +613,10 @@ class ModelAdapter:
 
     def mlp_weights(self, block: int) -> MLPWeights:
         """Block ``block``'s MLP weights (SPEC §4), D×N / N×D, with the model's own φ."""
-        arch, conv1d = self.arch, self.arch.conv1d
-        W_in_DN, b_in = _in_out_weight(self._module(block, arch.mlp_in_linear), conv1d)
-        W_out_ND, b_out = _in_out_weight(self._module(block, arch.mlp_out_linear), conv1d)
-        W_up_DN = b_up_N = None
-        if arch.mlp_up_linear is not None:
-            W_up_DN, b_up = _in_out_weight(self._module(block, arch.mlp_up_linear), conv1d)
-            b_up_N = _bias_or_zeros(b_up, W_up_DN.shape[1], W_up_DN)
+        arch = self.arch
+        W_in_DN, b_in, W_up_DN, b_up = self._mlp_in_weights(block)
+        W_out_ND, b_out = _in_out_weight(self._module(block, arch.mlp_out_linear), arch.conv1d)
+        b_up_N = None if W_up_DN is None else _bias_or_zeros(b_up, W_up_DN.shape[1], W_up_DN)
         act = self._module(block, arch.act)
         act_name = arch.act_name(self.config)
         return MLPWeights(
@@ -517,6 +629,8 @@ class ModelAdapter:
             lipschitz=activation_lipschitz(act_name, act),
             W_up_DN=W_up_DN,
             b_up_N=b_up_N,
+            out_norm=self._norm(block, arch.mlp_post_norm),
+            out_scale=self.residual_scale,
         )
 
     def attention_weights(self, block: int) -> AttentionWeights:
@@ -535,13 +649,17 @@ class ModelAdapter:
         else:
             W_qkv, b_qkv = _in_out_weight(self._module(block, arch.qkv_proj), conv1d)
             b_qkv = _bias_or_zeros(b_qkv, W_qkv.shape[1], W_qkv)
-            head_dim = W_qkv.shape[1] // (3 * n_heads)
             n_kv = n_heads
             if arch.qkv_style == "fused_split":
-                # GPT-2 c_attn: output features are [q (all heads) | k | v].
-                W_q, W_k, W_v = W_qkv.split(n_heads * head_dim, dim=1)
-                b_q, b_k, b_v = b_qkv.split(n_heads * head_dim, dim=0)
+                # GPT-2 c_attn, Phi-3 qkv_proj: output features are [q (all heads) | k | v],
+                # k and v with the key/value heads (fewer under grouped-query attention).
+                n_kv = int(getattr(self.config, "num_key_value_heads", None) or n_heads)
+                head_dim = W_qkv.shape[1] // (n_heads + 2 * n_kv)
+                widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+                W_q, W_k, W_v = W_qkv.split(widths, dim=1)
+                b_q, b_k, b_v = b_qkv.split(widths, dim=0)
             else:
+                head_dim = W_qkv.shape[1] // (3 * n_heads)
                 # GPT-NeoX query_key_value: output features are, per head, [q_h | k_h | v_h].
                 W_D_A3d = W_qkv.reshape(W_qkv.shape[0], n_heads, 3, head_dim)
                 b_A3d = b_qkv.reshape(n_heads, 3, head_dim)
@@ -555,7 +673,7 @@ class ModelAdapter:
 
         rotary_dim, rope_theta, inv_freq = 0, None, None
         if arch.positional == "rotary":
-            rotary_dim, rope_theta, inv_freq = self._rotary
+            rotary_dim, rope_theta, inv_freq = self._rotary(block)
         return AttentionWeights(
             W_Q_ADd=per_head_ADd(W_q, n_heads),
             W_K_ADd=per_head_ADd(W_k, n_kv),
@@ -573,6 +691,12 @@ class ModelAdapter:
             rotary_inv_freq=inv_freq,
             window=arch.window(self.config, block),
             causal=not arch.encoder,
+            q_norm=self._norm(block, arch.q_norm),
+            k_norm=self._norm(block, arch.k_norm),
+            softcap=arch.softcap(self.config),
+            out_norm=self._norm(block, arch.attn_post_norm),
+            out_scale=self.residual_scale,
+            family=arch.family,
         )
 
     # -- internals -----------------------------------------------------------------------------
@@ -582,7 +706,7 @@ class ModelAdapter:
         roles = (
             "ln1", "attn", "attn_out", "attn_block", "ln2", "mlp", "mlp_in_linear",
             "mlp_up_linear", "act", "mlp_out_linear", "mlp_out_module", "q_proj", "k_proj",
-            "v_proj", "qkv_proj", "o_proj",
+            "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm", "attn_post_norm", "mlp_post_norm",
         )  # fmt: skip
         return {r: getattr(arch, r) for r in roles if getattr(arch, r) is not None}
 
@@ -604,26 +728,81 @@ class ModelAdapter:
             )
         return self._blocks[block].get_submodule(path)
 
+    def _mlp_in_weights(
+        self, block: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(W_in_DN, b_in, W_up_DN, b_up): the gate (or only) input projection and, for gated
+        MLPs, the up projection, in×out; biases None where the model has none."""
+        arch = self.arch
+        W_in_DN, b_in = _in_out_weight(self._module(block, arch.mlp_in_linear), arch.conv1d)
+        if arch.gate_up_fused:
+            # One projection whose output features are [gate | up].
+            W_in_DN, W_up_DN = (W.contiguous() for W in W_in_DN.chunk(2, dim=1))
+            b_in, b_up = b_in.chunk(2) if b_in is not None else (None, None)
+            return W_in_DN, b_in, W_up_DN, b_up
+        if arch.mlp_up_linear is not None:
+            W_up_DN, b_up = _in_out_weight(self._module(block, arch.mlp_up_linear), arch.conv1d)
+            return W_in_DN, b_in, W_up_DN, b_up
+        return W_in_DN, b_in, None, None
+
+    def _norm(self, block: int, path: str | None) -> NormWeights | None:
+        """The RMS norm at ``path`` in ``block`` (None for no path)."""
+        if path is None:
+            return None
+        module = self._module(block, path)
+        eps = getattr(module, "eps", None)
+        eps = getattr(module, "variance_epsilon", None) if eps is None else eps
+        weight = getattr(module, "weight", None)
+        if weight is None or eps is None:
+            raise CrossintError(
+                f"{self.model_type}: cannot read the norm {path!r} ({type(module).__name__}): "
+                f"crossint reads an RMS norm's weight and eps"
+            )
+        gain_F = weight.detach().float() + self.arch.norm_offset
+        return NormWeights(gain_F=gain_F, eps=float(eps), apply=module)
+
     def _attention_scale(self, block: int, head_dim: int) -> float:
         if self.arch.scale is not None:
             return float(self.arch.scale(self.config, block))
         scaling = getattr(self._module(block, self.arch.attn), "scaling", None)
         return float(scaling) if scaling is not None else head_dim**-0.5
 
-    def _find_rotary(self) -> tuple[int, float | None, Tensor | None]:
-        """(rotary_dim, rope_theta, inv_freq) read from the model's rotary embedding module."""
+    def _find_rotary(self) -> nn.Module | None:
+        """The model's rotary embedding module (None for models without rotary positions)."""
         if self.arch.positional != "rotary":
-            return 0, None, None
+            return None
         for name, module in self.model.named_modules():
-            inv_freq = getattr(module, "inv_freq", None)
-            if name.endswith("rotary_emb") and isinstance(inv_freq, Tensor):
-                break
-        else:
-            raise CrossintError(f"{self.model_type}: no rotary embedding module found")
+            if name.endswith("rotary_emb"):
+                return module
+        raise CrossintError(f"{self.model_type}: no rotary embedding module found")
+
+    def _rotary(self, block: int) -> tuple[int, float | None, Tensor]:
+        """(rotary_dim, rope_theta, inv_freq) of block ``block``. Gemma 3 keeps frequencies
+        (and rope parameters) per layer type, e.g. ``sliding_attention_inv_freq``."""
+        layer_types = getattr(self.config, "layer_types", None)
+        layer_type = layer_types[block] if layer_types else None
+        inv_freq = getattr(self._rotary_emb, f"{layer_type}_inv_freq", None)
+        if not isinstance(inv_freq, Tensor):
+            inv_freq = getattr(self._rotary_emb, "inv_freq", None)
+        if not isinstance(inv_freq, Tensor):
+            raise CrossintError(f"{self.model_type}: the rotary embedding has no frequencies")
         params = getattr(self.config, "rope_parameters", None) or {}
+        if isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+            params = params[layer_type]
         theta = params.get("rope_theta") if isinstance(params, dict) else None
         for attr in ("rope_theta", "rotary_emb_base"):
             theta = theta if theta is not None else getattr(self.config, attr, None)
+        rope_type = params.get("rope_type") if isinstance(params, dict) else None
+        cos_scale = getattr(self._rotary_emb, f"{layer_type}_attention_scaling", None)
+        if cos_scale is None:
+            cos_scale = getattr(self._rotary_emb, "attention_scaling", 1.0)
+        problem = _rotary_problem(rope_type, float(cos_scale))
+        if problem is not None:
+            raise CrossintError(
+                f"{self.family} ({self.model_type}) block {block}: rope type {rope_type!r} "
+                f"{problem}; attention weights support rotary embeddings with fixed frequencies "
+                f"and unscaled cos/sin (rope types default, linear, llama3)"
+            )
         inv_freq = inv_freq.detach().float()
         return 2 * inv_freq.numel(), (float(theta) if theta is not None else None), inv_freq
 
@@ -661,7 +840,8 @@ class ModelAdapter:
             )
         return input_ids_BS.to(self.device, torch.long)
 
-    def _run(self, input_ids_BS: Tensor, attention_mask_BS: Tensor | None, state: _Pass) -> Any:
+    def _run(self, input_ids_BS: Tensor, attention_mask_BS: Tensor | None, state: _Pass,
+             start: BlockInput | None = None) -> Any:
         input_ids_BS = self._check_input_ids(input_ids_BS)
         kwargs: dict[str, Any] = {"input_ids": input_ids_BS}
         if attention_mask_BS is not None:
@@ -673,11 +853,78 @@ class ModelAdapter:
             kwargs["attention_mask"] = attention_mask_BS.to(self.device)
         if not self.arch.encoder:
             kwargs["use_cache"] = False
-        with self._hooks(state):
+        with self._hooks(state), self._skipping_blocks_before(start, input_ids_BS, state):
             try:
                 return self.model(**kwargs)
             except _StopForward:
                 return None
+
+    @contextlib.contextmanager
+    def _skipping_blocks_before(self, start: BlockInput | None, input_ids_BS: Tensor,
+                                state: _Pass) -> Iterator[None]:
+        """Blocks before ``start.block`` compute nothing and hand on ``start.resid_pre_BSD``.
+        The model itself still runs around them (embeddings, masks, rotary tables, final norm,
+        head), so whatever it does there stays exactly its own; only the blocks are skipped."""
+        if start is None or start.block == 0:  # block 0's input is the model's own embedding
+            yield
+            return
+        self._check_start(start, input_ids_BS, state)
+        resid_pre_BSD = start.resid_pre_BSD.to(self.device, self.dtype)
+        # Blocks return a tensor or a tuple (hidden, extras...) depending on family and
+        # transformers version; the extras (attention weights) are read only when a caller
+        # asks for them, which these passes never do.
+        n_extras = self._block_extras
+        skipped_output = resid_pre_BSD if n_extras is None else (resid_pre_BSD, *[None] * n_extras)
+
+        def skip(*args: Any, **kwargs: Any) -> Any:
+            return skipped_output
+
+        skipped = self._blocks[: start.block]
+        # Another library (accelerate's dispatch) may have set forward on the instance too.
+        own_forwards = [block.__dict__.get("forward") for block in skipped]
+        try:
+            for block in skipped:
+                block.forward = skip
+            yield
+        finally:
+            for block, forward in zip(skipped, own_forwards, strict=True):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
+
+    def _check_start(self, start: BlockInput, input_ids_BS: Tensor, state: _Pass) -> None:
+        if not 0 <= start.block < self.n_blocks:
+            raise CrossintError(f"start block {start.block} is out of range: the model has "
+                                f"{self.n_blocks} blocks (0..{self.n_blocks - 1})")
+        expected = (*input_ids_BS.shape, self.d_model)
+        if tuple(start.resid_pre_BSD.shape) != expected:
+            raise CrossintError(f"the residual stream to start block {start.block} from has "
+                                f"shape {tuple(start.resid_pre_BSD.shape)}; expected {expected} "
+                                f"(batch, sequence of the input ids, d_model)")
+        for name in [*state.capture, *state.patches]:
+            block, _ = hp.parse_hookpoint(name, self.n_blocks)
+            if block < start.block:
+                raise CrossintError(f"{name} lies before block {start.block}, where this pass "
+                                    f"starts: start at block {block} or earlier")
+
+    @functools.cached_property
+    def _block_extras(self) -> int | None:
+        """None when a block returns its hidden state as a tensor, else how many values follow
+        it in the tuple it returns; seen once, on a one-token pass that stops after block 0."""
+        seen: list[Any] = []
+
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            seen.append(output)
+            raise _StopForward
+
+        handle = self._blocks[0].register_forward_hook(record)
+        try:
+            with torch.no_grad():
+                self._run(torch.zeros(1, 1, dtype=torch.long), None, _Pass((), {}, None))
+        finally:
+            handle.remove()
+        return len(seen[0]) - 1 if isinstance(seen[0], (tuple, list)) else None
 
     @contextlib.contextmanager
     def _hooks(self, state: _Pass) -> Iterator[None]:
@@ -707,22 +954,24 @@ class ModelAdapter:
             hooks.on_input(block, "resid_pre", store_resid=derived_mid)
         if "attn_in" in sites:
             hooks.on_input(block.get_submodule(arch.attn), "attn_in")
+        residual = _scaled_view(self.residual_scale)
         if "attn_out" in sites:
-            hooks.on_output(block.get_submodule(arch.attn_out), "attn_out")
+            hooks.on_output(block.get_submodule(arch.attn_out), "attn_out", residual)
         if "resid_mid" in sites:
             if arch.post_ln:
                 assert arch.attn_block is not None
                 hooks.on_output(block.get_submodule(arch.attn_block), "resid_mid")
             else:
-                hooks.on_derived_resid_mid(block.get_submodule(arch.attn_out))
+                hooks.on_derived_resid_mid(block.get_submodule(arch.attn_out), residual)
         if "mlp_in" in sites:
             hooks.on_input(block.get_submodule(arch.mlp), "mlp_in")
         if "mlp_pre" in sites:
-            hooks.on_output(block.get_submodule(arch.mlp_in_linear), "mlp_pre")
+            gate = _gate_half_view(self.d_mlp) if arch.gate_up_fused else _PLAIN
+            hooks.on_output(block.get_submodule(arch.mlp_in_linear), "mlp_pre", gate)
         if "mlp_post" in sites:
             hooks.on_input(block.get_submodule(arch.mlp_out_linear), "mlp_post")
         if "mlp_out" in sites:
-            hooks.on_output(block.get_submodule(arch.mlp_out_module), "mlp_out")
+            hooks.on_output(block.get_submodule(arch.mlp_out_module), "mlp_out", residual)
         if "resid_post" in sites:
             hooks.on_output(block, "resid_post")
         return hooks.handles

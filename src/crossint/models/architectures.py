@@ -22,7 +22,8 @@ from crossint.errors import CrossintError
 
 # How the query/key/value projections are stored:
 #   "separate"          three modules q, k, v (nn.Linear, out features = heads × head_dim)
-#   "fused_split"       one module whose output is [q | k | v] along features (GPT-2 c_attn)
+#   "fused_split"       one module whose output is [q | k | v] along features (GPT-2 c_attn;
+#                       Phi-3 qkv_proj, where k and v have the key/value heads' width)
 #   "fused_interleaved" one module whose output is per head [q_h | k_h | v_h] (GPT-NeoX)
 QKV_STYLES: tuple[str, ...] = ("separate", "fused_split", "fused_interleaved")
 POSITIONAL: tuple[str, ...] = ("absolute", "rotary", "alibi")
@@ -44,6 +45,14 @@ def _not_parallel(config: Any) -> bool:
     return False
 
 
+def _no_softcap(config: Any) -> float | None:
+    return None
+
+
+def _unit_residual_scale(config: Any) -> float:
+    return 1.0
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Where the SPEC §2 tensors of one family live. Paths are relative to one block.
@@ -52,14 +61,19 @@ class Architecture:
 
     - ``resid_pre``: the block's input; ``resid_post``: the block's output.
     - ``attn_in``: the input of ``attn``, the module whose Q/K/V projections read it.
-    - ``attn_out``: the output of ``attn_out`` (or its first element), the tensor added to
-      the residual stream.
+    - ``attn_out``: the output of ``attn_out`` (or its first element) times
+      ``residual_scale``: the tensor added to the residual stream.
     - ``resid_mid``: pre-LN blocks: ``resid_pre + attn_out`` (exactly the sum the block
       computes; for parallel-residual blocks it is that sum, which the MLP does not read).
       Post-LN blocks: the output of ``attn_block`` (the attention sublayer after its LayerNorm).
     - ``mlp_in``: the input of ``mlp``; ``mlp_pre``: the output of ``mlp_in_linear`` (the gate
-      for gated MLPs); ``mlp_post``: the input of ``mlp_out_linear``; ``mlp_out``: the output of
-      ``mlp_out_module``, the tensor added to the residual stream.
+      for gated MLPs; its first half when ``gate_up_fused``); ``mlp_post``: the input of
+      ``mlp_out_linear``; ``mlp_out``: the output of ``mlp_out_module`` times
+      ``residual_scale``, the tensor added to the residual stream.
+
+    Sandwich-norm blocks (Gemma 2/3, OLMo-2) normalise each sublayer's output before the residual
+    add: ``attn_post_norm`` / ``mlp_post_norm`` name those norms, which are then also
+    ``attn_out`` / ``mlp_out_module`` (their outputs are what the residual adds).
     """
 
     family: str
@@ -82,6 +96,12 @@ class Architecture:
     v_proj: str | None = None
     qkv_proj: str | None = None
     mlp_up_linear: str | None = None  # gated MLPs: the "up" projection multiplied into φ(gate)
+    gate_up_fused: bool = False  # mlp_in_linear's output is [gate | up] (Phi-3 gate_up_proj)
+    q_norm: str | None = None  # RMS norm of the queries (per head, or over all heads), pre-rotary
+    k_norm: str | None = None
+    attn_post_norm: str | None = None  # sandwich norms: applied to the sublayer output
+    mlp_post_norm: str | None = None
+    norm_offset: float = 0.0  # RMS norms scale by (norm_offset + weight): Gemma's 1 + weight
     attn_block: str | None = None  # post-LN: the attention sublayer including its LayerNorm
     post_ln: bool = False  # LayerNorm after each residual add (BERT-style encoders)
     encoder: bool = False  # bidirectional attention, masked-LM head, no next-token loss
@@ -93,6 +113,10 @@ class Architecture:
     )
     # The attention logit scale; None reads the attention module's own ``scaling``.
     scale: Callable[[Any, int], float] | None = None
+    # Attention logits soft-capped as cap·tanh(score / cap) (Gemma 2); None: no cap.
+    softcap: Callable[[Any], float | None] = _no_softcap
+    # The residual adds residual_scale × each sublayer's output (Granite's residual_multiplier).
+    residual_scale: Callable[[Any], float] = _unit_residual_scale
     max_context: Callable[[Any], int] = lambda config: int(
         _config_value(config, "n_positions", "max_position_embeddings", default=0)
     )
@@ -109,6 +133,10 @@ class Architecture:
             raise ValueError(f"qkv_style {self.qkv_style!r} needs qkv_proj")
         if self.post_ln and self.attn_block is None:
             raise ValueError("post-LN architectures need attn_block (the attention + LayerNorm)")
+        if self.gate_up_fused and self.mlp_up_linear is not None:
+            raise ValueError("gate_up_fused reads the up projection from mlp_in_linear")
+        if (self.q_norm is None) != (self.k_norm is None):
+            raise ValueError("q_norm and k_norm come together")
 
 
 def _gpt2_scale(config: Any, block: int) -> float:
@@ -131,7 +159,8 @@ def _config_sliding_window(config: Any, block: int) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
-def _qwen2_window(config: Any, block: int) -> int | None:
+def _layer_type_window(config: Any, block: int) -> int | None:
+    # Qwen2/3, Gemma 2/3: layer_types says which layers use the sliding window.
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         return config.sliding_window if layer_types[block] == "sliding_attention" else None
@@ -200,6 +229,60 @@ LLAMA = _pre_ln_decoder(
     positional="rotary",
 )
 
+def _sandwich(entry: Architecture, family: str, **fields: Any) -> Architecture:
+    """A pre-LN entry whose sublayer outputs are normalised before the residual add (Gemma 2/3,
+    OLMo-2): the post-norms' outputs are attn_out and mlp_out."""
+    return dataclasses.replace(
+        entry, family=family,
+        attn_out="post_attention_layernorm", attn_post_norm="post_attention_layernorm",
+        mlp_out_module="post_feedforward_layernorm", mlp_post_norm="post_feedforward_layernorm",
+        **fields,
+    )  # fmt: skip
+
+
+GEMMA = dataclasses.replace(LLAMA, norm_offset=1.0)
+
+# Gemma 2: ln1, attention, post-norm; pre-norm (ln2), MLP, post-norm; soft-capped logits.
+GEMMA2 = _sandwich(
+    GEMMA, "gemma2",
+    ln2="pre_feedforward_layernorm",
+    window=_layer_type_window,
+    softcap=lambda config: getattr(config, "attn_logit_softcapping", None),
+)
+
+# Gemma 3: Gemma 2 plus per-head query/key norms (and per-layer-type rotary frequencies).
+GEMMA3 = dataclasses.replace(
+    GEMMA2, family="gemma3", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"
+)
+
+# Qwen3: Llama with per-head query/key norms.
+QWEN3 = dataclasses.replace(
+    LLAMA, family="qwen3", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+    window=_layer_type_window,
+)  # fmt: skip
+
+# OLMo-2: no pre-norms (attention and MLP read the residual), post-norms on both sublayers,
+# query/key norms over all heads together.
+OLMO2 = _sandwich(
+    LLAMA, "olmo2",
+    ln1=None, ln2=None, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+)  # fmt: skip
+
+# Phi-3: Llama with fused qkv_proj ([q | k | v]) and gate_up_proj ([gate | up]).
+PHI3 = dataclasses.replace(
+    LLAMA, family="phi3",
+    qkv_style="fused_split", qkv_proj="self_attn.qkv_proj", q_proj=None, k_proj=None, v_proj=None,
+    mlp_in_linear="mlp.gate_up_proj", act="mlp.activation_fn", mlp_up_linear=None,
+    gate_up_fused=True,
+    window=_config_sliding_window,
+)  # fmt: skip
+
+# Granite: Llama whose residual adds residual_multiplier × each sublayer output (its embedding,
+# attention and logit multipliers act outside the blocks or through the module's ``scaling``).
+GRANITE = dataclasses.replace(
+    LLAMA, family="granite", residual_scale=lambda config: float(config.residual_multiplier)
+)
+
 BERT = Architecture(
     family="bert",
     blocks="encoder.layer",
@@ -226,9 +309,15 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
         "gpt_neo": GPT_NEO,
         "gpt_neox": GPT_NEOX,
         "llama": LLAMA,
-        "qwen2": dataclasses.replace(LLAMA, window=_qwen2_window),
+        "qwen2": dataclasses.replace(LLAMA, window=_layer_type_window),
+        "qwen3": QWEN3,
         "mistral": dataclasses.replace(LLAMA, window=_config_sliding_window),
-        "gemma": LLAMA,
+        "gemma": GEMMA,
+        "gemma2": GEMMA2,
+        "gemma3_text": GEMMA3,
+        "olmo2": OLMO2,
+        "phi3": PHI3,
+        "granite": GRANITE,
         "bert": BERT,
         "roberta": dataclasses.replace(BERT, max_context=_roberta_max_context),
     }
