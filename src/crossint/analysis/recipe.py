@@ -47,14 +47,15 @@ class DemoSettings:
 
 
 def harvest_stories(adapter: Any, cache_dir: Path, settings: DemoSettings,
-                    progress: bool = True) -> Any:
-    """``settings.tokens`` of built-in stories from ``adapter`` in the settings' layout, as a
-    float16 activation cache in ``cache_dir`` (resumed if interrupted)."""
+                    progress: bool = True, corpus: str | Path = "stories") -> Any:
+    """``settings.tokens`` of built-in stories (or of ``corpus``) from ``adapter`` in the
+    settings' layout, as a float16 activation cache in ``cache_dir`` (resumed if
+    interrupted)."""
     from crossint.data.harvest import harvest
 
     return harvest(adapter, cache_dir, settings.layout, n_tokens=settings.tokens,
-                   context_length=settings.context_length, dtype="float16", seed=settings.seed,
-                   progress=progress)
+                   corpus=corpus, context_length=settings.context_length, dtype="float16",
+                   seed=settings.seed, progress=progress)
 
 
 def train_recipe(source: Any, d_model: int, run_dir: Path, settings: DemoSettings,

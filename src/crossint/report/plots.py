@@ -277,9 +277,11 @@ def plot_token_scores(
     prompts: Sequence[tuple[Sequence[str], Sequence[float], Sequence[bool]]],
     path: str | Path,
     ylabel: str = "interaction score",
+    titles: Sequence[str] | None = None,
 ) -> Path:
     """One bar panel per prompt: a bar per token (labelled with the token), the tokens flagged
-    True drawn in red (the trigger), the others in grey. Non-finite scores (BOS) draw as 0."""
+    True drawn in red (the trigger), the others in grey. Non-finite scores (BOS) draw as 0.
+    ``titles``: one per panel (e.g. the prompt's group)."""
     if not prompts:
         raise CrossintError("nothing to plot: no prompts")
     longest = max(len(tokens) for tokens, _, _ in prompts)
@@ -295,6 +297,8 @@ def plot_token_scores(
         axes.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
         axes.set_xlim(-0.6, len(values) - 0.4)
         axes.set_ylabel(ylabel, fontsize=8)
+        if titles is not None:
+            axes.set_title(titles[index], fontsize=8, loc="left")
     figure.axes[0].set_title("per-token scores (red: trigger tokens)", fontsize=10)
     return _save(figure, path)
 
