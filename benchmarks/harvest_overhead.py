@@ -16,18 +16,23 @@ import argparse
 import itertools
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from common import print_table, time_interleaved, write_results
 from crossint.data.corpus import iter_contexts, iter_texts
-from crossint.data.harvest import _Capture, harvest
+from crossint.data.harvest import Capture, harvest
 from crossint.models.adapter import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="storylm")
+    parser.add_argument("--layout", default="paper",
+                        help="paper, resid or a comma-separated hookpoint list (SmolLM2's 17 "
+                             "at blocks 13-16: see docs/benchmarks.md)")
+    parser.add_argument("--corpus", default="stories")
     parser.add_argument("--batch", type=int, default=32, help="contexts per forward pass")
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=21)
@@ -35,20 +40,18 @@ def main() -> None:
     args = parser.parse_args()
 
     adapter = load_model(args.model)
-    names = adapter.resolve_layout("paper")
+    names = adapter.resolve_layout(args.layout)
     contexts = itertools.islice(
-        iter_contexts(iter_texts("stories", seed=0), adapter.tokenizer, args.context_length),
+        iter_contexts(iter_texts(args.corpus, seed=0), adapter.tokenizer, args.context_length),
         args.batch,
     )
     ids_BS = torch.stack(list(contexts))
     n_tokens = ids_BS.numel()
-    specials = torch.tensor(sorted(adapter.special_token_ids()), dtype=torch.long)
-    capture = _Capture(
+    capture = Capture(
         adapter,
         names,
         {n: adapter.hookpoint_dim(n) for n in names},
         torch.float16,
-        specials,
         include_special=False,
     )
 
@@ -81,6 +84,7 @@ def main() -> None:
             out,
             names,
             n_tokens=args.harvest_tokens,
+            corpus=args.corpus,
             context_length=args.context_length,
             batch_size=args.batch,
             dtype="float16",
@@ -103,7 +107,8 @@ def main() -> None:
     print(
         "wrote",
         write_results(
-            "harvest_overhead",
+            "harvest_overhead" if args.model == "storylm"
+            else f"harvest_overhead_{Path(args.model).stem}",
             rows,
             model=args.model,
             batch=args.batch,

@@ -12,6 +12,7 @@ _LAZY = {
     "harvest": "crossint.data.harvest",
     "ActivationCache": "crossint.data.cache",
     "TensorActivations": "crossint.data.cache",
+    "StreamingActivations": "crossint.data.stream",
     # crosscoders and their training
     "Crosscoder": "crossint.crosscoder.model",
     "CrosscoderConfig": "crossint.crosscoder.model",

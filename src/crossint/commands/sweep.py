@@ -66,7 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from crossint.analysis.sweep import format_table, parse_lambdas, run_sweep
-    from crossint.commands.train import new_configs, penalty_from_args
+    from crossint.commands.train import (
+        TRAIN_FLAGS,
+        given,
+        new_crosscoder_config,
+        penalty_from_args,
+    )
+    from crossint.crosscoder.train import TrainConfig
     from crossint.data.cache import ActivationCache
     from crossint.rundir import SWEEP
 
@@ -74,7 +80,8 @@ def _run(args: argparse.Namespace) -> int:
     common.heldout_request(args, device="cpu")  # bad text flags fail before any training
     fidelity_request(args, "cpu")
     cache = ActivationCache(args.activations)
-    cc_config, train_config = new_configs(args, cache)
+    cc_config = new_crosscoder_config(args, cache)
+    train_config = TrainConfig(**given(args, TRAIN_FLAGS))
     measure = {"top_pairs": args.top_pairs, "delta2_pairs": args.delta2_pairs,
                "chunk_tokens": args.chunk_tokens}
     rows = run_sweep(cache, lambdas, cc_config, train_config, args.out,

@@ -1,5 +1,6 @@
-"""`crossint train`: train a crosscoder on a harvested activation cache (SPEC §3), optionally with
-the MLP interaction penalty (SPEC §4.4).
+"""`crossint train`: train a crosscoder on a harvested activation cache, or on activations
+streamed from the model (``crossint.data.stream``) (SPEC §3), optionally with the MLP
+interaction penalty (SPEC §4.4).
 
 The argument groups and the config/penalty plumbing here are shared with `crossint sweep`.
 """
@@ -13,9 +14,12 @@ from crossint.errors import CrossintError
 
 if TYPE_CHECKING:
     from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.source import ActivationSource
     from crossint.crosscoder.train import TrainConfig
     from crossint.data.cache import ActivationCache
+    from crossint.data.stream import StreamingActivations
     from crossint.interactions.penalty import Penalty
+    from crossint.rundir import RunDir
 
 # CLI flag -> (config object, field). Flags default to None so a resume can tell which ones the
 # user actually gave (those must agree with the run being resumed).
@@ -46,6 +50,17 @@ TRAIN_FLAGS = {
     "normalisation_tokens": "normalisation_tokens",
     "device": "device",
 }
+# Streaming flag -> StreamingActivations argument (with --model instead of --activations).
+STREAM_FLAGS = {
+    "corpus": "corpus",
+    "text_field": "text_field",
+    "context_length": "context_length",
+    "model_batch_size": "batch_size",
+    "buffer_tokens": "buffer_tokens",
+    "include_special": "include_special",
+}
+STREAM_DEFAULTS = {"corpus": "stories", "text_field": "text", "context_length": 128,
+                   "batch_size": 32, "seed": 0, "include_special": False}
 
 
 # --- shared argument groups --------------------------------------------------------------------
@@ -167,27 +182,48 @@ def given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
             if getattr(args, flag, None) is not None}
 
 
-def new_configs(
-    args: argparse.Namespace, cache: ActivationCache
-) -> tuple[CrosscoderConfig, TrainConfig]:
-    """Fresh crosscoder and training configs for ``cache`` from the flags given."""
+def new_crosscoder_config(args: argparse.Namespace, source: ActivationSource
+                          ) -> CrosscoderConfig:
+    """A fresh crosscoder config for ``source`` from the flags given."""
     from crossint.crosscoder.config import CrosscoderConfig
-    from crossint.crosscoder.train import TrainConfig
 
-    widths = sorted(set(cache.dims.values()))
+    widths = sorted(set(source.dims.values()))
     if len(widths) != 1:
-        detail = ", ".join(f"{h}: {d}" for h, d in cache.dims.items())
+        detail = ", ".join(f"{h}: {d}" for h, d in source.dims.items())
         raise CrossintError(
-            f"activation cache {cache.path} mixes hookpoint widths ({detail}); a crosscoder "
-            "needs one width: harvest hookpoints of one width (e.g. the paper or resid layout)"
+            f"activation cache {getattr(source, 'path', '')} mixes hookpoint widths ({detail}); "
+            "a crosscoder needs one width: harvest hookpoints of one width (e.g. the paper or "
+            "resid layout)"
         )
-    cc_config = CrosscoderConfig(
-        hookpoints=list(cache.hookpoints),
-        models=[cache.model],
+    return CrosscoderConfig(
+        hookpoints=list(source.hookpoints),
+        models=[source.model],
         d_model=widths[0],
         **given(args, CROSSCODER_FLAGS),
     )
-    return cc_config, TrainConfig(**given(args, TRAIN_FLAGS))
+
+
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of a stream (--model instead of --activations); all default to None: a resumed
+    run's recorded settings, else STREAM_DEFAULTS."""
+    group = parser.add_argument_group(
+        "streaming (with --model: no cache; the text is read as `crossint harvest` reads it)")
+    group.add_argument("--layout",
+                       help="hookpoints: 'paper' (default), 'resid' or a comma-separated list")
+    group.add_argument("--corpus", help="'stories' (default), a .txt or .jsonl file, or "
+                                        "hf:NAME[:SPLIT[:FIELD]]")
+    group.add_argument("--text-field", metavar="FIELD",
+                       help="field holding the text in a .jsonl corpus (default text)")
+    group.add_argument("--context-length", type=int, metavar="S",
+                       help="tokens per context, BOS included (default 128)")
+    group.add_argument("--model-batch-size", type=int, metavar="B",
+                       help="contexts per forward pass of the model (default 32)")
+    group.add_argument("--buffer-tokens", type=int, metavar="N",
+                       help="tokens in the shuffle buffer: batches are drawn from N tokens at a "
+                            "time (default: the largest power of two whose buffer takes at most "
+                            "a quarter of the available memory, at most steps x batch size)")
+    group.add_argument("--include-special", action="store_const", const=True, default=None,
+                       help="also keep positions holding BOS/EOS/PAD tokens")
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -197,8 +233,11 @@ def register(subparsers) -> None:
         help="train a crosscoder on an activation cache",
         description=(
             "Train an acausal crosscoder (SPEC §3) on the activations in CACHE_DIR (made by "
-            "`crossint harvest`). The run directory gets config.json (settings, the cache path "
-            "and the model id, the interaction penalty), metrics.jsonl, checkpoint/ and, when "
+            "`crossint harvest`), or, with --model, on activations streamed from the model "
+            "through a shuffle buffer of --buffer-tokens tokens (no cache on disk; the stream "
+            "reads steps x batch size tokens, each once). The run directory gets config.json "
+            "(settings, the cache path or the stream's settings, the model id, the interaction "
+            "penalty), metrics.jsonl, checkpoint/ and, when "
             "training ends, the folded crosscoder (model.safetensors + config.json). "
             "Interrupted runs continue exactly with --resume. With --interaction-penalty λ > 0 "
             "the loss adds λ·L_int (SPEC §4.4), computed with the subject model's own MLP "
@@ -206,17 +245,26 @@ def register(subparsers) -> None:
             "`interaction` (λ·L_int), `interaction_penalty` (L_int) and `dominant_share`."
         ),
         epilog=(
-            "example: crossint train --activations cache/ --features 2048 --k 20 "
-            "--activation batchtopk --steps 3000 --interaction-penalty 1000 --out runs/pen"
+            "examples: crossint train --activations cache/ --features 2048 --k 20 "
+            "--activation batchtopk --steps 3000 --interaction-penalty 1000 --out runs/pen; "
+            "crossint train --model storylm --corpus stories --layout paper --steps 3000 "
+            "--out runs/streamed"
         ),
     )
-    parser.add_argument("--activations", required=True, metavar="CACHE_DIR",
-                        help="activation cache directory (from `crossint harvest`)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--activations", metavar="CACHE_DIR",
+                       help="activation cache directory (from `crossint harvest`)")
+    where.add_argument("--model", metavar="NAME_OR_PATH",
+                       help="stream the activations from this model instead, writing no cache "
+                            "('storylm', a hub id in the local cache or a local directory); it "
+                            "runs on --device")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in RUN_DIR from its last checkpoint; settings "
                              "default to the run's own (RUN_DIR must hold a run: the cache "
-                             "must be the one it started on, moved or copied caches are fine)")
+                             "must be the one it started on, moved or copied caches are fine; a "
+                             "stream needs --model again and continues where it stopped)")
+    add_stream_arguments(parser)
     add_crosscoder_arguments(parser)
     add_optimisation_arguments(parser)
     add_penalty_arguments(parser)
@@ -225,38 +273,45 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossint.commands.common import locked_output
+    from crossint.crosscoder.distributed import ranks_from_environment, writer_lock
     from crossint.rundir import RunDir
 
     if args.resume and not RunDir(args.out).has_run():
         # The rule of harvest --resume too: --resume continues something or stops.
         raise CrossintError(f"--resume: {args.out} holds no training run to continue; leave out "
                             "--resume to start one")
-    with locked_output(args.out, "train"):
+    # Under torchrun only rank 0 writes (and locks) the run directory.
+    with writer_lock(args.out, "crossint train", ranks_from_environment()):
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from crossint.crosscoder.train import read_run_configs
-    from crossint.data.cache import ActivationCache
+    from crossint.crosscoder.distributed import ranks_from_environment
+    from crossint.crosscoder.train import TrainConfig, read_run_configs
     from crossint.interactions.penalty import run_penalty, train_with_penalty
     from crossint.rundir import RunDir
 
-    cache = ActivationCache(args.activations)
     run_dir = RunDir(args.out)
-    if args.resume and (run_dir.checkpoint.is_file() or run_dir.config.is_file()):
+    resuming = args.resume and (run_dir.checkpoint.is_file() or run_dir.config.is_file())
+    cache = open_cache(args) if args.activations is not None else None
+    if resuming:
         # The run's own settings; any flag given must agree (train() checks and says which).
         cc_config, train_config = read_run_configs(run_dir.path)
         cc_config = cc_config.replace(**given(args, CROSSCODER_FLAGS))
         train_config = train_config.replace(**given(args, TRAIN_FLAGS))
         penalty = penalty_from_args(args, recorded=run_penalty(run_dir.path))
     else:
-        cc_config, train_config = new_configs(args, cache)
+        train_config = TrainConfig(**given(args, TRAIN_FLAGS))
         penalty = penalty_from_args(args)
+    source = cache or stream_from_args(args, train_config, run_dir if resuming else None)
+    if not resuming:
+        cc_config = new_crosscoder_config(args, source)
     crosscoder = train_with_penalty(
-        cc_config, train_config, cache, run_dir.path, penalty, resume=args.resume,
+        cc_config, train_config, source, run_dir.path, penalty, resume=args.resume,
         log_interactions=args.log_interactions, progress=not args.quiet,
     )
+    if not ranks_from_environment().is_main:
+        return 0  # rank 0 reports the run
     last = run_dir.last_metrics()
     summary = ", ".join(f"{key} {last[key]:.4g}"
                         for key in ("fvu", "l0", "dead_fraction", "dominant_share")
@@ -267,3 +322,52 @@ def _run(args: argparse.Namespace) -> int:
           f"crosscoder over {cfg.n_positions} positions{with_penalty} -> {run_dir.path}"
           + (f" ({summary})" if summary else ""))
     return 0
+
+
+def open_cache(args: argparse.Namespace) -> ActivationCache:
+    """The cache --activations names; the streaming flags are refused with it."""
+    from crossint.data.cache import ActivationCache
+
+    stray = [f"--{flag.replace('_', '-')}" for flag in ("layout", *STREAM_FLAGS)
+             if getattr(args, flag) is not None]
+    if stray:
+        raise CrossintError(f"{', '.join(stray)} only apply when streaming with --model, not to "
+                            f"a cache (its harvest fixed them)")
+    return ActivationCache(args.activations)
+
+
+def stream_from_args(args: argparse.Namespace, train_config: TrainConfig,
+                     resumed: RunDir | None) -> StreamingActivations:
+    """The stream of steps x batch size tokens that --model and the streaming flags ask for:
+    where a flag is not given, a resumed run's recorded setting, else the default."""
+    import torch
+
+    from crossint.crosscoder.memory import available_bytes
+    from crossint.data.corpus import corpus_file
+    from crossint.data.stream import StreamingActivations, buffer_tokens_for_memory
+    from crossint.models.adapter import load_model
+
+    recorded, layout = {}, args.layout
+    if resumed is not None:
+        document = resumed.read_config()
+        recorded = (document.get("source") or {}).get("stream") or {}
+        layout = layout or (document.get("training_crosscoder") or {}).get("hookpoints")
+    layout = layout or "paper"
+    settings = {**STREAM_DEFAULTS, **recorded, **given(args, STREAM_FLAGS)}
+    # A corpus file is recorded by its absolute path, so a resume from elsewhere finds it.
+    settings["corpus"] = corpus_file(settings["corpus"]) or settings["corpus"]
+    n_tokens = train_config.steps * train_config.batch_size
+    adapter = load_model(args.model, device=train_config.device)
+    if "buffer_tokens" not in settings:
+        bytes_per_token = 4 * sum(adapter.hookpoint_dim(h) for h in adapter.resolve_layout(layout))
+        settings["buffer_tokens"] = buffer_tokens_for_memory(
+            available_bytes(torch.device("cpu")), bytes_per_token, n_tokens)
+        if settings["buffer_tokens"] < train_config.batch_size:
+            raise CrossintError(
+                f"a shuffle buffer in a quarter of the available memory holds only "
+                f"{settings['buffer_tokens']} tokens, fewer than a batch of "
+                f"{train_config.batch_size}: use a smaller --batch-size or free memory"
+            )
+    source = StreamingActivations(adapter, n_tokens, layout, progress=not args.quiet, **settings)
+    source.check_batch_size(train_config.batch_size)
+    return source

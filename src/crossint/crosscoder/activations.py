@@ -22,6 +22,7 @@ from crossint.errors import CrossintError
 
 if TYPE_CHECKING:
     from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.distributed import Ranks
     from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
 
 
@@ -47,6 +48,24 @@ def batchtopk(pre_BH: Tensor, k: int) -> tuple[Tensor, Tensor]:
     detached_E = values_E.detach()
     positive_min = torch.where(detached_E > 0, detached_E, torch.inf).min()
     smallest = torch.where(torch.isinf(positive_min), torch.zeros_like(positive_min), positive_min)
+    return f_BH, smallest
+
+
+def batchtopk_across_ranks(pre_BH: Tensor, k: int, ranks: Ranks) -> tuple[Tensor, Tensor]:
+    """:func:`batchtopk` of the global batch when each data-parallel rank holds B/P of its tokens:
+    keep this rank's pre-activations among the k·B largest of all ranks, then ReLU.
+
+    The k·B largest overall are among every rank's own k·B largest, so the ranks all-gather
+    those (detached) and each finds the same cutoff and ``smallest_selected``. Values tied with
+    the cutoff are all kept (topk would keep some of them; ties do not happen with float data).
+    """
+    n_selected = k * pre_BH.shape[0] * ranks.world_size
+    flat_F = pre_BH.detach().reshape(-1)
+    candidates_E = flat_F.topk(min(n_selected, flat_F.numel()), sorted=False).values
+    selected_E = ranks.gather(candidates_E).topk(n_selected, sorted=False).values
+    f_BH = torch.where(pre_BH >= selected_E.min(), pre_BH.relu(), torch.zeros_like(pre_BH))
+    positive_E = selected_E[selected_E > 0]
+    smallest = positive_E.min() if positive_E.numel() else selected_E.new_zeros(())
     return f_BH, smallest
 
 
@@ -145,8 +164,10 @@ class Activation:
 
     name: ClassVar[str]
 
-    def __init__(self, config: CrosscoderConfig) -> None:
+    def __init__(self, config: CrosscoderConfig, ranks: Ranks | None = None) -> None:
         self.config = config
+        # Data-parallel training: the ranks whose tokens form one batch (None: this process's).
+        self.ranks = ranks
 
     def register_threshold(self, crosscoder: nn.Module) -> None:
         """Give the crosscoder its ``threshold_H``: by default a zero buffer (unused)."""
@@ -213,6 +234,8 @@ class BatchTopK(TopK):
     def forward(
         self, pre_BH: Tensor, threshold_H: Tensor, training: bool
     ) -> tuple[Tensor, Tensor | None]:
+        if training and self.ranks is not None and self.ranks.world_size > 1:
+            return batchtopk_across_ranks(pre_BH, self.config.k, self.ranks)
         if training:
             return batchtopk(pre_BH, self.config.k)
         # Inference uses θ so that a token's features never depend on its batch.
@@ -304,12 +327,13 @@ def activation_names() -> str:
     return ", ".join(ACTIVATIONS)
 
 
-def make_activation(config: CrosscoderConfig) -> Activation:
-    """The activation object ``config.activation`` names."""
+def make_activation(config: CrosscoderConfig, ranks: Ranks | None = None) -> Activation:
+    """The activation object ``config.activation`` names (``ranks``: the data-parallel ranks
+    that share a batch while training)."""
     cls = ACTIVATIONS.get(config.activation)
     if cls is None:
         raise CrossintError(
             f"unknown activation {config.activation!r}: valid activations are "
             f"{activation_names()}"
         )
-    return cls(config)
+    return cls(config, ranks)

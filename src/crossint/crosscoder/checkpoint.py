@@ -6,7 +6,8 @@ A checkpoint (``checkpoint/state.pt``, written atomically) holds the model, the 
 completed step, the RNG states, the dead-feature counters, and the settings the run was started
 with (``RunSettings``), which a resume must repeat; ``checkpoint/state.sha256`` beside it holds
 its sha256, verified before it is loaded. The settings include the source's fingerprint (the
-cache's shard checksums), so a resume on other activations with the same hookpoints is refused.
+cache's shard checksums), so a resume on other activations with the same hookpoints is refused,
+and the number of data-parallel processes (``world_size``), which a resume must repeat.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ RESUME_FREE_SETTINGS = frozenset({"checkpoint_every", "log_every", "device"})
 # Top-level config.json entries of the run itself (extra_config may not use them).
 RESERVED_CONFIG_KEYS = frozenset(
     {"format", "version", "status", "crosscoder", "training_crosscoder", "train", "source",
-     "final_metrics", "weights_sha256"}
+     "final_metrics", "weights_sha256", "world_size"}
 )
 METRICS_FLUSH_SECONDS = 30.0
 
@@ -57,6 +58,7 @@ class RunSettings:
     train: TrainConfig
     source: dict[str, Any]  # source_signature(source)
     extra_config: dict[str, Any]
+    world_size: int = 1  # data-parallel processes (torchrun) sharing each batch
 
     @classmethod
     def of(
@@ -65,8 +67,10 @@ class RunSettings:
         train: TrainConfig,
         source: ActivationSource,
         extra_config: dict[str, Any] | None,
+        world_size: int = 1,
     ) -> RunSettings:
-        return cls(crosscoder, train, source_signature(source), dict(extra_config or {}))
+        return cls(crosscoder, train, source_signature(source), dict(extra_config or {}),
+                   world_size)
 
     def checkpoint_entries(self) -> dict[str, Any]:
         return {
@@ -74,6 +78,7 @@ class RunSettings:
             "train_config": self.train.to_dict(),
             "source": self.source,
             "extra_config": self.extra_config,
+            "world_size": self.world_size,
         }
 
 
@@ -93,6 +98,7 @@ def training_document(settings: RunSettings, description: dict[str, Any]) -> dic
         "crosscoder": settings.crosscoder.to_dict(),
         "training_crosscoder": settings.crosscoder.to_dict(),
         "train": settings.train.to_dict(),
+        "world_size": settings.world_size,
         "source": description,
         **settings.extra_config,
     }
@@ -110,6 +116,7 @@ def finished_entries(
         "status": "finished",
         "training_crosscoder": settings.crosscoder.to_dict(),
         "train": settings.train.to_dict(),
+        "world_size": settings.world_size,
         "source": description,
         **settings.extra_config,
         "final_metrics": final_metrics,
@@ -235,13 +242,27 @@ def resume_checkpoint(run: RunDir, settings: RunSettings, resume: bool) -> dict[
 
 
 def check_resume(checkpoint: dict[str, Any], settings: RunSettings, run: Path) -> None:
-    """Refuse a resume whose source, settings or extra_config differ from the checkpoint's."""
+    """Refuse a resume whose source, settings, extra_config or number of processes differ from
+    the checkpoint's."""
+    _check_resume_world_size(checkpoint.get("world_size", 1), settings.world_size, run)
     _check_resume_source(checkpoint["source"], settings.source, run)
     given = settings.checkpoint_entries()
     for kind, key in (("crosscoder", "crosscoder_config"), ("training", "train_config")):
         _check_resume_settings(kind, checkpoint[key], given[key], run)
     if "extra_config" in checkpoint:  # older checkpoints did not record one
         _check_resume_extra(checkpoint["extra_config"], settings.extra_config, run)
+
+
+def _check_resume_world_size(saved: int, given: int, run: Path) -> None:
+    # The ranks split each batch, so the numbers agree across world sizes only up to rounding;
+    # an exact resume needs the same split.
+    if saved != given:
+        how = ("a single process (without torchrun)" if saved == 1 else
+               f"{saved} processes in all (torchrun --nproc-per-node {saved} on one node)")
+        raise CrossintError(
+            f"cannot resume {run}: it was trained by {saved} data-parallel process(es), but "
+            f"{given} are running now; resume it with {how}"
+        )
 
 
 def _check_resume_source(saved: dict[str, Any], current: dict[str, Any], run: Path) -> None:
@@ -257,10 +278,11 @@ def _check_resume_source(saved: dict[str, Any], current: dict[str, Any], run: Pa
     if saved.get("fingerprint") and current.get("fingerprint") \
             and saved["fingerprint"] != current["fingerprint"]:
         raise CrossintError(
-            f"cannot resume {run}: it was trained on other activations (cache fingerprint "
+            f"cannot resume {run}: it was trained on other activations (fingerprint "
             f"{saved['fingerprint'][:16]}..., the activations given have "
             f"{current['fingerprint'][:16]}...); resume with the cache it was started on (a "
-            f"moved or copied cache is fine), or use a new run directory"
+            f"moved or copied cache is fine) or the stream settings it was started with, or "
+            f"use a new run directory"
         )
 
 

@@ -37,6 +37,7 @@ def auxk_loss(
     residual_BXD: Tensor,
     acts_norm_BXD: Tensor,
     k_aux: int,
+    variance: Tensor | None = None,
 ) -> Tensor:
     """SPEC §3.3 L_aux = ‖e − ê‖² / ‖a − mean_b a‖².
 
@@ -44,6 +45,8 @@ def auxk_loss(
     the TopK activation); the live features' selection plays no part, so dead features get
     gradient through both their encoder (via pre) and decoder rows. ``residual_BXD`` = a − â is
     the target and must be detached by the caller. ``dead_U`` holds the dead features' indices.
+    ``variance``: the denominator when the batch is larger than ``acts_norm_BXD`` (a
+    data-parallel rank's share of it); by default this batch's ‖a − mean_b a‖².
     """
     n_dead = dead_U.shape[0]
     if n_dead == 0:
@@ -58,15 +61,21 @@ def auxk_loss(
     # Dense over the dead subset only: cost B·U·XD, small once most features are alive.
     e_hat_BF = f_aux_BU @ W_dec_HXD[dead_U].reshape(n_dead, X * D)
     residual_BF = residual_BXD.reshape(residual_BXD.shape[0], X * D)
-    variance = (acts_norm_BXD - acts_norm_BXD.mean(dim=0, keepdim=True)).pow(2).sum()
+    if variance is None:
+        variance = (acts_norm_BXD - acts_norm_BXD.mean(dim=0, keepdim=True)).pow(2).sum()
     return (residual_BF - e_hat_BF).pow(2).sum() / variance
 
 
 def update_dead_counter(tokens_since_fired_H: Tensor, f_BH: Tensor) -> Tensor:
     """Tokens since each feature last fired, after one more batch (0 if it fired in it)."""
-    fired_H = (f_BH != 0).any(dim=0)
+    return advance_dead_counter(tokens_since_fired_H, (f_BH != 0).any(dim=0), f_BH.shape[0])
+
+
+def advance_dead_counter(tokens_since_fired_H: Tensor, fired_H: Tensor, n_tokens: int) -> Tensor:
+    """Tokens since each feature last fired, after a batch of ``n_tokens`` in which the features
+    ``fired_H`` fired."""
     return torch.where(fired_H, torch.zeros_like(tokens_since_fired_H),
-                       tokens_since_fired_H + f_BH.shape[0])
+                       tokens_since_fired_H + n_tokens)
 
 
 def learning_rate(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,9 @@ from crossint.crosscoder.sparse import decode_features
 from crossint.errors import CrossintError
 from crossint.io import atomic_write, atomic_write_json, read_json, sha256_file
 from crossint.rundir import RunDir
+
+if TYPE_CHECKING:
+    from crossint.crosscoder.distributed import Ranks
 
 __all__ = ["ACTIVATIONS", "Crosscoder", "CrosscoderConfig", "CrosscoderOutput"]
 
@@ -56,8 +59,10 @@ class Crosscoder(nn.Module):
 
     activation: Activation
 
-    def __init__(self, config: CrosscoderConfig, seed: int = 0) -> None:
+    def __init__(self, config: CrosscoderConfig, seed: int = 0, ranks: Ranks | None = None) -> None:
         super().__init__()
+        # Data-parallel training: the ranks that share each batch (BatchTopK selects across them).
+        self.ranks = ranks
         self.config = config
         X, D, H = config.n_positions, config.d_model, config.n_features
         self.W_enc_XDH = nn.Parameter(torch.empty(X, D, H))
@@ -75,7 +80,7 @@ class Crosscoder(nn.Module):
     @config.setter
     def config(self, config: CrosscoderConfig) -> None:
         self._config = config
-        self.activation = make_activation(config)
+        self.activation = make_activation(config, self.ranks)
 
     # --- structure -----------------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
+from crossint.crosscoder.distributed import SINGLE_PROCESS, Ranks
 from crossint.crosscoder.losses import auxk_loss, reconstruction_loss, token_variance
 from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
 from crossint.errors import CrossintError
@@ -39,8 +40,10 @@ def extra_loss_ramp(step: int, steps: int, warmup_fraction: float) -> float:
     return 1.0 if step >= ramp_steps else (step + 1) / ramp_steps
 
 
-def auxk_term(crosscoder: Crosscoder, out: CrosscoderOutput, dead_U: Tensor, k_aux: int) -> Tensor:
-    """SPEC §3.3 L_aux of this batch: the dead features' top-k_aux reconstruct the residual."""
+def auxk_term(crosscoder: Crosscoder, out: CrosscoderOutput, dead_U: Tensor, k_aux: int,
+              variance: Tensor | None = None) -> Tensor:
+    """SPEC §3.3 L_aux of this batch: the dead features' top-k_aux reconstruct the residual
+    (``variance``: the denominator, see :func:`auxk_loss`)."""
     residual_BXD = (out.acts_norm_BXD - out.recon_norm_BXD).detach()
     return auxk_loss(
         out.pre_BH,
@@ -49,6 +52,7 @@ def auxk_term(crosscoder: Crosscoder, out: CrosscoderOutput, dead_U: Tensor, k_a
         residual_BXD,
         out.acts_norm_BXD,
         min(k_aux, dead_U.numel()),
+        variance,
     )
 
 
@@ -63,11 +67,12 @@ class Objective:
     steps: int
     extra_loss_warmup: float
     extra_losses: tuple[ExtraLoss, ...] = ()
+    ranks: Ranks = SINGLE_PROCESS  # data-parallel: the batch is spread over these ranks
 
     @classmethod
     def for_run(
         cls, config: CrosscoderConfig, train_config: TrainConfig,
-        extra_losses: Sequence[ExtraLoss] = (),
+        extra_losses: Sequence[ExtraLoss] = (), ranks: Ranks = SINGLE_PROCESS,
     ) -> Objective:
         return cls(
             aux_alpha=train_config.aux_alpha,
@@ -76,6 +81,7 @@ class Objective:
             steps=train_config.steps,
             extra_loss_warmup=train_config.extra_loss_warmup,
             extra_losses=tuple(extra_losses),
+            ranks=ranks,
         )
 
     def dead(self, tokens_since_fired_H: Tensor) -> Tensor:
@@ -104,12 +110,26 @@ class Objective:
         dead_U = self.dead(tokens_since_fired_H).nonzero().squeeze(1)
         if dead_U.numel() == 0:
             return loss
-        terms["aux_loss"] = auxk_term(crosscoder, out, dead_U, self.k_aux)
+        if self.ranks.world_size == 1:
+            terms["aux_loss"] = auxk_term(crosscoder, out, dead_U, self.k_aux)
+            variance = token_variance(out.acts_norm_BXD)
+        else:
+            terms["aux_loss"], variance = self._auxk_across_ranks(crosscoder, out, dead_U)
         # SPEC §3.3's L_aux is normalised by the batch variance while L_rec is not; weight it by
         # that variance per token (detached) so α_aux = 1/32 means what it does in Gao et al.
         # (both losses in one unit). Unweighted, AuxK is X·D times weaker and, with gradient
         # clipping, cannot revive anything.
-        return loss + self.aux_alpha * token_variance(out.acts_norm_BXD) * terms["aux_loss"]
+        return loss + self.aux_alpha * variance * terms["aux_loss"]
+
+    def _auxk_across_ranks(self, crosscoder: Crosscoder, out: CrosscoderOutput,
+                           dead_U: Tensor) -> tuple[Tensor, Tensor]:
+        """L_aux and the token variance of the global batch, both about its global mean. L_aux
+        is a ratio of sums over the batch: this rank's numerator counts P times because the
+        ranks' losses (and gradients) are averaged."""
+        total_variance = self.ranks.total_variance(out.acts_norm_BXD)
+        n_tokens = out.acts_norm_BXD.shape[0] * self.ranks.world_size
+        aux = auxk_term(crosscoder, out, dead_U, self.k_aux, total_variance)
+        return self.ranks.world_size * aux, total_variance / n_tokens
 
     @staticmethod
     def _add_sparsity(loss: Tensor, terms: dict[str, Tensor], crosscoder: Crosscoder,

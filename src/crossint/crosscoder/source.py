@@ -17,8 +17,9 @@ from crossint.errors import CrossintError
 
 
 class ActivationSource(Protocol):
-    """What ``train`` reads activations from (``crossint.data.cache.ActivationCache`` and
-    the in-memory ``TensorActivations``). A source for a multi-model crosscoder also exposes
+    """What ``train`` reads activations from (``crossint.data.cache.ActivationCache``, the
+    in-memory ``TensorActivations`` and ``crossint.data.stream.StreamingActivations``, which
+    runs the model as training reads). A source for a multi-model crosscoder also exposes
     ``models`` and yields positions model-major."""
 
     hookpoints: list[str]
@@ -54,7 +55,8 @@ def source_signature(source: ActivationSource) -> dict[str, Any]:
 
 def describe_source(source: ActivationSource) -> dict[str, Any]:
     """Signature plus where the activations came from (recorded in config.json): the cache's
-    path and model, and ``text``, the settings of the text it was harvested from."""
+    path and model, ``text``, the settings of the text it was harvested from, and for a
+    streaming source ``stream``, its settings."""
     description = {"type": type(source).__name__, **source_signature(source)}
     description["n_tokens"] = int(source.n_tokens)
     for attribute in ("path", "model"):
@@ -64,6 +66,9 @@ def describe_source(source: ActivationSource) -> dict[str, Any]:
     manifest = getattr(source, "manifest", None)
     if isinstance(manifest, dict):
         description["text"] = {key: manifest[key] for key in TEXT_KEYS if key in manifest}
+    stream = getattr(source, "stream_settings", None)
+    if isinstance(stream, dict):  # what rebuilds a streaming source on resume
+        description["stream"] = dict(stream)
     return description
 
 

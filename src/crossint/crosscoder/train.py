@@ -12,6 +12,10 @@ A run directory (names in :mod:`crossint.rundir`) holds::
 Reruns with the same settings and seed are bit-identical on the CPU, and a resumed run ends with
 exactly the weights an uninterrupted run would have.
 
+Under torchrun the same loop runs data-parallel, one rank per process (``distributed``): each
+rank trains on its slice of every global batch, gradients and batch statistics are reduced over
+the ranks, and rank 0 alone writes the run directory.
+
 The pieces: ``source`` (what activations are read from), ``objective`` (the loss terms),
 ``checkpoint`` (the run directory, checkpoints, resume checks); here the training state at step
 0 or at the checkpoint, :func:`train_step`, the metrics row and :func:`train`, which strings
@@ -46,7 +50,20 @@ from crossint.crosscoder.checkpoint import (
     write_training_document,
 )
 from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
-from crossint.crosscoder.losses import fvu_X, learning_rate, token_variance, update_dead_counter
+from crossint.crosscoder.distributed import (
+    SINGLE_PROCESS,
+    RankLost,
+    Ranks,
+    data_parallel,
+    ranks_from_environment,
+    writer_lock,
+)
+from crossint.crosscoder.losses import (
+    advance_dead_counter,
+    fvu_X,
+    learning_rate,
+    token_variance,
+)
 from crossint.crosscoder.memory import check_training_memory
 from crossint.crosscoder.model import Crosscoder, CrosscoderOutput
 from crossint.crosscoder.objective import ExtraLoss, ExtraMetric, Objective, extra_loss_ramp
@@ -58,7 +75,6 @@ from crossint.crosscoder.source import (
     source_signature,
 )
 from crossint.errors import CrossintError
-from crossint.lock import locked
 from crossint.rundir import RunDir
 
 __all__ = [
@@ -118,10 +134,12 @@ def initial_state(
     source: ActivationSource,
     checkpoint: dict[str, Any] | None,
     device: torch.device,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> TrainingState:
     """A fresh model initialised from a sample of ``source``, or the checkpoint's state (the
-    RNG state included), on ``device`` in training mode, with its Adam optimiser."""
-    model = Crosscoder(cc, seed=tc.seed)
+    RNG state included), on ``device`` in training mode, with its Adam optimiser. Every rank
+    draws the same sample, so the ranks start alike."""
+    model = Crosscoder(cc, seed=tc.seed, ranks=ranks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_since_fired_H = torch.zeros(cc.n_features, dtype=torch.int64)
     step = 0
@@ -160,7 +178,10 @@ def train_step(
 ) -> StepResult:
     """Optimiser step ``step`` (0-based): learning rate, forward, loss, backward, clipping,
     Adam, the activation's after-step update and the dead-feature counters; ``state.step``
-    becomes ``step + 1``. ``extra_metrics`` are evaluated without gradients before the update."""
+    becomes ``step + 1``. ``extra_metrics`` are evaluated without gradients before the update.
+    Data-parallel (``objective.ranks``): ``acts_BXD`` is this rank's share of the batch, the
+    gradients are averaged over the ranks and the counters count the whole batch."""
+    ranks = objective.ranks
     model, optimizer = state.model, state.optimizer
     lr = learning_rate(step, tc.steps, tc.lr, tc.warmup_fraction, tc.decay_fraction)
     for group in optimizer.param_groups:
@@ -174,11 +195,14 @@ def train_step(
                 logged[name] = float(value)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    ranks.average_gradients(state.trainable)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.trainable, tc.grad_clip)
     optimizer.step()
     with torch.no_grad():
         model.activation.after_step(model, out, step)
-        state.tokens_since_fired_H = update_dead_counter(state.tokens_since_fired_H, out.f_BH)
+        fired_H = ranks.any((out.f_BH != 0).any(dim=0))
+        state.tokens_since_fired_H = advance_dead_counter(
+            state.tokens_since_fired_H, fired_H, out.f_BH.shape[0] * ranks.world_size)
     state.step = step + 1
     return StepResult(out, loss, terms, lr, grad_norm, logged)
 
@@ -191,7 +215,8 @@ def metrics_row(
     state: TrainingState, result: StepResult, objective: Objective, batch_size: int,
     elapsed_s: float,
 ) -> dict[str, Any]:
-    """The metrics.jsonl row after ``result`` (values rounded to 6 significant digits)."""
+    """The metrics.jsonl row after ``result`` (values rounded to 6 significant digits; with
+    several ranks each value is the mean of the ranks' values)."""
     model, out, completed = state.model, result.out, state.step
     with torch.no_grad():
         row = {
@@ -213,6 +238,7 @@ def metrics_row(
             raise CrossintError(f"extra metric name {name!r} clashes with a logged value")
         row[name] = value
     row.setdefault("aux_loss", 0.0)
+    row = objective.ranks.mean_values(row)  # before the check below, so every rank stops alike
     if not math.isfinite(row["loss"]):
         raise CrossintError(
             f"training diverged at step {completed} (loss {row['loss']}); "
@@ -237,7 +263,7 @@ class _Run:
     settings: RunSettings
     objective: Objective
     extra_metrics: tuple[ExtraMetric, ...]
-    metrics: MetricsLog
+    metrics: MetricsLog  # written by rank 0 only
 
     def run_steps(self, state: TrainingState, batches: Iterator[Tensor], bar: Any) -> None:
         tc = self.settings.train
@@ -251,7 +277,8 @@ class _Run:
             if log:
                 row = metrics_row(state, result, self.objective, tc.batch_size,
                                   time.perf_counter() - started)
-                self.metrics.append(row)
+                if self.objective.ranks.is_main:
+                    self.metrics.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}",
                                 fvu=f"{row['fvu']:.3f}", refresh=False)
             if completed % tc.checkpoint_every == 0 or completed == tc.steps:
@@ -263,8 +290,9 @@ class _Run:
                 f"training diverged at step {state.step} (non-finite weights); "
                 "try a lower learning rate"
             )
-        save_checkpoint(self.dir.checkpoint, state, self.settings)
-        self.metrics.write()
+        if self.objective.ranks.is_main:
+            save_checkpoint(self.dir.checkpoint, state, self.settings)
+            self.metrics.write()
 
 
 def train(
@@ -291,23 +319,34 @@ def train(
     batch, the device must exist and have memory for the estimate of
     :func:`crossint.crosscoder.memory.training_bytes`; then the run directory's lock
     (``crossint.lock``) is held for the whole run.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1), this process is one rank of a data-parallel run
+    (``crossint.crosscoder.distributed``): ``batch_size`` is the global batch and must divide
+    by the number of ranks; ``device="cuda"`` means this rank's GPU.
     """
     cc, tc = crosscoder_config, train_config
+    ranks = ranks_from_environment()
     check_extra_config(extra_config)
     check_source(cc, source)
-    check_batch_size(tc, source)
-    settings = RunSettings.of(cc, tc, source, extra_config)
-    device = _device(tc.device)
+    check_batch_size(tc, source, ranks.world_size)
+    settings = RunSettings.of(cc, tc, source, extra_config, ranks.world_size)
+    device = _device(ranks.device_name(tc.device))
     check_training_memory(cc, tc, device)
     # One writer per run directory: a second train (another process) stops here.
-    with locked(out_dir, "crossint train"):
+    with data_parallel(ranks, device), writer_lock(out_dir, "crossint train", ranks):
         return _train_locked(settings, source, RunDir(out_dir), resume, device,
-                             extra_losses, progress, extra_metrics)
+                             extra_losses, progress, extra_metrics, ranks)
 
 
-def check_batch_size(tc: TrainConfig, source: ActivationSource) -> None:
+def check_batch_size(tc: TrainConfig, source: ActivationSource, world_size: int = 1) -> None:
     """A batch cannot hold more tokens than the source has (it would repeat tokens within one
-    batch)."""
+    batch), and data-parallel ranks split it evenly."""
+    if tc.batch_size % world_size:
+        raise CrossintError(
+            f"batch size {tc.batch_size} does not divide among the {world_size} data-parallel "
+            f"processes: use a --batch-size that is a multiple of {world_size} (it is the "
+            f"global batch; each process takes batch_size / {world_size} tokens)"
+        )
     if tc.batch_size > source.n_tokens:
         where = getattr(source, "path", None) or type(source).__name__
         raise CrossintError(
@@ -319,31 +358,37 @@ def check_batch_size(tc: TrainConfig, source: ActivationSource) -> None:
 
 def _train_locked(settings: RunSettings, source: ActivationSource, run_dir: RunDir,
                   resume: bool, device: torch.device, extra_losses: Sequence[ExtraLoss],
-                  progress: bool, extra_metrics: Sequence[ExtraMetric]) -> Crosscoder:
-    """:func:`train` once the run directory's lock is held."""
+                  progress: bool, extra_metrics: Sequence[ExtraMetric], ranks: Ranks) -> Crosscoder:
+    """:func:`train` once the run directory's lock is held (by rank 0)."""
     from tqdm.auto import tqdm
 
     cc, tc = settings.crosscoder, settings.train
     checkpoint = resume_checkpoint(run_dir, settings, resume)
-    state = initial_state(cc, tc, source, checkpoint, device)
+    ranks.barrier()  # every rank has checked the directory before rank 0 writes into it
+    state = initial_state(cc, tc, source, checkpoint, device, ranks)
     del checkpoint
     description = describe_source(source)
-    if state.step == 0:
+    if state.step == 0 and ranks.is_main:
         write_training_document(run_dir, settings, description)
-    run = _Run(run_dir, settings, Objective.for_run(cc, tc, extra_losses), tuple(extra_metrics),
-               MetricsLog(run_dir.metrics, state.step))
-    batches = device_batches(
-        iter(source.batches(tc.batch_size, seed=tc.seed, start_batch=state.step)), device,
-        start=state.step, hookpoints=_position_names(cc),
-    )
-    bar = tqdm(total=tc.steps, initial=state.step, disable=not progress, desc="train",
-               unit="step", dynamic_ncols=True)
+    run = _Run(run_dir, settings, Objective.for_run(cc, tc, extra_losses, ranks),
+               tuple(extra_metrics), MetricsLog(run_dir.metrics, state.step))
+    global_batches = source.batches(tc.batch_size, seed=tc.seed, start_batch=state.step)
+    batches = device_batches(ranks.own_rows(iter(global_batches)), device, start=state.step,
+                             hookpoints=_position_names(cc))
+    bar = tqdm(total=tc.steps, initial=state.step, disable=not progress or not ranks.is_main,
+               desc="train", unit="step", dynamic_ncols=True)
     try:
         run.run_steps(state, batches, bar)
+    except RankLost as e:
+        raise RankLost(f"{e}; rank 0 writes checkpoints atomically, so the last one in "
+                       f"{run_dir.path} is intact: resume with --resume and the same number of "
+                       "processes") from None
     finally:
         bar.close()
         batches.close()
     final = copy.deepcopy(state.model).eval().fold_normalisation()
-    final.save_pretrained(run_dir.path,
-                          extra=finished_entries(settings, description, run.metrics.last))
+    if ranks.is_main:
+        final.save_pretrained(run_dir.path,
+                              extra=finished_entries(settings, description, run.metrics.last))
+    ranks.barrier()  # on every rank, train returns once the run is complete on disk
     return final

@@ -199,7 +199,7 @@ class _ShuffledStream:
                 windows = self.windows(epoch)
 
 
-def _check_stream_args(batch_size: int, seed: int, start_batch: int) -> None:
+def check_stream_args(batch_size: int, seed: int, start_batch: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CrossintError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -374,7 +374,7 @@ class ActivationCache:
         shards whose tokens are shuffled together. ``start_batch=k`` yields exactly what a fresh
         iterator yields after k batches, reading only the window where batch k starts.
         """
-        _check_stream_args(batch_size, seed, start_batch)
+        check_stream_args(batch_size, seed, start_batch)
         self._common_dim("batches")
         if window_shards < 1:
             raise CrossintError(f"window_shards must be at least 1, got {window_shards}")
@@ -394,7 +394,7 @@ class ActivationCache:
         Reads whole shards in a random order until enough tokens are in hand (shards are already
         token-shuffled), then draws the tokens from those shards without replacement.
         """
-        _check_stream_args(1, seed, 0)
+        check_stream_args(1, seed, 0)
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
         n = min(n_tokens, self.n_tokens)
@@ -445,14 +445,14 @@ class TensorActivations:
     def batches(self, batch_size: int, seed: int, start_batch: int = 0, *,
                 device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
         """Infinite, deterministic float32 [B, X, D] batches; a fresh permutation every epoch."""
-        _check_stream_args(batch_size, seed, start_batch)
+        check_stream_args(batch_size, seed, start_batch)
         stream = _ShuffledStream(self.n_tokens, lambda epoch: [(None, self.n_tokens)],
                                  lambda key: self.acts_TXD, seed)
         return stream.batches(batch_size, start_batch, device)
 
     def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
         """``n_tokens`` random tokens as float32 [n, X, D] (all tokens if there are fewer)."""
-        _check_stream_args(1, seed, 0)
+        check_stream_args(1, seed, 0)
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
         n = min(n_tokens, self.n_tokens)

@@ -9,6 +9,7 @@ after every shard, records where in the batch stream the next shard starts, so a
 harvest resumes exactly where it stopped and produces the same bytes as an uninterrupted one.
 """
 
+from __future__ import annotations
 
 import itertools
 import warnings
@@ -77,17 +78,11 @@ def harvest(
     names = list(adapter.resolve_layout(hookpoints))
     dims = {name: int(adapter.hookpoint_dim(name)) for name in names}
     dtype_name = canonical_dtype(dtype)
-    _check_arguments(adapter, n_tokens, batch_size, shard_tokens, seed, context_length)
-
-    from crossint.data.corpus import iter_contexts, iter_texts, split_corpus
-
-    # Split the corpus, open its harvest part and pack the first context before touching the
-    # output directory: a bad, empty or unsplittable corpus writes nothing.
-    split = split_corpus(corpus, text_field)
-    texts = iter_texts(corpus, seed=seed, text_field=text_field, part="harvest", split=split)
-    contexts = iter_contexts(texts, adapter.tokenizer, context_length, corpus_name=str(corpus))
-    contexts = itertools.chain([next(contexts)], contexts)
-    settings = _harvest_settings(adapter, names, dims, dtype_name, {
+    check_harvest_arguments(adapter, seed, context_length, n_tokens=n_tokens,
+                            batch_size=batch_size, shard_tokens=shard_tokens)
+    # Before touching the output directory: a bad, empty or unsplittable corpus writes nothing.
+    split, contexts = open_contexts(adapter, corpus, seed, text_field, context_length)
+    settings = harvest_settings(adapter, names, dims, dtype_name, {
         "context_length": context_length, "corpus": corpus, "text_field": text_field,
         "seed": seed, "include_special": include_special, "batch_size": batch_size,
         "shard_tokens": shard_tokens, "n_tokens_target": n_tokens,
@@ -101,10 +96,11 @@ def harvest(
         return ActivationCache(out)
 
 
-def _check_arguments(adapter: Any, n_tokens: int, batch_size: int, shard_tokens: int, seed: int,
-                     context_length: int) -> None:
-    for field, value in (("n_tokens", n_tokens), ("batch_size", batch_size),
-                         ("shard_tokens", shard_tokens)):
+def check_harvest_arguments(adapter: Any, seed: int, context_length: int,
+                            **positive: int) -> None:
+    """CrossintError for a bad seed or context length, or a ``positive`` setting (named by its
+    keyword) that is not a positive integer."""
+    for field, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise CrossintError(f"{field} must be a positive integer, got {value!r}")
     if not isinstance(seed, int) or seed < 0:
@@ -121,7 +117,19 @@ def _check_arguments(adapter: Any, n_tokens: int, batch_size: int, shard_tokens:
         raise CrossintError(f"model {adapter.name} has no tokenizer, so it cannot read a corpus")
 
 
-def _harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype_name: str,
+def open_contexts(adapter: Any, corpus: str | Path, seed: int, text_field: str,
+                  context_length: int) -> tuple[Any, Iterator[torch.Tensor]]:
+    """(the corpus split, the packed contexts of its harvest part), the first context already
+    packed: a bad, empty or unsplittable corpus fails here, before anything else happens."""
+    from crossint.data.corpus import iter_contexts, iter_texts, split_corpus
+
+    split = split_corpus(corpus, text_field)
+    texts = iter_texts(corpus, seed=seed, text_field=text_field, part="harvest", split=split)
+    contexts = iter_contexts(texts, adapter.tokenizer, context_length, corpus_name=str(corpus))
+    return split, itertools.chain([next(contexts)], contexts)
+
+
+def harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype_name: str,
                       given: dict[str, Any], split: Any) -> dict[str, Any]:
     """The manifest's settings (``SETTING_KEYS``, and ``corpus_split`` for a split corpus)."""
     from crossint.data.corpus import corpus_file, corpus_fingerprint
@@ -166,27 +174,20 @@ def _harvest_shards(adapter: Any, out: Path, manifest: dict, contexts: Iterator[
     )
     batch_size = manifest["batch_size"]
     contexts = itertools.islice(contexts, first_batch * batch_size, None)
-    special_ids = torch.tensor(sorted(adapter.special_token_ids()), dtype=torch.long)
     writer = _ShardWriter(out, manifest, on_shard)
-    capture = _Capture(adapter, manifest["hookpoints"], manifest["dims"],
-                       DTYPES[manifest["dtype"]], special_ids, manifest["include_special"])
+    capture = Capture(adapter, manifest["hookpoints"], manifest["dims"],
+                      DTYPES[manifest["dtype"]], manifest["include_special"])
 
     from tqdm import tqdm
 
     with tqdm(total=manifest["n_tokens_target"], initial=writer.written, unit="tok",
               unit_scale=True, desc="harvest", disable=not progress, dynamic_ncols=True) as bar:
         try:
-            pending: _Pending | None = None
-            batches = enumerate(_batches_of(contexts, batch_size), start=first_batch)
-            for batch_index, ids_BS in batches:
-                launched = capture.launch(batch_index, ids_BS)  # the device runs this batch...
-                if pending is not None:  # ...while the host files the previous one
-                    bar.update(writer.add(pending, first_batch, first_skip))
-                pending = launched
+            batches = context_batches(contexts, batch_size)
+            for pending in captured_batches(capture, batches, first_batch):
+                bar.update(writer.add(pending, first_batch, first_skip))
                 if writer.finished:
                     break
-            if pending is not None and not writer.finished:
-                bar.update(writer.add(pending, first_batch, first_skip))
         except BaseException:
             bar.leave = False  # an aborted bar is cleared, so the error is what remains
             raise
@@ -201,7 +202,10 @@ def tokens_fingerprint(ids_T: torch.Tensor) -> str:
     return hashlib.sha256(ids_T.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()
 
 
-def _batches_of(contexts: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+def context_batches(contexts: Iterable[torch.Tensor], batch_size: int
+                    ) -> Iterator[torch.Tensor]:
+    """Contexts stacked ``batch_size`` at a time into [B, S] forward-pass batches (the last one
+    may be smaller)."""
     batch: list[torch.Tensor] = []
     for context in contexts:
         batch.append(context)
@@ -222,8 +226,43 @@ class _Pending:
     ids_T: torch.Tensor  # host int64 token ids of the rows
     event: Any = None  # torch.cuda.Event of the device-to-host copy, None on the CPU
 
+    def ready(self) -> _Pending:
+        """This batch once its copy to the host has completed."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self
 
-class _Capture:
+
+def special_id_tensor(adapter: Any) -> torch.Tensor:
+    """The adapter's special token ids (BOS/EOS/PAD...), sorted, as a LongTensor."""
+    return torch.tensor(sorted(adapter.special_token_ids()), dtype=torch.long)
+
+
+def kept_positions(ids_BS: torch.Tensor, special_ids: torch.Tensor, include_special: bool
+                   ) -> torch.Tensor | None:
+    """The flat indices of the positions a harvest keeps (those not holding a special token
+    unless ``include_special``); None when it keeps them all."""
+    if include_special or not len(special_ids):
+        return None
+    keep_T = ~torch.isin(ids_BS, special_ids).reshape(-1)
+    return None if bool(keep_T.all()) else keep_T.nonzero().squeeze(1)
+
+
+def captured_batches(capture: Capture, batches: Iterable[torch.Tensor], first_batch: int
+                     ) -> Iterator[_Pending]:
+    """Each forward-pass batch captured (numbered from ``first_batch``) and ready on the host:
+    the device runs batch j + 1 while the caller files batch j."""
+    pending: _Pending | None = None
+    for batch_index, ids_BS in enumerate(batches, start=first_batch):
+        launched = capture.launch(batch_index, ids_BS)
+        if pending is not None:
+            yield pending.ready()
+        pending = launched
+    if pending is not None:
+        yield pending.ready()
+
+
+class Capture:
     """Runs the forward pass and moves the kept activations to the host, once, in cache dtype.
 
     On a GPU the gathered [n_kept, sum(dims)] block is copied to pinned memory on a side stream
@@ -232,12 +271,12 @@ class _Capture:
     """
 
     def __init__(self, adapter: Any, names: list[str], dims: dict[str, int], dtype: torch.dtype,
-                 special_ids: torch.Tensor, include_special: bool) -> None:
+                 include_special: bool) -> None:
         self.adapter = adapter
         self.names = names
         self.dims = dims
         self.dtype = dtype
-        self.special_ids = special_ids
+        self.special_ids = special_id_tensor(adapter)
         self.include_special = include_special
         self.width = sum(dims.values())
         params = list(itertools.islice(adapter.model.parameters(), 1))
@@ -246,13 +285,8 @@ class _Capture:
 
     def launch(self, batch_index: int, ids_BS: torch.Tensor) -> _Pending:
         B, S = ids_BS.shape
-        keep_T = None
-        if not self.include_special and len(self.special_ids):
-            keep_T = ~torch.isin(ids_BS, self.special_ids).reshape(-1)
-            if bool(keep_T.all()):
-                keep_T = None
         # Kept positions are known on the host (they depend only on the token ids): no sync.
-        idx_T = None if keep_T is None else keep_T.nonzero().squeeze(1)
+        idx_T = kept_positions(ids_BS, self.special_ids, self.include_special)
         n_kept = B * S if idx_T is None else len(idx_T)
         ids_T = ids_BS.reshape(-1).to("cpu", torch.int64)
         ids_T = ids_T if idx_T is None else ids_T[idx_T]
@@ -328,8 +362,6 @@ class _ShardWriter:
 
     def add(self, pending: _Pending, first_batch: int, first_skip: int) -> int:
         """File one captured batch; returns how many of its tokens went into shards."""
-        if pending.event is not None:
-            pending.event.synchronize()
         self._check_finite(pending)
         rows_TF = pending.rows_TF
         n_rows = rows_TF.shape[0]

@@ -343,13 +343,16 @@ def train_with_penalty(
     in metrics.jsonl whatever λ). ``resume``: continue the run in ``out_dir`` from its last
     checkpoint; it must have been started with the same settings and penalty (a record written
     by an older crossint that means the same penalty is kept as it is)."""
+    from crossint.crosscoder.distributed import ranks_from_environment
     from crossint.crosscoder.train import train
     from crossint.rundir import RunDir
 
     penalty = penalty if penalty is not None else DominancePenalty()
     needs_mlps = penalty.weight > 0 or log_interactions
     if needs_mlps and mlps is None:
-        mlps = load_penalty_mlps(source, device=train_config.device)
+        # Under torchrun, on this rank's own GPU.
+        device = ranks_from_environment().device_name(train_config.device)
+        mlps = load_penalty_mlps(source, device=device)
     losses = [penalty_loss(penalty, mlps)] if penalty.weight > 0 else []
     metrics = [penalty_metrics(penalty, mlps)] if needs_mlps else []
     record = penalty.record(source_blocks(source))

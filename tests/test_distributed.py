@@ -1,0 +1,179 @@
+"""Data-parallel training (crossint.crosscoder.distributed): two processes with the gloo backend
+on the CPU train the crosscoder one process trains at the same global batch (up to float
+rounding), resume exactly, refuse a resume with another world size, and stop with a clear message
+when a rank dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import Interrupt, interrupt_at
+from crossint.cli import main
+from crossint.crosscoder.checkpoint import load_checkpoint
+from crossint.crosscoder.model import Crosscoder
+from crossint.crosscoder.train import train
+from crossint.data.cache import TensorActivations
+from crossint.errors import CrossintError
+from crossint.rundir import RunDir
+from test_train import HOOKS, cc_config, synthetic_acts, tc_config
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available()
+                                or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo")
+
+# AuxK engages (a feature is dead after one batch without firing) and the batch splits 64 + 64.
+CC = {"dead_tokens": 128}
+TC = {"batch_size": 128}
+WEIGHT_TOLERANCE = 1e-5  # float32 rounding of gradients summed in two halves, over 20 Adam steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def source() -> TensorActivations:
+    return TensorActivations(synthetic_acts(4096), HOOKS)
+
+
+def join_as_rank(rank: int, port: int) -> None:
+    """What torchrun does for a worker: the environment, then (here) the process group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+
+
+def train_two_ways(rank: int, port: int, root: Path) -> None:
+    """Rank ``rank`` of: a whole run, and a run interrupted after 7 steps then resumed."""
+    join_as_rank(rank, port)
+    train(cc_config(**CC), tc_config(**TC), source(), root / "two", progress=False)
+    try:
+        train(cc_config(**CC), tc_config(**TC), source(), root / "cut", progress=False,
+              extra_losses=[interrupt_at(7)])
+    except Interrupt:
+        pass
+    train(cc_config(**CC), tc_config(**TC), source(), root / "cut", resume=True, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def rank_one_dies(rank: int, port: int, root: Path) -> None:
+    """Rank 1 exits abruptly at step 8 (after the checkpoint of step 5); rank 0 records what it
+    raised."""
+
+    def die(crosscoder, acts_BXD, output):
+        die.calls += 1
+        if rank == 1 and die.calls == 8:
+            os._exit(3)
+        return {}
+
+    die.calls = 0
+    join_as_rank(rank, port)
+    try:
+        train(cc_config(**CC), tc_config(**TC), source(), root / "run", progress=False,
+              extra_losses=[die])
+    except CrossintError as e:
+        (root / f"rank{rank}.error").write_text(str(e))
+
+
+def spawn_two(function, root: Path) -> list[int | None]:
+    """Run ``function(rank, port, root)`` in two fresh processes; their exit codes."""
+    context, port = mp.get_context("spawn"), free_port()
+    processes = [context.Process(target=function, args=(rank, port, root)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    return [process.exitcode for process in processes]
+
+
+def tensors(run: Path) -> dict[str, torch.Tensor]:
+    return Crosscoder.from_pretrained(run).state_dict()
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_does_and_resume_exactly(tmp_path, capsys):
+    assert spawn_two(train_two_ways, tmp_path) == [0, 0]
+    one = tmp_path / "one"
+    train(cc_config(**CC), tc_config(**TC), source(), one, progress=False)
+    assert_close(tensors(tmp_path / "two"), tensors(one), WEIGHT_TOLERANCE)
+    two_rows, one_rows = metrics(tmp_path / "two"), metrics(one)
+    assert max(row["aux_loss"] for row in one_rows) > 0  # AuxK took part
+    for two_row, one_row in zip(two_rows, one_rows, strict=True):
+        for key in ("loss", "rec_loss", "aux_loss", "l0", "dead_fraction", "threshold"):
+            assert two_row[key] == pytest.approx(one_row[key], rel=1e-4, abs=1e-6), key
+    # A resumed data-parallel run ends exactly where the uninterrupted one did.
+    cut = tensors(tmp_path / "cut")
+    assert all(torch.equal(cut[name], value) for name, value in tensors(tmp_path / "two").items())
+    assert load_checkpoint(RunDir(tmp_path / "two").checkpoint)["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    with pytest.raises(CrossintError, match=r"trained by 2 data-parallel process\(es\), but 1 "
+                                            r"are running now.*--nproc-per-node 2") as refused:
+        train(cc_config(**CC), tc_config(**TC), source(), tmp_path / "two", resume=True,
+              progress=False)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(CrossintError, match="batch size 128 does not divide among the 3 "
+                                            "data-parallel processes") as refused:
+        train(cc_config(), tc_config(**TC), source(), tmp_path / "run", progress=False)
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
+
+
+def test_when_a_rank_dies_the_others_stop_and_the_checkpoint_is_intact(tmp_path):
+    assert spawn_two(rank_one_dies, tmp_path) == [0, 3]
+    message = (tmp_path / "rank0.error").read_text()
+    assert "rank 0 of 2 lost contact with the other training processes" in message
+    assert "is intact: resume with --resume" in message and "\n" not in message
+    assert load_checkpoint(RunDir(tmp_path / "run").checkpoint)["step"] == 5
+
+
+@pytest.mark.slow
+def test_torchrun_cli_with_a_penalty_matches_one_process(caches_for_cli, tmp_path):
+    settings = ["--activations", str(caches_for_cli), "--features", "48", "--k", "4",
+                "--steps", "12", "--batch-size", "64", "--log-every", "4",
+                "--interaction-penalty", "3", "--dead-tokens", "256", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), "-m", "crossint", "train", *settings,
+         "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("trained 48-feature batchtopk crosscoder") == 1  # rank 0 only
+    assert main(["train", *settings, "--out", str(tmp_path / "one")]) == 0
+    assert_close(tensors(tmp_path / "two"), tensors(tmp_path / "one"), WEIGHT_TOLERANCE)
+    assert metrics(tmp_path / "two")[-1]["interaction"] == pytest.approx(
+        metrics(tmp_path / "one")[-1]["interaction"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def caches_for_cli(tiny_model_dir, tiny_text_file, tmp_path_factory) -> Path:
+    from crossint.data.harvest import harvest
+
+    return harvest(str(tiny_model_dir), tmp_path_factory.mktemp("ddp") / "cache", "paper",
+                   n_tokens=1024, corpus=str(tiny_text_file), context_length=32, batch_size=8,
+                   progress=False).path
