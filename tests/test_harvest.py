@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from crossint.cli import main
 from crossint.data.cache import ActivationCache
@@ -225,3 +226,24 @@ def test_shards_fingerprint_their_tokens(tiny_model_dir, tiny_text_file, tmp_pat
     assert len(first) == 3 and len(set(first)) == 3
     assert fingerprints(other_model, tmp_path / "b") == first
     assert fingerprints(tiny_model_dir, tmp_path / "c", seed=1) != first
+
+
+def test_bfloat16_model_harvest_is_recorded_and_close_to_float32(tiny_model_dir, tiny_text_file,
+                                                                   tmp_path, capsys):
+    """--model-dtype runs the model in low precision (the GPU path, here on the CPU); the
+    manifest says so, so a float32 harvest does not resume it."""
+    full, half = tmp_path / "fp32", tmp_path / "bf16"
+    assert main(args(tiny_model_dir, full, tiny_text_file, "--quiet")) == 0
+    assert main(args(tiny_model_dir, half, tiny_text_file, "--quiet",
+                     "--model-dtype", "bfloat16")) == 0
+    a, b = ActivationCache(full), ActivationCache(half)
+    assert b.manifest["model_info"]["weights_dtype"] == "bfloat16"
+    assert "weights_dtype" not in a.manifest["model_info"]
+    x, y = a.sample(200, seed=0), b.sample(200, seed=0)
+    assert not torch.equal(x, y)
+    assert (x - y).norm() / x.norm() < 0.05  # bfloat16 keeps about 3 significant digits
+    capsys.readouterr()
+    code = main(args(tiny_model_dir, half, tiny_text_file, "--quiet", "--resume"))
+    assert code == 1 and "weights_dtype" in capsys.readouterr().err
+    code = main(args(tiny_model_dir, tmp_path / "x", tiny_text_file, "--model-dtype", "int8"))
+    assert code == 1 and "unknown dtype" in capsys.readouterr().err

@@ -222,3 +222,16 @@ def test_a_sampled_penalty_is_the_penalty_of_the_batch_s_first_tokens(tiny):
     f_BH.retain_grad()
     loss.backward()
     assert f_BH.grad[10:].abs().sum() == 0 and f_BH.grad[:10].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", PENALTY_KINDS)
+def test_every_penalty_kind_trains_under_bfloat16_autocast(tiny, tmp_path, kind):
+    """The penalty kernels run in float32 outside autocast, on the pass's float32 copies."""
+    source, mlps, config = tiny
+    penalty = make_penalty(kind, 1.0)
+    base = settings(6)
+    mixed = TrainConfig(**{**base.to_dict(), "autocast": "bfloat16"})
+    train_with_penalty(config, mixed, source, tmp_path / kind, penalty, mlps=mlps,
+                       progress=False)
+    last = RunDir(tmp_path / kind).last_metrics()
+    assert last["interaction_penalty"] > 0 and torch.isfinite(torch.tensor(last["loss"]))

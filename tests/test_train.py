@@ -470,3 +470,27 @@ def test_cli_refuses_a_mismatched_cache_and_loses_nothing(caches, tmp_path, caps
     assert cli("--activations", tmp_path / "missing", "--out", tmp_path / "r2") == 1
     assert "not found" in capsys.readouterr().err
     assert tree_digest(run) == before
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
+def test_bfloat16_autocast_trains_like_float32(activation, source, tmp_path):
+    """Mixed precision (the GPU path, run here on the CPU): the forward pass in bfloat16, the
+    parameters float32; the loss follows float32's within bfloat16's resolution."""
+    runs = {}
+    for autocast in (None, "bfloat16"):
+        run = tmp_path / f"{activation}_{autocast}"
+        model = train(cc_config(activation=activation, l1_coefficient=0.3),
+                      tc_config(steps=60, batch_size=128, log_every=20, autocast=autocast),
+                      source, run, progress=False)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        runs[autocast] = metrics(run)
+    assert json.loads((tmp_path / f"{activation}_bfloat16" / "config.json").read_text())[
+        "train"]["autocast"] == "bfloat16"
+    pairs = list(zip(runs[None], runs["bfloat16"], strict=True))
+    assert any(full["loss"] != mixed["loss"] for full, mixed in pairs)  # bfloat16 did run
+    for full, mixed in pairs:
+        assert math.isfinite(mixed["loss"])
+        assert mixed["fvu"] == pytest.approx(full["fvu"], rel=0.1, abs=0.02)
+    assert runs["bfloat16"][-1]["fvu"] < 0.9 * runs["bfloat16"][0]["fvu"]
+    with pytest.raises(CrossintError, match="autocast"):
+        TrainConfig(autocast="float16")

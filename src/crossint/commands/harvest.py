@@ -71,6 +71,10 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="auto",
                         help="torch device for the model: auto (cuda when available), cpu, "
                              "cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--model-dtype", default="float32",
+                        help="dtype the model runs in: float32, bfloat16 or float16 (halves "
+                             "the model's memory and speeds up GPUs; recorded in the manifest; "
+                             "default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
 
@@ -97,7 +101,7 @@ def _run(args: argparse.Namespace, out: Path, dtype: str, was_complete: bool) ->
     from crossint.data.cache import cache_size_bytes
     from crossint.models.adapter import load_model
 
-    adapter = load_model(args.model, device=_device(args.device))
+    adapter = load_model(args.model, device=_device(args.device), dtype=args.model_dtype)
     start = time.perf_counter()
     cache, new_tokens = _harvest(adapter, out, dtype, args)
     elapsed = time.perf_counter() - start

@@ -49,6 +49,7 @@ TRAIN_FLAGS = {
     "log_every": "log_every",
     "normalisation_tokens": "normalisation_tokens",
     "device": "device",
+    "autocast": "autocast",
 }
 # Streaming flag -> StreamingActivations argument (with --model instead of --activations).
 STREAM_FLAGS = {
@@ -111,6 +112,10 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--normalisation-tokens", type=int,
                        help="tokens used to estimate the normalisation (default 200000)")
     group.add_argument("--device", help="cpu (default), cuda, cuda:1, ...")
+    group.add_argument("--autocast", choices=["bfloat16"],
+                       help="mixed precision: forward pass and loss in bfloat16 under "
+                            "torch.autocast (parameters and optimiser stay float32; default: "
+                            "float32 throughout)")
 
 
 # Kept here so that `--help` never imports torch; a test checks they match the penalty registry.

@@ -195,6 +195,10 @@ class TrainConfig(JsonConfig):
     log_every: int = 10
     normalisation_tokens: int = 200_000
     device: str = "cpu"
+    # Mixed precision: run the forward pass and the loss under torch.autocast in this dtype
+    # (the parameters, Adam and the gradient clipping stay float32). Only bfloat16: float16
+    # would need loss scaling.
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
@@ -226,6 +230,8 @@ class TrainConfig(JsonConfig):
             fail("aux_alpha", "must be a number >= 0")
         if not isinstance(self.device, str):
             fail("device", "must be a device name such as cpu or cuda")
+        if self.autocast not in (None, "bfloat16"):
+            fail("autocast", "must be bfloat16 (or absent: float32 throughout)")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "training config") -> TrainConfig:

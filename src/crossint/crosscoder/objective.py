@@ -10,9 +10,11 @@ penalty) ramp in over ``extra_loss_warmup`` of the steps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
@@ -144,11 +146,23 @@ class Objective:
     def _add_extra_losses(self, loss: Tensor, terms: dict[str, Tensor], crosscoder: Crosscoder,
                           acts_BXD: Tensor, out: CrosscoderOutput, step: int) -> Tensor:
         ramp = extra_loss_ramp(step, self.steps, self.extra_loss_warmup)
+        if self.extra_losses and torch.is_autocast_enabled(acts_BXD.device.type):
+            out = _float32(out)  # the penalty kernels are float32 and float64 code
         for extra in self.extra_losses:
-            for name, value in extra(crosscoder, acts_BXD, out).items():
+            with torch.autocast(acts_BXD.device.type, enabled=False):
+                computed = extra(crosscoder, acts_BXD, out)
+            for name, value in computed.items():
                 if name in terms or name == "loss":
                     raise CrossintError(f"extra loss name {name!r} clashes with a built-in")
                 value = value if ramp == 1.0 else ramp * value
                 terms[name] = value
                 loss = loss + value
         return loss
+
+
+def _float32(out: CrosscoderOutput) -> CrosscoderOutput:
+    """``out`` with its low-precision tensors (from a pass under autocast) in float32."""
+    changes = {f.name: getattr(out, f.name).float() for f in dataclasses.fields(out)
+               if isinstance(getattr(out, f.name), Tensor)
+               and getattr(out, f.name).dtype in (torch.bfloat16, torch.float16)}
+    return dataclasses.replace(out, **changes)

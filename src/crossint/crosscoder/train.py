@@ -186,8 +186,10 @@ def train_step(
     lr = learning_rate(step, tc.steps, tc.lr, tc.warmup_fraction, tc.decay_fraction)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out = model(acts_BXD)
-    loss, terms = objective(model, acts_BXD, out, step, state.tokens_since_fired_H)
+    with torch.autocast(acts_BXD.device.type, dtype=torch.bfloat16,
+                        enabled=tc.autocast == "bfloat16"):
+        out = model(acts_BXD)
+        loss, terms = objective(model, acts_BXD, out, step, state.tokens_since_fired_H)
     logged: dict[str, float] = {}
     with torch.no_grad():
         for metric in extra_metrics:

@@ -129,6 +129,15 @@ def open_contexts(adapter: Any, corpus: str | Path, seed: int, text_field: str,
     return split, itertools.chain([next(contexts)], contexts)
 
 
+def _weights_dtype(adapter: Any) -> dict[str, str]:
+    """``{"weights_dtype": ...}`` for a model run in low precision (float32 adds nothing, so
+    caches harvested before this was recorded still resume)."""
+    parameter = next(adapter.model.parameters(), None)
+    if parameter is None or parameter.dtype == torch.float32:
+        return {}
+    return {"weights_dtype": str(parameter.dtype).removeprefix("torch.")}
+
+
 def harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype_name: str,
                       given: dict[str, Any], split: Any) -> dict[str, Any]:
     """The manifest's settings (``SETTING_KEYS``, and ``corpus_split`` for a split corpus)."""
@@ -143,6 +152,7 @@ def harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype
             "model_type": getattr(config, "model_type", None),
             "n_blocks": int(adapter.n_blocks),
             "d_model": int(adapter.d_model),
+            **_weights_dtype(adapter),
         },
         "hookpoints": names,
         "dims": dims,
