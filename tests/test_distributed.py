@@ -86,6 +86,32 @@ def rank_one_dies(rank: int, port: int, root: Path) -> None:
         (root / f"rank{rank}.error").write_text(str(e))
 
 
+def streamed_run(model: str, corpus: str, out: Path) -> int:
+    """Train on a stream of the tiny model (a buffer as large as the run); the number of
+    forward passes this process ran."""
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.crosscoder.train import TrainConfig
+    from crossint.data.stream import StreamingActivations
+
+    source = StreamingActivations(model, 1280, "paper", corpus=corpus, context_length=32,
+                                  batch_size=8, buffer_tokens=1280)
+    launch, launches = source._capture.launch, []
+    source._capture.launch = lambda *args: launches.append(1) or launch(*args)
+    config = CrosscoderConfig(hookpoints=source.hookpoints, models=[source.model], d_model=32,
+                              n_features=64, k=4)
+    train(config, TrainConfig(steps=20, batch_size=64, log_every=5), source, out,
+          progress=False)
+    return len(launches)
+
+
+def stream_two(rank: int, port: int, root: Path) -> None:
+    join_as_rank(rank, port)
+    paths = json.loads((root / "paths.json").read_text())
+    launches = streamed_run(paths["model"], paths["corpus"], root / "stream_two")
+    (root / f"launches{rank}").write_text(str(launches))
+    torch.distributed.destroy_process_group()
+
+
 def spawn_two(function, root: Path) -> list[int | None]:
     """Run ``function(rank, port, root)`` in two fresh processes; their exit codes."""
     context, port = mp.get_context("spawn"), free_port()
@@ -132,6 +158,21 @@ def test_two_processes_train_what_one_does_and_resume_exactly(tmp_path, capsys):
         train(cc_config(**CC), tc_config(**TC), source(), tmp_path / "two", resume=True,
               progress=False)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_streams_forward_passes(tiny_model_dir, tiny_text_file, tmp_path):
+    """Streaming under torchrun: each rank runs the model on every other forward-pass batch and
+    the ranks exchange the rows, so they train as one process does, on half the passes each."""
+    (tmp_path / "paths.json").write_text(json.dumps(
+        {"model": str(tiny_model_dir), "corpus": str(tiny_text_file)}))
+    assert spawn_two(stream_two, tmp_path) == [0, 0]
+    alone = streamed_run(str(tiny_model_dir), str(tiny_text_file), tmp_path / "stream_one")
+    assert_close(tensors(tmp_path / "stream_two"), tensors(tmp_path / "stream_one"),
+                 WEIGHT_TOLERANCE)
+    shares = [int((tmp_path / f"launches{rank}").read_text()) for rank in (0, 1)]
+    # (one process also runs one batch ahead at the end of each read: 14 passes, 6 + 6 here)
+    assert max(shares) <= alone // 2 + 1
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):

@@ -16,6 +16,10 @@ through the permutation ``ActivationCache.batches`` reads a window through. So:
 
 Memory: one buffer, ``buffer_tokens x sum(dims) x 4`` bytes, plus the batch being trained.
 
+Several processes (torchrun): rank r runs the model on forward-pass batches r, r + P, ... and the
+ranks exchange the rows (:meth:`StreamingActivations._captured_rows`), so each runs about 1/P of
+the forward passes and all fill the same buffers.
+
 Resume: the stream position at step k follows from k (buffer ``k·B // N`` begins at kept token
 ``b·N``), and the checkpoint records k. ``batches(start_batch=k)`` re-reads the corpus up to that
 buffer counting kept tokens (tokenisation only, no forward pass, as a harvest's resume skips the
@@ -127,6 +131,7 @@ class StreamingActivations:
             **self.stream_settings, "shard_tokens": buffer_tokens, "n_tokens_target": n_tokens,
         }, split)
         self._capture = Capture(adapter, names, dims, torch.float32, include_special)
+        self._ranks: tuple[int, int, Any] | None = None  # (rank, world size, gloo group)
 
     @property
     def fingerprint(self) -> str:
@@ -156,6 +161,7 @@ class StreamingActivations:
         if start_batch * batch_size >= self.n_tokens:
             raise CrossintError(f"batch {start_batch} is past the end of the stream of "
                                 f"{self.n_tokens} tokens")
+        self._join_ranks()
         return self._batches(batch_size, seed, start_batch)
 
     def _batches(self, batch_size: int, seed: int, start_batch: int) -> Iterator[torch.Tensor]:
@@ -191,6 +197,7 @@ class StreamingActivations:
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
         n = min(n_tokens, self.n_tokens)
+        self._join_ranks()
         # Filled as the first shard of the harvest of n tokens, then drawn from as
         # ActivationCache.sample draws from it.
         sample_TF = torch.empty(n, self._width)
@@ -227,11 +234,42 @@ class StreamingActivations:
         batches = context_batches(contexts, settings["batch_size"])
         first_batch, skip, batches = self._skip_to(start_token, batches)
         produced = start_token
-        for pending in captured_batches(self._capture, batches, first_batch):
-            rows_TF = pending.rows_TF[skip:]
+        for rows_TF in self._captured_rows(batches, first_batch):
+            rows_TF = rows_TF[skip:]
             skip, produced = 0, produced + rows_TF.shape[0]
             yield rows_TF
         raise self._exhausted(produced)
+
+    def _join_ranks(self) -> None:
+        """Under torch.distributed (torchrun) with several processes, a gloo group of its own
+        for the stream's exchanges: created here, on the calling thread of every rank alike,
+        because the batches may be read on a loader thread while training's collectives run."""
+        import torch.distributed as dist
+
+        if self._ranks is None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            self._ranks = (dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo"))
+
+    def _captured_rows(self, batches: Iterator[torch.Tensor], first_batch: int
+                       ) -> Iterator[torch.Tensor]:
+        """The kept rows of each forward-pass batch, in order. With P processes, rank r runs
+        the model on batches r, r + P, ... only and the ranks exchange their rows, so the
+        forward passes are shared while every rank sees the whole stream (and P ranks train
+        exactly as one process)."""
+        if self._ranks is None:
+            for pending in captured_batches(self._capture, batches, first_batch):
+                yield pending.rows_TF
+            return
+        import torch.distributed as dist
+
+        rank, world_size, group = self._ranks
+        for turn, turn_batches in enumerate(_chunked(batches, world_size)):
+            mine = turn_batches[rank:rank + 1]
+            own = [pending.rows_TF for pending in captured_batches(
+                self._capture, mine, first_batch + turn * world_size + rank)]
+            rows: list[Any] = [None] * world_size
+            dist.all_gather_object(rows, own[0] if own else None, group=group)
+            yield from rows[:len(turn_batches)]
 
     def _skip_to(self, start_token: int, batches: Iterator[torch.Tensor]
                  ) -> tuple[int, int, Iterator[torch.Tensor]]:
@@ -260,6 +298,12 @@ class StreamingActivations:
 
         return tqdm(total=self.n_tokens, initial=harvested, disable=not self.progress,
                     desc="stream", unit="tok", unit_scale=True, dynamic_ncols=True)
+
+
+def _chunked(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
 
 
 def _fill(buffer_TF: torch.Tensor, dest_T: torch.Tensor, rows: Iterator[torch.Tensor],
