@@ -247,3 +247,14 @@ def test_bfloat16_model_harvest_is_recorded_and_close_to_float32(tiny_model_dir,
     assert code == 1 and "weights_dtype" in capsys.readouterr().err
     code = main(args(tiny_model_dir, tmp_path / "x", tiny_text_file, "--model-dtype", "int8"))
     assert code == 1 and "unknown dtype" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bfloat16_harvest_is_close_to_the_cpu(tiny_model_dir, tiny_text_file, tmp_path):
+    """The GPU capture (pinned host blocks copied on a side stream) stores what the CPU does."""
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    assert main(args(tiny_model_dir, cpu, tiny_text_file, "--quiet", "--device", "cpu")) == 0
+    assert main(args(tiny_model_dir, gpu, tiny_text_file, "--quiet", "--device", "cuda",
+                     "--model-dtype", "bfloat16")) == 0
+    x, y = ActivationCache(cpu).sample(200, seed=0), ActivationCache(gpu).sample(200, seed=0)
+    assert (x - y).norm() / x.norm() < 0.05

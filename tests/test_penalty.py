@@ -235,3 +235,15 @@ def test_every_penalty_kind_trains_under_bfloat16_autocast(tiny, tmp_path, kind)
                        progress=False)
     last = RunDir(tmp_path / kind).last_metrics()
     assert last["interaction_penalty"] > 0 and torch.isfinite(torch.tensor(last["loss"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", PENALTY_KINDS)
+def test_every_penalty_kind_trains_on_cuda(tiny, tmp_path, kind):
+    """The torch path of the penalty kernels (numba serves the CPU)."""
+    source, mlps, config = tiny
+    cuda = TrainConfig(**{**settings(6).to_dict(), "device": "cuda"})
+    train_with_penalty(config, cuda, source, tmp_path / kind, make_penalty(kind, 1.0),
+                       mlps=mlps, progress=False)
+    last = RunDir(tmp_path / kind).last_metrics()
+    assert last["interaction_penalty"] > 0 and torch.isfinite(torch.tensor(last["loss"]))

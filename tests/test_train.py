@@ -494,3 +494,18 @@ def test_bfloat16_autocast_trains_like_float32(activation, source, tmp_path):
     assert runs["bfloat16"][-1]["fvu"] < 0.9 * runs["bfloat16"][0]["fvu"]
     with pytest.raises(CrossintError, match="autocast"):
         TrainConfig(autocast="float16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_with_autocast_follows_the_cpu(source, tmp_path):
+    """The GPU path (pinned non-blocking batches, bfloat16 autocast) trains as the CPU does."""
+    rows = {}
+    for device, autocast in (("cpu", None), ("cuda", "bfloat16")):
+        run = tmp_path / device
+        model = train(cc_config(), tc_config(steps=60, batch_size=128, log_every=20,
+                                             device=device, autocast=autocast),
+                      source, run, progress=False)
+        assert all(p.device.type == "cpu" for p in model.parameters())  # saved on the host
+        rows[device] = metrics(run)
+    for cpu, gpu in zip(rows["cpu"], rows["cuda"], strict=True):
+        assert gpu["fvu"] == pytest.approx(cpu["fvu"], rel=0.1, abs=0.02)
