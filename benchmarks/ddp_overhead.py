@@ -2,6 +2,7 @@
 same global batch.
 
     python benchmarks/ddp_overhead.py  # prints a table; writes results/ddp_overhead.json
+    python benchmarks/ddp_overhead.py --cache cache/story200k  # what each rank reads of a cache
 
 Runs the real training loop (`crossint.crosscoder.train.train`: BatchTopK with its global
 selection, AuxK, Adam, gradient all-reduce) on in-memory activations, one torch thread per
@@ -10,12 +11,17 @@ cancel out. The two ranks are spawned the way torchrun starts workers (environme
 ``train``); ``overhead_ms`` is a rank's step time minus half the single process's, i.e. what
 data parallelism costs beyond perfect halving (communication, the global BatchTopK gather, and
 every rank reading the whole global batch before keeping its slice).
+
+With ``--cache`` it trains 2 processes on a harvested cache twice, reading the cache whole on
+every rank (``data_parts=1``) and in one part per rank (the default), and reports per rank the
+shards and bytes read from disk, the peak resident memory and the wall time of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import tempfile
 import time
@@ -26,7 +32,7 @@ import torch.multiprocessing as mp
 from common import print_table, write_results
 from crossint.crosscoder.config import CrosscoderConfig
 from crossint.crosscoder.train import TrainConfig, train
-from crossint.data.cache import TensorActivations
+from crossint.data.cache import ActivationCache, TensorActivations
 from crossint.models.hookpoints import resolve_layout
 
 SHAPES = [  # (blocks → paper-layout positions, d_model, features, K, global batch)
@@ -68,22 +74,70 @@ def rank_main(rank: int, port: int, shape: tuple, steps: int, extra_steps: int,
     torch.distributed.destroy_process_group()
 
 
-def two_ranks(shape: tuple, steps: int, extra_steps: int) -> float:
-    """The slower rank's seconds per step."""
+def spawn_ranks(target, *args) -> list:
+    """Run ``target(rank, port, *args, results)`` as 2 ranks; what each put in ``results``."""
     context = mp.get_context("spawn")
     results = context.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    processes = [context.Process(target=rank_main,
-                                 args=(rank, port, shape, steps, extra_steps, results))
+    processes = [context.Process(target=target, args=(rank, port, *args, results))
                  for rank in (0, 1)]
     for process in processes:
         process.start()
-    seconds = [results.get()[1] for _ in processes]
+    answers = sorted(results.get() for _ in processes)
     for process in processes:
         process.join()
-    return max(seconds)
+    return [answer for _, answer in answers]
+
+
+def two_ranks(shape: tuple, steps: int, extra_steps: int) -> float:
+    """The slower rank's seconds per step."""
+    return max(spawn_ranks(rank_main, shape, steps, extra_steps))
+
+
+def cache_rank(rank: int, port: int, path: str, steps: int, parts: int,
+               results: mp.Queue) -> None:
+    """One rank's training on the cache: shards and bytes it read, peak memory, seconds."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    read: list[int] = []
+    original = ActivationCache._raw_shard
+
+    def recording(self, index):
+        if index not in self._memory:
+            read.append(index)
+        return original(self, index)
+
+    ActivationCache._raw_shard = recording
+    cache = ActivationCache(path)
+    config = CrosscoderConfig(hookpoints=cache.hookpoints, models=[cache.model],
+                              d_model=cache.dims[cache.hookpoints[0]], n_features=2048, k=20)
+    settings = TrainConfig(steps=steps, batch_size=1024, checkpoint_every=10 * steps,
+                           log_every=10, normalisation_tokens=20_000, data_parts=parts)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out_dir:
+        train(config, settings, cache, out_dir, progress=False)
+    seconds = time.perf_counter() - start
+    torch.distributed.destroy_process_group()
+    shard_bytes = [entry["bytes"] for entry in cache.manifest["shards"]]
+    results.put((rank, {"shards": len(set(read)),
+                        "GB read": sum(shard_bytes[i] for i in read) / 1e9,
+                        "peak GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                        "seconds": seconds}))
+
+
+def cache_reads(path: str, steps: int) -> list[dict]:
+    cache = ActivationCache(path)
+    rows = []
+    for parts, how in ((1, "whole cache on every rank"), (2, "own part per rank")):
+        for rank, measured in enumerate(spawn_ranks(cache_rank, path, steps, parts)):
+            rows.append({"reading": how, "rank": rank, "cache shards": cache.n_shards,
+                         "cache GB": sum(e["bytes"] for e in cache.manifest["shards"]) / 1e9,
+                         **measured})
+    return rows
 
 
 def bench(shape: tuple, steps: int, extra_steps: int) -> dict:
@@ -106,7 +160,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="steps of the short run")
     parser.add_argument("--extra-steps", type=int, default=20, help="extra steps of the long run")
+    parser.add_argument("--cache", help="measure what each rank reads of this activation cache")
     args = parser.parse_args()
+    if args.cache:
+        rows = cache_reads(args.cache, args.steps + args.extra_steps)
+        print_table(rows)
+        print("wrote", write_results("ddp_cache_reads", rows, threads_per_process=1))
+        return
     rows = [bench(shape, args.steps, args.extra_steps) for shape in SHAPES]
     print_table(rows)
     print("wrote", write_results("ddp_overhead", rows, threads_per_process=1))

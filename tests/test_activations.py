@@ -574,6 +574,60 @@ def test_sample(cache):
     assert cache.sample(10**6, seed=0).shape[0] == 2500
 
 
+def test_parts_deal_the_shards_and_each_reads_only_its_own(cache, monkeypatch):
+    """parts=2: two fixed, disjoint halves of the shards; part r streams its own shards alone,
+    50 rows of every 100-row batch, and the whole-cache batch is the parts' rows in order."""
+    dealt = cache.shard_parts(2, seed=3)
+    assert sorted(dealt[0] + dealt[1]) == list(range(cache.n_shards))
+    assert sorted(len(p) for p in dealt) == [2, 3] and dealt == cache.shard_parts(2, seed=3)
+    assert cache.shard_parts(1, seed=3) == [list(range(cache.n_shards))]
+    whole = list(itertools.islice(cache.batches(100, 3), 5))
+    assert all(torch.equal(a, b) for a, b in
+               zip(whole, cache.batches(100, 3, parts=1), strict=False))  # one part: the cache
+    both = list(itertools.islice(cache.batches(100, 3, parts=2), 40))
+    loads = []
+    original = cache._stacked
+    monkeypatch.setattr(cache, "_stacked", lambda idx: loads.append(tuple(idx)) or original(idx))
+    for r in (0, 1):
+        loads.clear()
+        own = list(itertools.islice(cache.batches(100, 3, parts=2, part=r), 40))
+        assert all(torch.equal(b[50 * r : 50 * (r + 1)], o) for b, o in zip(both, own,
+                                                                            strict=True))
+        assert {i for window in loads for i in window} <= set(dealt[r])
+        mine = torch.cat([cache.read_shard(i) for i in dealt[r]])
+        first_epoch = torch.cat(own)[: len(mine)]
+        assert np.array_equal(sorted_rows(first_epoch), sorted_rows(mine))  # each token once
+        for k in (0, 3, 17):  # resuming a part skips exactly
+            resumed = cache.batches(100, 3, start_batch=k, parts=2, part=r)
+            assert all(torch.equal(a, b) for a, b in zip(own[k : k + 3], resumed, strict=False))
+
+
+def test_parts_sample_and_refusals(cache):
+    dealt = cache.shard_parts(2, seed=1)
+    sample = cache.sample(700, seed=1, parts=2)
+    assert sample.shape == (700, 9, 32)
+    for r in (0, 1):
+        own = cache.sample(700, seed=1, parts=2, part=r)
+        assert torch.equal(sample[350 * r : 350 * (r + 1)], own)
+        mine = Counter(x.tobytes() for x in torch.cat(
+            [cache.read_shard(i) for i in dealt[r]]).reshape(-1, 9 * 32).numpy())
+        assert not Counter(x.tobytes() for x in own.reshape(350, -1).numpy()) - mine
+    smallest = min(sum(cache.shard_sizes[i] for i in p) for p in dealt)
+    assert cache.sample(10**6, seed=1, parts=2).shape[0] == 2 * smallest
+    assert cache.check_parts(100, 2, seed=1) == [sum(cache.shard_sizes[i] for i in p)
+                                                 for p in dealt]
+    for call, match in (
+        (lambda: cache.batches(100, 0, parts=6), r"has 5 shard\(s\), fewer than the 6 parts"),
+        (lambda: cache.batches(101, 0, parts=2), "batch size 101 does not split into 2"),
+        (lambda: cache.batches(3000, 0, parts=2), "gives 1500 tokens to a batch of 3000, but "
+                                                  "the smallest part holds"),
+        (lambda: cache.batches(100, 0, parts=2, part=2), r"part must lie in \[0, 2\)"),
+    ):
+        with pytest.raises(CrossintError, match=match) as refused:
+            call()
+        assert "\n" not in str(refused.value)
+
+
 # ---- in-memory source ---------------------------------------------------------------------------
 
 

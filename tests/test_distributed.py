@@ -112,6 +112,35 @@ def stream_two(rank: int, port: int, root: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
+def sharded_config(cache_path: Path):
+    from crossint.crosscoder.config import CrosscoderConfig
+    from crossint.data.cache import ActivationCache
+
+    cache = ActivationCache(cache_path)
+    return cache, CrosscoderConfig(hookpoints=cache.hookpoints, models=[cache.model],
+                                   d_model=32, n_features=64, k=4, dead_tokens=128)
+
+
+def train_on_own_shards(rank: int, port: int, root: Path) -> None:
+    """Rank ``rank`` of a whole run and of an interrupted then resumed run on the 8-shard
+    cache at root/cache, recording which shards this process read."""
+    from crossint.data.cache import ActivationCache
+
+    read, original = set(), ActivationCache._raw_shard
+    ActivationCache._raw_shard = lambda self, i: read.add(i) or original(self, i)
+    join_as_rank(rank, port)
+    cache, config = sharded_config(root / "cache")
+    train(config, tc_config(**TC), cache, root / "parts_two", progress=False)
+    try:
+        train(config, tc_config(**TC), cache, root / "parts_cut", progress=False,
+              extra_losses=[interrupt_at(7)])
+    except Interrupt:
+        pass
+    train(config, tc_config(**TC), cache, root / "parts_cut", resume=True, progress=False)
+    (root / f"read{rank}").write_text(json.dumps(sorted(read)))
+    torch.distributed.destroy_process_group()
+
+
 def spawn_two(function, root: Path) -> list[int | None]:
     """Run ``function(rank, port, root)`` in two fresh processes; their exit codes."""
     context, port = mp.get_context("spawn"), free_port()
@@ -175,6 +204,58 @@ def test_two_processes_share_a_streams_forward_passes(tiny_model_dir, tiny_text_
     assert max(shares) <= alone // 2 + 1
 
 
+@pytest.mark.slow
+def test_each_rank_reads_only_its_own_shards(sharded_cache, tmp_path):
+    """A cache of 8 shards under 2 processes: rank r reads only part r of the shards (its
+    batches and its share of the initialisation sample), and the pair trains what one process
+    reading the cache in 2 parts trains, resuming exactly."""
+    import shutil
+
+    shutil.copytree(sharded_cache, tmp_path / "cache")
+    assert spawn_two(train_on_own_shards, tmp_path) == [0, 0]
+    cache, config = sharded_config(tmp_path / "cache")
+    dealt = cache.shard_parts(2, seed=0)
+    assert [json.loads((tmp_path / f"read{r}").read_text()) for r in (0, 1)] == dealt
+    assert json.loads((tmp_path / "parts_two" / "config.json").read_text())["data_parts"] == 2
+    train(config, tc_config(**TC, data_parts=2), cache, tmp_path / "one", progress=False)
+    assert_close(tensors(tmp_path / "parts_two"), tensors(tmp_path / "one"), WEIGHT_TOLERANCE)
+    cut = tensors(tmp_path / "parts_cut")
+    assert all(torch.equal(cut[name], value)
+               for name, value in tensors(tmp_path / "parts_two").items())
+    whole = tmp_path / "whole"  # reading the cache whole is another data order
+    train(config, tc_config(**TC), cache, whole, progress=False)
+    assert not torch.allclose(tensors(whole)["W_dec_HXD"], tensors(tmp_path / "one")["W_dec_HXD"])
+    with pytest.raises(CrossintError, match=r"read its cache in 2 part\(s\), but 1 now; "
+                                            r"resume it with --data-parts 2"):
+        train(config, tc_config(**TC), cache, tmp_path / "one", resume=True, progress=False)
+
+
+def test_how_many_parts_a_run_reads(sharded_cache, monkeypatch):
+    from crossint.crosscoder.distributed import RankReader, resolve_data_parts
+    from crossint.data.cache import ActivationCache
+
+    cache = ActivationCache(sharded_cache)
+    assert resolve_data_parts(None, cache, 1) == 1
+    assert resolve_data_parts(None, cache, 8) == 8  # one part per process
+    assert resolve_data_parts(None, cache, 16) == 1  # fewer shards than processes: read whole
+    assert resolve_data_parts(None, source(), 2) == 1
+    assert resolve_data_parts(4, cache, 1) == 4
+    for parts, data, world_size, match in (
+        (2, source(), 1, "only an activation cache is made of shards to deal into parts, not "
+                         "TensorActivations; use --data-parts 1"),
+        (4, cache, 2, "--data-parts 4 with 2 processes: use 2 .* or 1"),
+        (9, cache, 1, r"the cache has only 8 shard\(s\)"),
+    ):
+        with pytest.raises(CrossintError, match=match):
+            resolve_data_parts(parts, data, world_size)
+    with pytest.warns(UserWarning, match="parts hold 128 to 256 tokens: the smallest part's "
+                                         "tokens are trained on 2.00 times as often"):
+        RankReader(cache, 5).check(640, seed=0)
+    with pytest.raises(CrossintError, match="gives 321 tokens to a batch of 1284, but the "
+                                            "smallest part holds 256"):
+        RankReader(cache, 4).check(1280 + 4, seed=0)
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
@@ -193,8 +274,9 @@ def test_when_a_rank_dies_the_others_stop_and_the_checkpoint_is_intact(tmp_path)
 
 
 @pytest.mark.slow
-def test_torchrun_cli_with_a_penalty_matches_one_process(caches_for_cli, tmp_path):
-    settings = ["--activations", str(caches_for_cli), "--features", "48", "--k", "4",
+def test_torchrun_cli_with_a_penalty_matches_one_process(sharded_cache, tmp_path):
+    """Each rank reads its own 4 of the 8 shards; one process reads them in the same 2 parts."""
+    settings = ["--activations", str(sharded_cache), "--features", "48", "--k", "4",
                 "--steps", "12", "--batch-size", "64", "--log-every", "4",
                 "--interaction-penalty", "3", "--dead-tokens", "256", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -205,16 +287,16 @@ def test_torchrun_cli_with_a_penalty_matches_one_process(caches_for_cli, tmp_pat
         capture_output=True, text=True, env=env, timeout=300)
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout.count("trained 48-feature batchtopk crosscoder") == 1  # rank 0 only
-    assert main(["train", *settings, "--out", str(tmp_path / "one")]) == 0
+    assert main(["train", *settings, "--data-parts", "2", "--out", str(tmp_path / "one")]) == 0
     assert_close(tensors(tmp_path / "two"), tensors(tmp_path / "one"), WEIGHT_TOLERANCE)
     assert metrics(tmp_path / "two")[-1]["interaction"] == pytest.approx(
         metrics(tmp_path / "one")[-1]["interaction"], rel=1e-4)
 
 
 @pytest.fixture(scope="module")
-def caches_for_cli(tiny_model_dir, tiny_text_file, tmp_path_factory) -> Path:
+def sharded_cache(tiny_model_dir, tiny_text_file, tmp_path_factory) -> Path:
     from crossint.data.harvest import harvest
 
-    return harvest(str(tiny_model_dir), tmp_path_factory.mktemp("ddp") / "cache", "paper",
+    return harvest(str(tiny_model_dir), tmp_path_factory.mktemp("parts") / "cache", "paper",
                    n_tokens=1024, corpus=str(tiny_text_file), context_length=32, batch_size=8,
-                   progress=False).path
+                   shard_tokens=128, progress=False).path

@@ -43,6 +43,16 @@ def test_batches_stack_the_same_tokens_model_major(caches):
     torch.testing.assert_close(got[:, P:], b)
     sample = paired.sample(100, seed=1)
     torch.testing.assert_close(sample[:, :P], caches["base"].sample(100, seed=1))
+    # In parts (each data-parallel rank its own shards) both caches deal their shards alike.
+    assert paired.n_shards == 3 and paired.check_parts(64, 2, seed=3) == \
+        caches["base"].check_parts(64, 2, seed=3)
+    got = next(paired.batches(64, seed=3, start_batch=2, parts=2, part=1))
+    a = next(caches["base"].batches(64, seed=3, start_batch=2, parts=2, part=1))
+    b = next(caches["tuned"].batches(64, seed=3, start_batch=2, parts=2, part=1))
+    assert got.shape == (32, 2 * P, a.shape[2])
+    torch.testing.assert_close(got, torch.cat([a, b], dim=1))
+    torch.testing.assert_close(paired.sample(100, seed=1, parts=2, part=0)[:, P:],
+                               caches["tuned"].sample(100, seed=1, parts=2, part=0))
 
 
 def test_a_two_model_crosscoder_trains_on_it(caches, tmp_path):

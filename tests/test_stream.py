@@ -112,6 +112,21 @@ def test_an_interrupted_stream_resumes_exactly_through_the_command(adapter, tiny
     assert steps == [5, 10, 15, 20]
 
 
+def test_a_penalty_on_a_stream_uses_the_streams_model(adapter, tiny_text_file, tmp_path,
+                                                     monkeypatch):
+    """The interaction penalty reads the MLP weights of the model the stream already runs."""
+    import crossint.models.adapter as adapters
+    from crossint.interactions.penalty import DominancePenalty, train_with_penalty
+
+    source = stream(adapter, tiny_text_file)
+    monkeypatch.setattr(adapters, "load_model", lambda *a, **k: pytest.fail("loaded again"))
+    cc, tc = configs(source, steps=4, checkpoint_every=4, log_every=2)
+    train_with_penalty(cc, tc, source, tmp_path / "run", DominancePenalty(weight=3.0),
+                       progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert rows[-1]["interaction"] > 0
+
+
 def test_the_default_buffer_is_a_power_of_two_in_a_quarter_of_memory():
     assert buffer_tokens_for_memory(4 * 1000 * 128, 128, 10**6) == 512
     assert buffer_tokens_for_memory(4 * 1000 * 128, 128, 300) == 300

@@ -50,6 +50,7 @@ TRAIN_FLAGS = {
     "normalisation_tokens": "normalisation_tokens",
     "device": "device",
     "autocast": "autocast",
+    "data_parts": "data_parts",
 }
 # Streaming flag -> StreamingActivations argument (with --model instead of --activations).
 STREAM_FLAGS = {
@@ -116,6 +117,11 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
                        help="mixed precision: forward pass and loss in bfloat16 under "
                             "torch.autocast (parameters and optimiser stay float32; default: "
                             "float32 throughout)")
+    group.add_argument("--data-parts", type=int, metavar="P",
+                       help="deal the cache's shards into P fixed parts, each giving B/P tokens "
+                            "of every batch (default: one per torchrun process, so each reads "
+                            "only its own shards; 1: every process reads the whole cache). One "
+                            "process with --data-parts P trains what P processes train")
 
 
 # Kept here so that `--help` never imports torch; a test checks they match the penalty registry.

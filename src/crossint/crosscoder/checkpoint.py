@@ -7,7 +7,8 @@ completed step, the RNG states, the dead-feature counters, and the settings the 
 with (``RunSettings``), which a resume must repeat; ``checkpoint/state.sha256`` beside it holds
 its sha256, verified before it is loaded. The settings include the source's fingerprint (the
 cache's shard checksums), so a resume on other activations with the same hookpoints is refused,
-and the number of data-parallel processes (``world_size``), which a resume must repeat.
+the number of data-parallel processes (``world_size``) and the parts the cache was read in
+(``data_parts``), which a resume must repeat.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ RESUME_FREE_SETTINGS = frozenset({"checkpoint_every", "log_every", "device"})
 # Top-level config.json entries of the run itself (extra_config may not use them).
 RESERVED_CONFIG_KEYS = frozenset(
     {"format", "version", "status", "crosscoder", "training_crosscoder", "train", "source",
-     "final_metrics", "weights_sha256", "world_size"}
+     "final_metrics", "weights_sha256", "world_size", "data_parts"}
 )
 METRICS_FLUSH_SECONDS = 30.0
 
@@ -59,6 +60,7 @@ class RunSettings:
     source: dict[str, Any]  # source_signature(source)
     extra_config: dict[str, Any]
     world_size: int = 1  # data-parallel processes (torchrun) sharing each batch
+    data_parts: int = 1  # parts the source's shards are dealt into (TrainConfig.data_parts)
 
     @classmethod
     def of(
@@ -68,9 +70,10 @@ class RunSettings:
         source: ActivationSource,
         extra_config: dict[str, Any] | None,
         world_size: int = 1,
+        data_parts: int = 1,
     ) -> RunSettings:
         return cls(crosscoder, train, source_signature(source), dict(extra_config or {}),
-                   world_size)
+                   world_size, data_parts)
 
     def checkpoint_entries(self) -> dict[str, Any]:
         return {
@@ -79,6 +82,7 @@ class RunSettings:
             "source": self.source,
             "extra_config": self.extra_config,
             "world_size": self.world_size,
+            "data_parts": self.data_parts,
         }
 
 
@@ -99,6 +103,7 @@ def training_document(settings: RunSettings, description: dict[str, Any]) -> dic
         "training_crosscoder": settings.crosscoder.to_dict(),
         "train": settings.train.to_dict(),
         "world_size": settings.world_size,
+        "data_parts": settings.data_parts,
         "source": description,
         **settings.extra_config,
     }
@@ -117,6 +122,7 @@ def finished_entries(
         "training_crosscoder": settings.crosscoder.to_dict(),
         "train": settings.train.to_dict(),
         "world_size": settings.world_size,
+        "data_parts": settings.data_parts,
         "source": description,
         **settings.extra_config,
         "final_metrics": final_metrics,
@@ -245,6 +251,7 @@ def check_resume(checkpoint: dict[str, Any], settings: RunSettings, run: Path) -
     """Refuse a resume whose source, settings, extra_config or number of processes differ from
     the checkpoint's."""
     _check_resume_world_size(checkpoint.get("world_size", 1), settings.world_size, run)
+    _check_resume_data_parts(checkpoint.get("data_parts", 1), settings.data_parts, run)
     _check_resume_source(checkpoint["source"], settings.source, run)
     given = settings.checkpoint_entries()
     for kind, key in (("crosscoder", "crosscoder_config"), ("training", "train_config")):
@@ -262,6 +269,15 @@ def _check_resume_world_size(saved: int, given: int, run: Path) -> None:
         raise CrossintError(
             f"cannot resume {run}: it was trained by {saved} data-parallel process(es), but "
             f"{given} are running now; resume it with {how}"
+        )
+
+
+def _check_resume_data_parts(saved: int, given: int, run: Path) -> None:
+    # The parts decide which rows make up each batch, so another split is another data order.
+    if saved != given:
+        raise CrossintError(
+            f"cannot resume {run}: it read its cache in {saved} part(s), but {given} now; resume "
+            f"it with --data-parts {saved}"
         )
 
 

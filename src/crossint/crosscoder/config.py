@@ -199,6 +199,11 @@ class TrainConfig(JsonConfig):
     # (the parameters, Adam and the gradient clipping stay float32). Only bfloat16: float16
     # would need loss scaling.
     autocast: str | None = None
+    # Parts an activation cache's shards are dealt into, each read by its own stream that gives
+    # batch_size / data_parts rows of every batch (crossint.crosscoder.distributed.RankReader).
+    # None: the number of torchrun processes when the cache has that many shards (each process
+    # reads only its own), else 1 (every process reads the whole source).
+    data_parts: int | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
@@ -228,10 +233,15 @@ class TrainConfig(JsonConfig):
             fail("decay_fraction", "warmup_fraction + decay_fraction must be at most 1")
         if not is_number(self.aux_alpha) or self.aux_alpha < 0:
             fail("aux_alpha", "must be a number >= 0")
+        self._check_hardware_settings(fail)
+
+    def _check_hardware_settings(self, fail: Any) -> None:
         if not isinstance(self.device, str):
             fail("device", "must be a device name such as cpu or cuda")
         if self.autocast not in (None, "bfloat16"):
             fail("autocast", "must be bfloat16 (or absent: float32 throughout)")
+        if self.data_parts is not None and (not is_int(self.data_parts) or self.data_parts < 1):
+            fail("data_parts", "must be a positive integer (or absent: one per process)")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "training config") -> TrainConfig:

@@ -5,9 +5,14 @@ torchrun starts P processes (ranks) and tells each its place through the environ
 environment` reads it and :func:`data_parallel` joins the process group (gloo on the CPU, nccl on
 CUDA). Every rank holds the whole crosscoder and its Adam state (no sharding).
 
-``--batch-size`` stays the global batch B. Every rank reads the same global batch stream and
-keeps its own consecutive B/P rows (:meth:`Ranks.own_rows`), so the ranks together train on
-exactly the rows one process would. What makes P ranks equal one process, up to float rounding:
+``--batch-size`` stays the global batch B, and :class:`RankReader` decides what each rank reads
+of it. An activation cache with at least P shards is dealt into P fixed parts
+(``ActivationCache.shard_parts``): rank r reads only part r's shards, as a stream of B/P rows
+per step, and the global batch is the parts' rows in rank order, which one process reads with
+``data_parts=P``. Any other source (or ``data_parts=1``) is read whole by every rank, which keeps
+its own consecutive B/P rows of each global batch (:meth:`Ranks.own_rows`). Either way the ranks
+together train on exactly the rows one process would. What makes P ranks equal one process, up
+to float rounding:
 
 - gradients are summed over the ranks and divided by P; every loss term is a mean over the
   rank's tokens, or scaled so that the ranks' mean is the global batch's value;
@@ -15,7 +20,9 @@ exactly the rows one process would. What makes P ranks equal one process, up to 
   all-gathered, ``activations.batchtopk_across_ranks``), so θ moves alike on every rank;
 - AuxK's dead-feature counters advance by B and reset where a feature fired on any rank, and its
   variance normalisation uses the global batch mean;
-- metrics.jsonl holds the mean of the ranks' values.
+- metrics.jsonl holds the mean of the ranks' values;
+- the initialisation sample is drawn part by part and all-gathered, so every rank starts from
+  the one process's sample.
 
 Only rank 0 takes the run directory's lock and writes config.json, metrics.jsonl, checkpoints
 and the saved crosscoder. A collective that fails because another rank stopped raises
@@ -27,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,12 +109,14 @@ class Ranks:
         return count_H.bool()
 
     def gather(self, values_E: Tensor) -> Tensor:
-        """Every rank's ``values_E`` (the same length on every rank), concatenated."""
+        """Every rank's ``values_E`` (the same shape on every rank), concatenated along the
+        first dimension, on the device ``values_E`` is on."""
         if self.world_size == 1:
             return values_E
-        parts = [torch.empty_like(values_E) for _ in range(self.world_size)]
-        self._collective(dist.all_gather, parts, values_E.detach().contiguous())
-        return torch.cat(parts)
+        own = values_E.detach().to(self._device()).contiguous()
+        parts = [torch.empty_like(own) for _ in range(self.world_size)]
+        self._collective(dist.all_gather, parts, own)
+        return torch.cat(parts).to(values_E.device)
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Replace every gradient by its mean over the ranks (DDP's all-reduce)."""
@@ -143,6 +153,77 @@ class Ranks:
 
 
 SINGLE_PROCESS = Ranks()
+
+
+def resolve_data_parts(requested: int | None, source: Any, world_size: int) -> int:
+    """The parts a run deals its source's shards into (``TrainConfig.data_parts``): by default
+    one per process when the source is made of at least that many shards, else 1."""
+    n_shards = getattr(source, "n_shards", None)
+    if requested is None:
+        return world_size if n_shards is not None and n_shards >= world_size else 1
+    if requested == 1:
+        return 1
+    if n_shards is None:
+        raise CrossintError(
+            f"--data-parts {requested}: only an activation cache is made of shards to deal into "
+            f"parts, not {type(source).__name__}; use --data-parts 1"
+        )
+    if world_size > 1 and requested != world_size:
+        raise CrossintError(
+            f"--data-parts {requested} with {world_size} processes: use {world_size} (each "
+            "process reads its own part of the cache) or 1 (every process reads all of it)"
+        )
+    if n_shards < requested:
+        raise CrossintError(
+            f"--data-parts {requested}: the cache has only {n_shards} shard(s); harvest it with "
+            f"a smaller --shard-tokens or use fewer parts"
+        )
+    return requested
+
+
+@dataclass(frozen=True)
+class RankReader:
+    """What this rank reads of a training source: its B/P rows of every global batch and the
+    initialisation sample, which is the same on every rank (see the module docstring)."""
+
+    source: Any  # crossint.crosscoder.source.ActivationSource
+    parts: int = 1
+    ranks: Ranks = SINGLE_PROCESS
+
+    @property
+    def n_tokens(self) -> int:
+        return self.source.n_tokens
+
+    @property
+    def _part(self) -> int | None:
+        """The part this rank reads (None: one process reads all parts)."""
+        return self.ranks.rank if self.ranks.world_size > 1 else None
+
+    def batches(self, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[Tensor]:
+        """This rank's rows of global batches ``start_batch``, ``start_batch + 1``, ..."""
+        if self.parts == 1:
+            return self.ranks.own_rows(iter(self.source.batches(batch_size, seed, start_batch)))
+        return iter(self.source.batches(batch_size, seed, start_batch, parts=self.parts,
+                                        part=self._part))
+
+    def sample(self, n_tokens: int, seed: int) -> Tensor:
+        if self.parts == 1:
+            return self.source.sample(n_tokens, seed)
+        own = self.source.sample(n_tokens, seed, parts=self.parts, part=self._part)
+        return own if self._part is None else self.ranks.gather(own)
+
+    def check(self, batch_size: int, seed: int) -> None:
+        """Refuse a batch the parts cannot share (before anything is written), and warn when the
+        parts are uneven: the tokens of a smaller part come round more often."""
+        if self.parts == 1:
+            return
+        tokens = self.source.check_parts(batch_size, self.parts, seed)
+        if max(tokens) > 1.1 * min(tokens) and self.ranks.is_main:
+            warnings.warn(
+                f"the cache's {self.parts} parts hold {min(tokens)} to {max(tokens)} tokens: the "
+                f"smallest part's tokens are trained on {max(tokens) / min(tokens):.2f} times as "
+                "often as the largest's (equal shards, as many as a multiple of the parts, even "
+                "them out)", stacklevel=2)
 
 
 def _first_sentence(error: Exception) -> str:

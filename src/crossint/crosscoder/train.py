@@ -53,9 +53,11 @@ from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
 from crossint.crosscoder.distributed import (
     SINGLE_PROCESS,
     RankLost,
+    RankReader,
     Ranks,
     data_parallel,
     ranks_from_environment,
+    resolve_data_parts,
     writer_lock,
 )
 from crossint.crosscoder.losses import (
@@ -111,7 +113,7 @@ def _device(name: str) -> torch.device:
 
 
 def _initialise_from_sample(
-    model: Crosscoder, cc: CrosscoderConfig, tc: TrainConfig, source: ActivationSource
+    model: Crosscoder, cc: CrosscoderConfig, tc: TrainConfig, source: RankReader
 ) -> None:
     """The data-dependent init: normalisation (SPEC §3.4), b_dec at the mean for centring,
     calibrated b_enc (SPEC §3.5)."""
@@ -131,14 +133,16 @@ def _initialise_from_sample(
 def initial_state(
     cc: CrosscoderConfig,
     tc: TrainConfig,
-    source: ActivationSource,
+    source: ActivationSource | RankReader,
     checkpoint: dict[str, Any] | None,
     device: torch.device,
     ranks: Ranks = SINGLE_PROCESS,
 ) -> TrainingState:
     """A fresh model initialised from a sample of ``source``, or the checkpoint's state (the
     RNG state included), on ``device`` in training mode, with its Adam optimiser. Every rank
-    draws the same sample, so the ranks start alike."""
+    draws the same sample (``RankReader.sample``), so the ranks start alike."""
+    if not isinstance(source, RankReader):
+        source = RankReader(source, ranks=ranks)
     model = Crosscoder(cc, seed=tc.seed, ranks=ranks)
     trainable = [p for p in model.parameters() if p.requires_grad]
     tokens_since_fired_H = torch.zeros(cc.n_features, dtype=torch.int64)
@@ -331,13 +335,16 @@ def train(
     check_extra_config(extra_config)
     check_source(cc, source)
     check_batch_size(tc, source, ranks.world_size)
-    settings = RunSettings.of(cc, tc, source, extra_config, ranks.world_size)
+    reader = RankReader(source, resolve_data_parts(tc.data_parts, source, ranks.world_size),
+                        ranks)
+    reader.check(tc.batch_size, tc.seed)
+    settings = RunSettings.of(cc, tc, source, extra_config, ranks.world_size, reader.parts)
     device = _device(ranks.device_name(tc.device))
     check_training_memory(cc, tc, device)
     # One writer per run directory: a second train (another process) stops here.
     with data_parallel(ranks, device), writer_lock(out_dir, "crossint train", ranks):
-        return _train_locked(settings, source, RunDir(out_dir), resume, device,
-                             extra_losses, progress, extra_metrics, ranks)
+        return _train_locked(settings, reader, RunDir(out_dir), resume, device,
+                             extra_losses, progress, extra_metrics)
 
 
 def check_batch_size(tc: TrainConfig, source: ActivationSource, world_size: int = 1) -> None:
@@ -358,25 +365,24 @@ def check_batch_size(tc: TrainConfig, source: ActivationSource, world_size: int 
         )
 
 
-def _train_locked(settings: RunSettings, source: ActivationSource, run_dir: RunDir,
+def _train_locked(settings: RunSettings, reader: RankReader, run_dir: RunDir,
                   resume: bool, device: torch.device, extra_losses: Sequence[ExtraLoss],
-                  progress: bool, extra_metrics: Sequence[ExtraMetric], ranks: Ranks) -> Crosscoder:
+                  progress: bool, extra_metrics: Sequence[ExtraMetric]) -> Crosscoder:
     """:func:`train` once the run directory's lock is held (by rank 0)."""
     from tqdm.auto import tqdm
 
-    cc, tc = settings.crosscoder, settings.train
+    cc, tc, ranks = settings.crosscoder, settings.train, reader.ranks
     checkpoint = resume_checkpoint(run_dir, settings, resume)
     ranks.barrier()  # every rank has checked the directory before rank 0 writes into it
-    state = initial_state(cc, tc, source, checkpoint, device, ranks)
+    state = initial_state(cc, tc, reader, checkpoint, device, ranks)
     del checkpoint
-    description = describe_source(source)
+    description = describe_source(reader.source)
     if state.step == 0 and ranks.is_main:
         write_training_document(run_dir, settings, description)
     run = _Run(run_dir, settings, Objective.for_run(cc, tc, extra_losses, ranks),
                tuple(extra_metrics), MetricsLog(run_dir.metrics, state.step))
-    global_batches = source.batches(tc.batch_size, seed=tc.seed, start_batch=state.step)
-    batches = device_batches(ranks.own_rows(iter(global_batches)), device, start=state.step,
-                             hookpoints=_position_names(cc))
+    batches = device_batches(reader.batches(tc.batch_size, tc.seed, state.step), device,
+                             start=state.step, hookpoints=_position_names(cc))
     bar = tqdm(total=tc.steps, initial=state.step, disable=not progress or not ranks.is_main,
                desc="train", unit="step", dynamic_ncols=True)
     try:

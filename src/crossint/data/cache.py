@@ -52,7 +52,7 @@ DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of shard data a cache keeps in memory
 DEFAULT_WINDOW_SHARDS = 4  # shards whose tokens are mixed together by ``batches``
 
 # Distinct first words for every random stream, so no two streams share a seed sequence.
-RNG_SHARD, RNG_EPOCH, RNG_WINDOW, RNG_SAMPLE = 1, 2, 3, 4
+RNG_SHARD, RNG_EPOCH, RNG_WINDOW, RNG_SAMPLE, RNG_PARTS = 1, 2, 3, 4, 5
 
 
 def shard_file_name(index: int) -> str:
@@ -157,15 +157,18 @@ class _ShuffledStream:
     The data is one infinite token stream, epoch after epoch; each epoch is a list of windows
     (groups of rows) and each window is read through its own random permutation. Batches are
     consecutive runs of ``batch_size`` tokens of that stream, so batch k starts at token
-    ``k * batch_size`` and can be located without reading anything before it.
+    ``k * batch_size`` and can be located without reading anything before it. ``words`` tell
+    apart the random permutations of streams that share a seed (the parts of one cache).
     """
 
     def __init__(self, n_per_epoch: int, windows: Callable[[int], list[tuple[Any, int]]],
-                 load: Callable[[Any], torch.Tensor], seed: int) -> None:
+                 load: Callable[[Any], torch.Tensor], seed: int,
+                 words: tuple[int, ...] = ()) -> None:
         self.n_per_epoch = n_per_epoch
         self.windows = windows
         self.load = load
         self.seed = seed
+        self.words = words
 
     def batches(self, batch_size: int, start_batch: int,
                 device: str | torch.device | None) -> Iterator[torch.Tensor]:
@@ -180,7 +183,8 @@ class _ShuffledStream:
         while True:
             key, size = windows[w]
             data_TXD = self.load(key)
-            perm_T = permutation(size, self.seed, RNG_WINDOW, epoch, w).to(data_TXD.device)
+            perm_T = permutation(size, self.seed, RNG_WINDOW, epoch, w, *self.words).to(
+                data_TXD.device)
             while offset < size:
                 take = min(need, size - offset)
                 pieces.append(data_TXD[perm_T[offset : offset + take]])
@@ -251,9 +255,8 @@ class ActivationCache:
                 )
             if shard_path.stat().st_size != entry["bytes"]:
                 raise self._checksum_error(shard_path)
-        item_bytes = DTYPES[self.dtype].itemsize
-        total_bytes = self.n_tokens * sum(self.dims.values()) * item_bytes
-        self._keep_in_memory = total_bytes <= memory_budget
+        self._budget = memory_budget
+        self._keep_in_memory = self._bytes(range(self.n_shards)) <= memory_budget
         self._memory: dict[int, dict[str, torch.Tensor]] = {}
         self._verified: set[int] = set()
 
@@ -365,40 +368,119 @@ class ActivationCache:
             row += size
         return out_TXD
 
+    def shard_parts(self, parts: int, seed: int) -> list[list[int]]:
+        """The shards dealt into ``parts`` fixed parts of nearly equal count (ascending shard
+        indices in each part; dealt at random by ``seed`` so no part gets one stretch of the
+        corpus). One part: every shard."""
+        if not isinstance(parts, int) or parts < 1:
+            raise CrossintError(f"parts must be a positive integer, got {parts!r}")
+        if parts > self.n_shards:
+            raise CrossintError(
+                f"activation cache {self.path} has {self.n_shards} shard(s), fewer than the "
+                f"{parts} parts asked for: harvest it with a smaller --shard-tokens (at least "
+                f"{parts} shards), or let every process read the whole cache (--data-parts 1)"
+            )
+        if parts == 1:
+            return [list(range(self.n_shards))]
+        dealt = _rng(seed, RNG_PARTS).permutation(self.n_shards).tolist()
+        return [sorted(dealt[r::parts]) for r in range(parts)]
+
     def batches(self, batch_size: int, seed: int, start_batch: int = 0, *,
                 window_shards: int = DEFAULT_WINDOW_SHARDS,
-                device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+                device: str | torch.device | None = None, parts: int = 1,
+                part: int | None = None) -> Iterator[torch.Tensor]:
         """Infinite, deterministic float32 [B, X, D] batches.
 
         Each epoch visits the shards in a fresh random order, in windows of ``window_shards``
         shards whose tokens are shuffled together. ``start_batch=k`` yields exactly what a fresh
         iterator yields after k batches, reading only the window where batch k starts.
+
+        ``parts=P`` deals the shards into P fixed parts (:meth:`shard_parts`); each part is such
+        a stream over its own shards alone and gives B/P rows of every batch. ``part=None``
+        yields the parts' rows concatenated in part order; ``part=r`` yields only part r's B/P
+        rows and reads only its shards (what rank r of P data-parallel processes reads).
         """
         check_stream_args(batch_size, seed, start_batch)
         self._common_dim("batches")
         if window_shards < 1:
             raise CrossintError(f"window_shards must be at least 1, got {window_shards}")
+        shard_parts = self._parts_for(batch_size, parts, part, seed)
+        read = [i for shards in shard_parts.values() for i in shards]
+        self._keep_in_memory = self._bytes(read) <= self._budget
+        streams = [self._part_stream(shards, seed, window_shards, parts, r).batches(
+                       batch_size // parts, start_batch, device)
+                   for r, shards in shard_parts.items()]
+        if len(streams) == 1:
+            return streams[0]
+        return (torch.cat(rows) for rows in zip(*streams, strict=False))  # all infinite
+
+    def _parts_for(self, batch_size: int, parts: int, part: int | None,
+                   seed: int) -> dict[int, list[int]]:
+        """{part: its shards} for the parts a reader asked for (all of them when ``part`` is
+        None)."""
+        self.check_parts(batch_size, parts, seed)
+        if part is not None and (not isinstance(part, int) or not 0 <= part < parts):
+            raise CrossintError(f"part must lie in [0, {parts}), got {part!r}")
+        dealt = self.shard_parts(parts, seed)
+        return {r: dealt[r] for r in (range(parts) if part is None else [part])}
+
+    def check_parts(self, batch_size: int, parts: int, seed: int) -> list[int]:
+        """The tokens of each of the ``parts`` parts, refusing a batch that does not split
+        evenly among them or outgrows the smallest."""
+        tokens = [sum(self.shard_sizes[i] for i in shards)
+                  for shards in self.shard_parts(parts, seed)]
+        if batch_size % parts:
+            raise CrossintError(f"batch size {batch_size} does not split into {parts} equal "
+                                f"parts: use a multiple of {parts}")
+        if batch_size // parts > min(tokens):
+            raise CrossintError(
+                f"each of the {parts} parts of activation cache {self.path} gives "
+                f"{batch_size // parts} tokens to a batch of {batch_size}, but the smallest part "
+                f"holds {min(tokens)}: use a smaller batch, fewer parts or more tokens"
+            )
+        return tokens
+
+    def _part_stream(self, shards: list[int], seed: int, window_shards: int, parts: int,
+                     part: int) -> _ShuffledStream:
+        # One part keeps the random words of a whole-cache stream, so parts=1 is that stream.
+        words = () if parts == 1 else (parts, part)
 
         def windows(epoch: int) -> list[tuple[Any, int]]:
-            order = _rng(seed, RNG_EPOCH, epoch).permutation(self.n_shards).tolist()
+            order = [shards[i] for i in
+                     _rng(seed, RNG_EPOCH, epoch, *words).permutation(len(shards)).tolist()]
             groups = [tuple(order[i : i + window_shards])
                       for i in range(0, len(order), window_shards)]
             return [(g, sum(self.shard_sizes[i] for i in g)) for g in groups]
 
-        stream = _ShuffledStream(self.n_tokens, windows, self._stacked, seed)
-        return stream.batches(batch_size, start_batch, device)
+        return _ShuffledStream(sum(self.shard_sizes[i] for i in shards), windows, self._stacked,
+                               seed, words)
 
-    def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
+    def _bytes(self, shards: Sequence[int]) -> int:
+        item_bytes = DTYPES[self.dtype].itemsize
+        return sum(self.shard_sizes[i] for i in shards) * sum(self.dims.values()) * item_bytes
+
+    def sample(self, n_tokens: int, seed: int, *, parts: int = 1,
+               part: int | None = None) -> torch.Tensor:
         """``n_tokens`` random tokens as float32 [n, X, D] (all tokens if the cache holds fewer).
 
         Reads whole shards in a random order until enough tokens are in hand (shards are already
         token-shuffled), then draws the tokens from those shards without replacement.
+        ``parts=P`` draws ceil(n/P) tokens (at most the smallest part's) from each part's shards
+        alone, concatenated in part order; ``part=r`` returns only part r's draw.
         """
         check_stream_args(1, seed, 0)
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-        n = min(n_tokens, self.n_tokens)
-        order = _rng(seed, RNG_SAMPLE, 0).permutation(self.n_shards).tolist()
+        dealt = self.shard_parts(parts, seed)
+        n = min(-(-n_tokens // parts), *(sum(self.shard_sizes[i] for i in p) for p in dealt))
+        chosen = range(parts) if part is None else [part]
+        return torch.cat([self._sample_part(dealt[r], n, seed, () if parts == 1 else (parts, r))
+                          for r in chosen])
+
+    def _sample_part(self, shards: list[int], n: int, seed: int,
+                     words: tuple[int, ...]) -> torch.Tensor:
+        order = [shards[i] for i in
+                 _rng(seed, RNG_SAMPLE, 0, *words).permutation(len(shards)).tolist()]
         chosen, have = [], 0
         for i in order:
             chosen.append(i)
@@ -406,7 +488,8 @@ class ActivationCache:
             if have >= n:
                 break
         data_TXD = self._stacked(chosen)
-        rows = torch.from_numpy(_rng(seed, RNG_SAMPLE, 1).choice(have, size=n, replace=False))
+        rows = torch.from_numpy(_rng(seed, RNG_SAMPLE, 1, *words).choice(have, size=n,
+                                                                         replace=False))
         return data_TXD[rows].float()
 
 

@@ -60,13 +60,25 @@ class PairedActivations:
         both = f"{self.first.fingerprint}\n{self.second.fingerprint}\n"
         return hashlib.sha256(both.encode()).hexdigest()
 
-    def batches(self, batch_size: int, seed: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """[B, 2P, D] batches: the same tokens of both caches, model-major."""
-        pairs = zip(self.first.batches(batch_size, seed, start_batch),  # both infinite
-                    self.second.batches(batch_size, seed, start_batch), strict=False)
+    @property
+    def n_shards(self) -> int:
+        return self.first.n_shards
+
+    def check_parts(self, batch_size: int, parts: int, seed: int) -> list[int]:
+        return self.first.check_parts(batch_size, parts, seed)  # both hold the same shard sizes
+
+    def batches(self, batch_size: int, seed: int, start_batch: int = 0, *, parts: int = 1,
+                part: int | None = None) -> Iterator[torch.Tensor]:
+        """[B, 2P, D] batches: the same tokens of both caches, model-major (``parts``, ``part``:
+        as ``ActivationCache.batches``; both caches deal their shards alike)."""
+        read = {"parts": parts, "part": part}
+        pairs = zip(self.first.batches(batch_size, seed, start_batch, **read),  # both infinite
+                    self.second.batches(batch_size, seed, start_batch, **read), strict=False)
         for a_BPD, b_BPD in pairs:
             yield torch.cat([a_BPD, b_BPD], dim=1)
 
-    def sample(self, n_tokens: int, seed: int) -> torch.Tensor:
-        return torch.cat([self.first.sample(n_tokens, seed), self.second.sample(n_tokens, seed)],
-                         dim=1)
+    def sample(self, n_tokens: int, seed: int, *, parts: int = 1,
+               part: int | None = None) -> torch.Tensor:
+        read = {"parts": parts, "part": part}
+        return torch.cat([self.first.sample(n_tokens, seed, **read),
+                          self.second.sample(n_tokens, seed, **read)], dim=1)

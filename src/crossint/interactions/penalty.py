@@ -227,7 +227,8 @@ def source_blocks(source: ActivationSource) -> list[int]:
 
 def load_penalty_mlps(source: ActivationSource, device: str = "cpu") -> dict[int, MLPWeights]:
     """The subject model's MLP weights at every mlp_in block of ``source`` (a harvested cache:
-    its manifest names the model). The penalty needs the model's own W_in and W_out."""
+    its manifest names the model; a stream: its own loaded model, not loaded again). The
+    penalty needs the model's own W_in and W_out."""
     from crossint.models.adapter import check_model_matches, load_model
 
     where = getattr(source, "path", None) or type(source).__name__
@@ -244,7 +245,7 @@ def load_penalty_mlps(source: ActivationSource, device: str = "cpu") -> dict[int
             f"activations at {where} do not name their model; pass the MLP weights "
             "({block: adapter.mlp_weights(block)}) yourself"
         )
-    adapter = load_model(model, device=device)
+    adapter = getattr(source, "adapter", None) or load_model(model, device=device)
     manifest = getattr(source, "manifest", None) or {}
     check_model_matches(adapter, manifest.get("model_info") or {}, set(source.dims.values()),
                         f"activations at {where}")
