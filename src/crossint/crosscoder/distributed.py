@@ -128,6 +128,18 @@ class Ranks:
             self._collective(dist.all_reduce, parameter.grad)
             parameter.grad.div_(self.world_size)
 
+    def ratio(self, numerator: Tensor, denominator: Tensor) -> Tensor:
+        """numerator / denominator of the global batch, each a sum over this rank's tokens, as
+        this rank's term of a loss whose mean over the ranks has the global ratio's value and
+        gradient: P·(n/D − N·d/D²) + N/D, with N and D the sums over the ranks (detached). A
+        zero denominator counts as the smallest positive float."""
+        tiny = torch.finfo(denominator.dtype).tiny
+        if self.world_size == 1:
+            return numerator / denominator.clamp_min(tiny)
+        both = self.sum(torch.stack([numerator.detach(), denominator.detach().to(numerator)]))
+        N, D = both[0], both[1].clamp_min(tiny)
+        return self.world_size * (numerator / D - (N / D**2) * denominator) + N / D
+
     def total_variance(self, acts_BXD: Tensor) -> Tensor:
         """Σ over the global batch of ‖a_bx − ā_x‖², ā the global batch mean (detached)."""
         acts_BXD = acts_BXD.detach()

@@ -38,8 +38,10 @@ from crossint.errors import CrossintError
 from crossint.interactions.contributions import (
     ActiveFeatures,
     MLPFeatureBlock,
+    Ratio,
     active_features,
     compute_dtype,
+    divide,
     resolve_chunk,
 )
 
@@ -207,13 +209,14 @@ def _carried(f_BK: Tensor, d_UD: Tensor, row_BK: Tensor) -> Tensor:
 
 
 def keep_error_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
-                       chunk_tokens: int | None = None, normalise: str = "none") -> Tensor:
+                       chunk_tokens: int | None = None, normalise: str = "none",
+                       ratio: Ratio = divide) -> Tensor:
     """SPEC §4.7 ``keep_error``: the mean over blocks and tokens of
     ‖(h(z) − h(z_keep))·W_out‖², z_keep = c + the dominant feature's contribution at each neuron
     (the up projection of a gated MLP keeps its full value). ``normalise="effect"``: each
     block's sum is divided by its features' whole effect Σ_b ‖MLP(x̂) − MLP(c)‖² (not
-    detached) and the blocks are averaged, so shrinking the features' effect does not pay and
-    every block counts alike.
+    detached; by ``ratio``, see ``interaction_penalty``) and the blocks are averaged, so
+    shrinking the features' effect does not pay and every block counts alike.
 
     The dominant slot is chosen without gradient (held fixed in the backward, SPEC §4.7) by one
     fused pass; nothing B×K×N is kept. The constant parts c are treated as fixed."""
@@ -231,7 +234,7 @@ def keep_error_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
         part = _KeepErrorSq.apply(active.f_BK.to(dtype), d_UD, active.row_BK, active.counts_B,
                                   c_N, cu_N, *weights, mlp.act, chunk)
         if normalise == "effect":
-            part = part / effect_sq(active, block).clamp_min(torch.finfo(part.dtype).tiny)
+            part = ratio(part, effect_sq(active, block))
         total = part if total is None else total + part
     assert total is not None
     return _mean_over(total, active, blocks, normalise)
@@ -268,7 +271,8 @@ class _AdditivitySq(torch.autograd.Function):
 
 
 def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
-                       chunk_tokens: int | None = None, normalise: str = "none") -> Tensor:
+                       chunk_tokens: int | None = None, normalise: str = "none",
+                       ratio: Ratio = divide) -> Tensor:
     """SPEC §4.7 ``additivity``: the mean over blocks and tokens of A² = ‖MLP(x̂) −
     MLP_ind(x̂)‖², with an analytic backward that keeps nothing B×K×N (fused on the CPU with
     numba). ``normalise="effect"``: per block Σ A² / Σ ‖MLP(x̂) − MLP(c)‖², averaged over
@@ -287,7 +291,7 @@ def additivity_penalty(active: ActiveFeatures, blocks: list[MLPFeatureBlock],
                                    mlp.W_out_ND.to(V_UN.dtype).detach(), mlp.act, mlp.act_name,
                                    chunk)
         if normalise == "effect":
-            part = part / effect_sq(active, block).clamp_min(torch.finfo(part.dtype).tiny)
+            part = ratio(part, effect_sq(active, block))
         total = part if total is None else total + part
     assert total is not None
     return _mean_over(total, active, blocks, normalise)

@@ -17,7 +17,7 @@ slots with the neuron axis contiguous; ``p_BNK`` is the SPEC-oriented view of th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -192,6 +192,16 @@ def contributions(
     dtype = compute_dtype(d_HD, W_in_DN)
     p_BKN = torch.cat(parts) if parts else d_HD.new_zeros((0, k, W_in_DN.shape[1]), dtype=dtype)
     return Contributions(active.features_BK, active.f_BK.to(dtype), p_BKN)
+
+
+Ratio = Callable[[Tensor, Tensor], Tensor]  # (numerator, denominator) -> the loss term
+
+
+def divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """A normalised penalty's ratio of two sums over the batch (a zero denominator counts as
+    the smallest positive float). Data-parallel training passes ``Ranks.ratio`` instead: the
+    same ratio over the global batch."""
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
 
 
 def resolve_chunk(chunk_tokens: int | None, device: torch.device, per_token: int = 1) -> int:

@@ -25,8 +25,10 @@ from crossint.interactions.contributions import (
     Contributions,
     MLPFeatureBlock,
     NeuronStats,
+    Ratio,
     active_features,
     distinct_virtual_weights,
+    divide,
     feature_blocks,
     iter_contributions,
     neuron_stats,
@@ -289,6 +291,7 @@ def interaction_penalty(
     weighting: str = "uniform",
     normalise: str | bool = "none",
     chunk_tokens: int | None = None,
+    ratio: Ratio = divide,
 ) -> Tensor:
     """SPEC §4.4 L_int = mean over blocks, tokens, neurons of w_n·(S − Mx).
 
@@ -303,6 +306,7 @@ def interaction_penalty(
       scaling all contributions, so its gradient only moves mass towards the dominant features.
       A detached denominator keeps the un-normalised gradient's "shrink every contribution"
       direction, which fights reconstruction and, with a large weight, kills the features.
+      ``ratio`` divides the two sums (``Ranks.ratio`` makes it the global batch's ratio).
     - ``"neuron"``: the weighted mean over tokens and neurons of (S − Mx)/(S + ε), i.e. one minus
       the SPEC §4.2 dominant share itself (uniform weighting). Invariant to scaling each
       neuron's contributions, so no neuron's input is worth shrinking.
@@ -339,7 +343,7 @@ def interaction_penalty(
     assert nondominant is not None
     if mode == "total":
         assert total is not None
-        return nondominant / total.clamp_min(torch.finfo(total.dtype).tiny)
+        return ratio(nondominant, total)
     return nondominant / max(weight_sum, 1.0)
 
 

@@ -31,7 +31,9 @@ from crossint.interactions.additivity import (
 from crossint.interactions.contributions import (
     ActiveFeatures,
     MLPFeatureBlock,
+    Ratio,
     active_features,
+    divide,
     feature_blocks,
     mlp_on,
     resolve_chunk,
@@ -91,8 +93,9 @@ class Penalty:
         return {name: getattr(self, name) for name in self.option_names()}
 
     def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
-              chunk_tokens: int | None = None) -> Tensor:
-        """L_int of the batch (unweighted), differentiable in f and in the decoder rows."""
+              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
+        """L_int of the batch (unweighted), differentiable in f and in the decoder rows.
+        ``ratio`` divides the sums of a normalised kind (``Ranks.ratio`` under torchrun)."""
         raise NotImplementedError
 
     def record(self, blocks: Sequence[int]) -> dict[str, Any]:
@@ -125,8 +128,9 @@ class DominancePenalty(Penalty):
                                                                     self.normalise))
 
     def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
-              chunk_tokens: int | None = None) -> Tensor:
-        return interaction_penalty(active, blocks, self.weighting, self.normalise, chunk_tokens)
+              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
+        return interaction_penalty(active, blocks, self.weighting, self.normalise, chunk_tokens,
+                                   ratio)
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,8 @@ class KeepErrorPenalty(Penalty):
         check_effect_normalisation(self.kind, self.normalise)
 
     def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
-              chunk_tokens: int | None = None) -> Tensor:
-        return keep_error_penalty(active, list(blocks), chunk_tokens, self.normalise)
+              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
+        return keep_error_penalty(active, list(blocks), chunk_tokens, self.normalise, ratio)
 
 
 @dataclass(frozen=True)
@@ -160,8 +164,8 @@ class AdditivityPenalty(Penalty):
         check_effect_normalisation(self.kind, self.normalise)
 
     def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
-              chunk_tokens: int | None = None) -> Tensor:
-        return additivity_penalty(active, list(blocks), chunk_tokens, self.normalise)
+              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
+        return additivity_penalty(active, list(blocks), chunk_tokens, self.normalise, ratio)
 
 
 def check_effect_normalisation(kind: str, normalise: str) -> None:
@@ -276,16 +280,19 @@ def penalty_loss(penalty: Penalty, mlps: Mapping[int, MLPWeights], model: str | 
     """``penalty`` as a training ``extra_losses`` callable: ``fn(crosscoder, acts_BXD, output)
     -> {"interaction": λ·L_int}`` with the crosscoder's current decoder at every given block's
     ``mlp_in``. ``model`` selects the model of a multi-model crosscoder."""
+    from crossint.crosscoder.distributed import ranks_from_environment
+
     if chunk_tokens is not None:
         resolve_chunk(chunk_tokens, torch.device("cpu"))
     placed = _PlacedMLPs(mlps, model)
+    ratio = ranks_from_environment().ratio  # a normalised kind's ratio over the global batch
 
     def loss(crosscoder: Crosscoder, acts_BXD: Tensor,
              output: CrosscoderOutput) -> dict[str, Tensor]:
         f_BH = output.f_BH[: penalty.sampled_tokens(output.f_BH.shape[0])]
         active = active_features(f_BH)
         return {LOSS_NAME: penalty.weight * penalty.value(active, placed.blocks(crosscoder),
-                                                          chunk_tokens)}
+                                                          chunk_tokens, ratio)}
 
     return loss
 
@@ -311,14 +318,17 @@ def penalty_metrics(penalty: Penalty, mlps: Mapping[int, MLPWeights],
                     model: str | None = None) -> ExtraMetric:
     """A logged-only metric: the unweighted L_int (the same ``value`` the loss uses) and the
     plain mean dominant share (SPEC §4.2) of the batch."""
+    from crossint.crosscoder.distributed import ranks_from_environment
+
     placed = _PlacedMLPs(mlps, model)
+    ratio = ranks_from_environment().ratio
 
     def metric(crosscoder: Crosscoder, acts_BXD: Tensor,
                output: CrosscoderOutput) -> dict[str, float]:
         with torch.no_grad():
             blocks = placed.blocks(crosscoder)
             active = active_features(output.f_BH.detach()).by_count()
-            value = penalty.value(active, blocks)
+            value = penalty.value(active, blocks, ratio=ratio)
         return {"interaction_penalty": float(value),
                 "dominant_share": batch_dominant_share(active, blocks)}
 
