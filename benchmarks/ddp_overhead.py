@@ -2,7 +2,7 @@
 same global batch.
 
     python benchmarks/ddp_overhead.py  # prints a table; writes results/ddp_overhead.json
-    python benchmarks/ddp_overhead.py --cache cache/story200k  # what each rank reads of a cache
+    python benchmarks/ddp_overhead.py --cache cache/story196k  # what each rank reads of a cache
 
 Runs the real training loop (`crossint.crosscoder.train.train`: BatchTopK with its global
 selection, AuxK, Adam, gradient all-reduce) on in-memory activations, one torch thread per
@@ -25,6 +25,7 @@ import resource
 import socket
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -165,7 +166,8 @@ def main() -> None:
     if args.cache:
         rows = cache_reads(args.cache, args.steps + args.extra_steps)
         print_table(rows)
-        print("wrote", write_results("ddp_cache_reads", rows, threads_per_process=1))
+        name = f"ddp_cache_reads_{Path(args.cache).resolve().name}"
+        print("wrote", write_results(name, rows, cache=args.cache, threads_per_process=1))
         return
     rows = [bench(shape, args.steps, args.extra_steps) for shape in SHAPES]
     print_table(rows)

@@ -614,8 +614,7 @@ def test_parts_sample_and_refusals(cache):
         assert not Counter(x.tobytes() for x in own.reshape(350, -1).numpy()) - mine
     smallest = min(sum(cache.shard_sizes[i] for i in p) for p in dealt)
     assert cache.sample(10**6, seed=1, parts=2).shape[0] == 2 * smallest
-    assert cache.check_parts(100, 2, seed=1) == [sum(cache.shard_sizes[i] for i in p)
-                                                 for p in dealt]
+    assert cache.part_tokens(2, seed=1) == [sum(cache.shard_sizes[i] for i in p) for p in dealt]
     for call, match in (
         (lambda: cache.batches(100, 0, parts=6), r"has 5 shard\(s\), fewer than the 6 parts"),
         (lambda: cache.batches(101, 0, parts=2), "batch size 101 does not split into 2"),

@@ -273,27 +273,35 @@ def test_normalised_penalties_are_the_global_batchs_ratio(sharded_cache, tmp_pat
                 assert two_row[key] == pytest.approx(one_row[key], rel=1e-3 if index else 1e-5)
 
 
-def test_how_many_parts_a_run_reads(sharded_cache, monkeypatch):
-    from crossint.crosscoder.distributed import RankReader, resolve_data_parts
+def test_how_many_parts_a_run_reads(sharded_cache):
+    from crossint.crosscoder.distributed import RankReader, Ranks, resolve_data_parts
     from crossint.data.cache import ActivationCache
 
-    cache = ActivationCache(sharded_cache)
-    assert resolve_data_parts(None, cache, 1) == 1
-    assert resolve_data_parts(None, cache, 8) == 8  # one part per process
-    assert resolve_data_parts(None, cache, 16) == 1  # fewer shards than processes: read whole
-    assert resolve_data_parts(None, source(), 2) == 1
-    assert resolve_data_parts(4, cache, 1) == 4
-    for parts, data, world_size, match in (
+    cache = ActivationCache(sharded_cache)  # 8 shards of 128 tokens
+
+    def parts(requested, world_size, data=cache):
+        return resolve_data_parts(requested, data, Ranks(0, world_size), seed=0)
+
+    assert parts(None, 1) == 1
+    assert parts(None, 8) == 8 and parts(None, 4) == 4  # one even part per process
+    assert parts(None, 2, source()) == 1  # not made of shards: read whole
+    assert parts(4, 1) == 4
+    for world_size, why in ((16, r"its 8 shard\(s\) are fewer than the 16 processes"),
+                            (3, "its shards deal into uneven parts of 256 to 384 tokens")):
+        with pytest.warns(UserWarning, match=f"every process reads the whole cache: {why} "
+                                             r"\(harvest equal shards, .* --data-parts"):
+            assert parts(None, world_size) == 1
+    for requested, data, world_size, match in (
         (2, source(), 1, "only an activation cache is made of shards to deal into parts, not "
                          "TensorActivations; use --data-parts 1"),
         (4, cache, 2, "--data-parts 4 with 2 processes: use 2 .* or 1"),
         (9, cache, 1, r"the cache has only 8 shard\(s\)"),
     ):
         with pytest.raises(CrossintError, match=match):
-            resolve_data_parts(parts, data, world_size)
+            parts(requested, world_size, data)
     with pytest.warns(UserWarning, match="parts hold 128 to 256 tokens: the smallest part's "
                                          "tokens are trained on 2.00 times as often"):
-        RankReader(cache, 5).check(640, seed=0)
+        RankReader(cache, 5).check(640, seed=0)  # asked for: dealt anyway, with a warning
     with pytest.raises(CrossintError, match="gives 321 tokens to a batch of 1284, but the "
                                             "smallest part holds 256"):
         RankReader(cache, 4).check(1280 + 4, seed=0)

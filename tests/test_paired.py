@@ -44,8 +44,8 @@ def test_batches_stack_the_same_tokens_model_major(caches):
     sample = paired.sample(100, seed=1)
     torch.testing.assert_close(sample[:, :P], caches["base"].sample(100, seed=1))
     # In parts (each data-parallel rank its own shards) both caches deal their shards alike.
-    assert paired.n_shards == 3 and paired.check_parts(64, 2, seed=3) == \
-        caches["base"].check_parts(64, 2, seed=3)
+    assert paired.n_shards == 3 and paired.part_tokens(2, seed=3) == \
+        caches["base"].part_tokens(2, seed=3)
     got = next(paired.batches(64, seed=3, start_batch=2, parts=2, part=1))
     a = next(caches["base"].batches(64, seed=3, start_batch=2, parts=2, part=1))
     b = next(caches["tuned"].batches(64, seed=3, start_batch=2, parts=2, part=1))

@@ -119,9 +119,10 @@ def add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
                             "float32 throughout)")
     group.add_argument("--data-parts", type=int, metavar="P",
                        help="deal the cache's shards into P fixed parts, each giving B/P tokens "
-                            "of every batch (default: one per torchrun process, so each reads "
-                            "only its own shards; 1: every process reads the whole cache). One "
-                            "process with --data-parts P trains what P processes train")
+                            "of every batch (default: one per torchrun process when the shards "
+                            "deal into even parts, so each reads only its own; else 1: every "
+                            "process reads the whole cache). One process with --data-parts P "
+                            "trains what P processes train")
 
 
 # Kept here so that `--help` never imports torch; a test checks they match the penalty registry.

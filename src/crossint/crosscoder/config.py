@@ -201,8 +201,8 @@ class TrainConfig(JsonConfig):
     autocast: str | None = None
     # Parts an activation cache's shards are dealt into, each read by its own stream that gives
     # batch_size / data_parts rows of every batch (crossint.crosscoder.distributed.RankReader).
-    # None: the number of torchrun processes when the cache has that many shards (each process
-    # reads only its own), else 1 (every process reads the whole source).
+    # None: the number of torchrun processes when the cache's shards deal into that many even
+    # parts (each process reads only its own), else 1 (every process reads the whole source).
     data_parts: int | None = None
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ environment` reads it and :func:`data_parallel` joins the process group (gloo on
 CUDA). Every rank holds the whole crosscoder and its Adam state (no sharding).
 
 ``--batch-size`` stays the global batch B, and :class:`RankReader` decides what each rank reads
-of it. An activation cache with at least P shards is dealt into P fixed parts
+of it. An activation cache whose shards deal into P even parts is dealt into P fixed parts
 (``ActivationCache.shard_parts``): rank r reads only part r's shards, as a stream of B/P rows
 per step, and the global batch is the parts' rows in rank order, which one process reads with
 ``data_parts=P``. Any other source (or ``data_parts=1``) is read whole by every rank, which keeps
@@ -167,12 +167,28 @@ class Ranks:
 SINGLE_PROCESS = Ranks()
 
 
-def resolve_data_parts(requested: int | None, source: Any, world_size: int) -> int:
-    """The parts a run deals its source's shards into (``TrainConfig.data_parts``): by default
-    one per process when the source is made of at least that many shards, else 1."""
-    n_shards = getattr(source, "n_shards", None)
+UNEVEN_PARTS = 1.1  # parts whose token counts differ more than this are uneven
+
+
+def resolve_data_parts(requested: int | None, source: Any, ranks: Ranks, seed: int) -> int:
+    """The parts a run deals its source's shards into (``TrainConfig.data_parts``). By default
+    one per process when the source is made of enough shards to deal into even parts; else 1,
+    with a warning (rank 0's) that says why when there are several processes."""
+    n_shards, world_size = getattr(source, "n_shards", None), ranks.world_size
     if requested is None:
-        return world_size if n_shards is not None and n_shards >= world_size else 1
+        if world_size == 1 or n_shards is None:
+            return 1
+        tokens = source.part_tokens(world_size, seed) if n_shards >= world_size else None
+        if tokens is not None and max(tokens) <= UNEVEN_PARTS * min(tokens):
+            return world_size
+        why = (f"its {n_shards} shard(s) are fewer than the {world_size} processes"
+               if tokens is None else f"its shards deal into uneven parts of {min(tokens)} to "
+               f"{max(tokens)} tokens")
+        if ranks.is_main:
+            warnings.warn(f"every process reads the whole cache: {why} (harvest equal shards, "
+                          f"as many as a multiple of {world_size}, or pass --data-parts "
+                          f"{world_size} to deal them anyway)", stacklevel=2)
+        return 1
     if requested == 1:
         return 1
     if n_shards is None:
@@ -226,11 +242,12 @@ class RankReader:
 
     def check(self, batch_size: int, seed: int) -> None:
         """Refuse a batch the parts cannot share (before anything is written), and warn when the
-        parts are uneven: the tokens of a smaller part come round more often."""
+        parts asked for are uneven: the tokens of a smaller part come round more often."""
         if self.parts == 1:
             return
-        tokens = self.source.check_parts(batch_size, self.parts, seed)
-        if max(tokens) > 1.1 * min(tokens) and self.ranks.is_main:
+        self.source.check_parts(batch_size, self.parts, seed)
+        tokens = self.source.part_tokens(self.parts, seed)
+        if max(tokens) > UNEVEN_PARTS * min(tokens) and self.ranks.is_main:
             warnings.warn(
                 f"the cache's {self.parts} parts hold {min(tokens)} to {max(tokens)} tokens: the "
                 f"smallest part's tokens are trained on {max(tokens) / min(tokens):.2f} times as "

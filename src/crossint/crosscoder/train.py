@@ -335,8 +335,8 @@ def train(
     check_extra_config(extra_config)
     check_source(cc, source)
     check_batch_size(tc, source, ranks.world_size)
-    reader = RankReader(source, resolve_data_parts(tc.data_parts, source, ranks.world_size),
-                        ranks)
+    parts = resolve_data_parts(tc.data_parts, source, ranks, tc.seed)
+    reader = RankReader(source, parts, ranks)
     reader.check(tc.batch_size, tc.seed)
     settings = RunSettings.of(cc, tc, source, extra_config, ranks.world_size, reader.parts)
     device = _device(ranks.device_name(tc.device))

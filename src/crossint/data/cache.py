@@ -424,11 +424,15 @@ class ActivationCache:
         dealt = self.shard_parts(parts, seed)
         return {r: dealt[r] for r in (range(parts) if part is None else [part])}
 
-    def check_parts(self, batch_size: int, parts: int, seed: int) -> list[int]:
-        """The tokens of each of the ``parts`` parts, refusing a batch that does not split
-        evenly among them or outgrows the smallest."""
-        tokens = [sum(self.shard_sizes[i] for i in shards)
-                  for shards in self.shard_parts(parts, seed)]
+    def part_tokens(self, parts: int, seed: int) -> list[int]:
+        """The tokens in each of the ``parts`` parts (:meth:`shard_parts`)."""
+        return [sum(self.shard_sizes[i] for i in shards)
+                for shards in self.shard_parts(parts, seed)]
+
+    def check_parts(self, batch_size: int, parts: int, seed: int) -> None:
+        """Refuse a batch that does not split evenly among ``parts`` parts or outgrows the
+        smallest."""
+        tokens = self.part_tokens(parts, seed)
         if batch_size % parts:
             raise CrossintError(f"batch size {batch_size} does not split into {parts} equal "
                                 f"parts: use a multiple of {parts}")
@@ -438,7 +442,6 @@ class ActivationCache:
                 f"{batch_size // parts} tokens to a batch of {batch_size}, but the smallest part "
                 f"holds {min(tokens)}: use a smaller batch, fewer parts or more tokens"
             )
-        return tokens
 
     def _part_stream(self, shards: list[int], seed: int, window_shards: int, parts: int,
                      part: int) -> _ShuffledStream:
@@ -472,7 +475,7 @@ class ActivationCache:
         if not isinstance(n_tokens, int) or n_tokens < 1:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
         dealt = self.shard_parts(parts, seed)
-        n = min(-(-n_tokens // parts), *(sum(self.shard_sizes[i] for i in p) for p in dealt))
+        n = min(-(-n_tokens // parts), *self.part_tokens(parts, seed))
         chosen = range(parts) if part is None else [part]
         return torch.cat([self._sample_part(dealt[r], n, seed, () if parts == 1 else (parts, r))
                           for r in chosen])

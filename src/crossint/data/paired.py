@@ -64,8 +64,12 @@ class PairedActivations:
     def n_shards(self) -> int:
         return self.first.n_shards
 
-    def check_parts(self, batch_size: int, parts: int, seed: int) -> list[int]:
-        return self.first.check_parts(batch_size, parts, seed)  # both hold the same shard sizes
+    # Both caches hold the same shard sizes, so they deal their shards alike.
+    def part_tokens(self, parts: int, seed: int) -> list[int]:
+        return self.first.part_tokens(parts, seed)
+
+    def check_parts(self, batch_size: int, parts: int, seed: int) -> None:
+        self.first.check_parts(batch_size, parts, seed)
 
     def batches(self, batch_size: int, seed: int, start_batch: int = 0, *, parts: int = 1,
                 part: int | None = None) -> Iterator[torch.Tensor]:
