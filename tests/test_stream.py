@@ -127,6 +127,42 @@ def test_a_penalty_on_a_stream_uses_the_streams_model(adapter, tiny_text_file, t
     assert rows[-1]["interaction"] > 0
 
 
+def test_a_stream_runs_the_model_in_the_dtype_asked_for(adapter, tiny_model_dir,
+                                                        tiny_text_file, tmp_path, capsys):
+    """model_dtype bfloat16: the model runs in bfloat16 and the run records it; `crossint train
+    --resume` without the flag keeps it, and with another dtype is refused (other activations)."""
+    source = StreamingActivations(str(tiny_model_dir), STEPS * BATCH, "paper",
+                                  corpus=str(tiny_text_file), context_length=CONTEXT,
+                                  batch_size=MODEL_BATCH, buffer_tokens=512,
+                                  model_dtype="bfloat16")
+    assert next(source.adapter.model.parameters()).dtype == torch.bfloat16
+    cc, tc = configs(source)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(cc, tc, source, run, extra_losses=[interrupt_at(9)], progress=False)
+    assert json.loads((run / "config.json").read_text())["source"]["stream"]["model_dtype"] \
+        == "bfloat16"
+    resume = ["train", "--model", str(tiny_model_dir), "--out", str(run), "--resume", "--quiet"]
+    code = main([*resume, "--model-dtype", "float32"])
+    assert_one_line_error(capsys, code, "train", "cannot resume", "other activations")
+    assert main(resume) == 0
+    assert json.loads((run / "config.json").read_text())["status"] == "finished"
+    with pytest.raises(CrossintError, match="runs in float32, not the model_dtype bfloat16"):
+        StreamingActivations(adapter, 256, model_dtype="bfloat16")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stream_in_bfloat16_with_autocast_trains(tiny_model_dir, tiny_text_file, tmp_path):
+    model = load_model(str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    source = StreamingActivations(model, STEPS * BATCH, "paper", corpus=str(tiny_text_file),
+                                  context_length=CONTEXT, batch_size=MODEL_BATCH,
+                                  buffer_tokens=512, model_dtype="bfloat16")
+    cc, tc = configs(source, device="cuda", autocast="bfloat16")
+    train(cc, tc, source, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert rows[-1]["fvu"] < rows[0]["fvu"]
+
+
 def test_the_default_buffer_is_a_power_of_two_in_a_quarter_of_memory():
     assert buffer_tokens_for_memory(4 * 1000 * 128, 128, 10**6) == 512
     assert buffer_tokens_for_memory(4 * 1000 * 128, 128, 300) == 300

@@ -60,9 +60,11 @@ STREAM_FLAGS = {
     "model_batch_size": "batch_size",
     "buffer_tokens": "buffer_tokens",
     "include_special": "include_special",
+    "model_dtype": "model_dtype",
 }
 STREAM_DEFAULTS = {"corpus": "stories", "text_field": "text", "context_length": 128,
-                   "batch_size": 32, "seed": 0, "include_special": False}
+                   "batch_size": 32, "seed": 0, "include_special": False,
+                   "model_dtype": "float32"}
 
 
 # --- shared argument groups --------------------------------------------------------------------
@@ -236,6 +238,9 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
                             "a quarter of the available memory, at most steps x batch size)")
     group.add_argument("--include-special", action="store_const", const=True, default=None,
                        help="also keep positions holding BOS/EOS/PAD tokens")
+    group.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"],
+                       help="dtype the model runs in (default float32; bfloat16 halves a large "
+                            "model's memory; activations are trained in float32)")
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -369,7 +374,7 @@ def stream_from_args(args: argparse.Namespace, train_config: TrainConfig,
     # A corpus file is recorded by its absolute path, so a resume from elsewhere finds it.
     settings["corpus"] = corpus_file(settings["corpus"]) or settings["corpus"]
     n_tokens = train_config.steps * train_config.batch_size
-    adapter = load_model(args.model, device=train_config.device)
+    adapter = load_model(args.model, device=train_config.device, dtype=settings["model_dtype"])
     if "buffer_tokens" not in settings:
         bytes_per_token = 4 * sum(adapter.hookpoint_dim(h) for h in adapter.resolve_layout(layout))
         settings["buffer_tokens"] = buffer_tokens_for_memory(

@@ -129,13 +129,17 @@ def open_contexts(adapter: Any, corpus: str | Path, seed: int, text_field: str,
     return split, itertools.chain([next(contexts)], contexts)
 
 
+def weights_dtype(adapter: Any) -> str:
+    """The dtype the model runs in ("float32", "bfloat16", ...)."""
+    parameter = next(adapter.model.parameters(), None)
+    return "float32" if parameter is None else str(parameter.dtype).removeprefix("torch.")
+
+
 def _weights_dtype(adapter: Any) -> dict[str, str]:
     """``{"weights_dtype": ...}`` for a model run in low precision (float32 adds nothing, so
     caches harvested before this was recorded still resume)."""
-    parameter = next(adapter.model.parameters(), None)
-    if parameter is None or parameter.dtype == torch.float32:
-        return {}
-    return {"weights_dtype": str(parameter.dtype).removeprefix("torch.")}
+    name = weights_dtype(adapter)
+    return {} if name == "float32" else {"weights_dtype": name}
 
 
 def harvest_settings(adapter: Any, names: list[str], dims: dict[str, int], dtype_name: str,

@@ -58,6 +58,7 @@ from crossint.data.harvest import (
     harvest_settings,
     kept_positions,
     open_contexts,
+    weights_dtype,
 )
 from crossint.errors import CrossintError
 
@@ -80,8 +81,10 @@ class StreamingActivations:
     """Activations of ``adapter`` (a ``ModelAdapter`` or a model name) at ``hookpoints`` on
     ``n_tokens`` kept tokens of ``corpus``, produced as training reads them (see the module
     docstring). The other arguments are those of ``crossint.data.harvest.harvest``;
-    ``buffer_tokens`` is the shuffle buffer (the harvest's ``shard_tokens``). ``progress``
-    shows a bar of the tokens harvested and trained."""
+    ``buffer_tokens`` is the shuffle buffer (the harvest's ``shard_tokens``). ``model_dtype``
+    is the dtype a model given by name runs in (a loaded model must already run in it; None:
+    float32 for a name, the loaded model's own). ``progress`` shows a bar of the tokens
+    harvested and trained."""
 
     def __init__(
         self,
@@ -96,11 +99,15 @@ class StreamingActivations:
         include_special: bool = False,
         text_field: str = "text",
         progress: bool = False,
+        model_dtype: str | None = None,
     ) -> None:
         if isinstance(adapter, (str, Path)):
             from crossint.models.adapter import load_model
 
-            adapter = load_model(str(adapter))
+            adapter = load_model(str(adapter), dtype=model_dtype or "float32")
+        if model_dtype is not None and weights_dtype(adapter) != model_dtype:
+            raise CrossintError(f"the model runs in {weights_dtype(adapter)}, not the "
+                                f"model_dtype {model_dtype} asked for")
         names = list(adapter.resolve_layout(hookpoints))
         dims = {name: int(adapter.hookpoint_dim(name)) for name in names}
         check_harvest_arguments(adapter, seed, context_length, n_tokens=n_tokens,
@@ -123,7 +130,7 @@ class StreamingActivations:
         self.stream_settings: dict[str, Any] = {
             "corpus": str(corpus), "text_field": text_field, "context_length": context_length,
             "batch_size": batch_size, "buffer_tokens": buffer_tokens, "seed": seed,
-            "include_special": include_special,
+            "include_special": include_special, "model_dtype": weights_dtype(adapter),
         }
         # The manifest of the harvest whose shards are these buffers: run configs read the
         # text settings from it, the interaction penalty the model's.
