@@ -1,6 +1,7 @@
 """Cost of capturing the paper-layout hookpoints compared with the bare forward pass.
 
     python benchmarks/harvest_overhead.py   # prints a table; writes results/harvest_overhead.json
+    python benchmarks/harvest_overhead.py --device cuda --model-dtype bfloat16   # on a GPU
 
 Same model (the embedded storylm by default), same batch of story contexts, timed in turns
 (median of --repeats). Rows: the model's own forward pass with no hooks (logits included, which
@@ -37,15 +38,19 @@ def main() -> None:
     parser.add_argument("--context-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--harvest-tokens", type=int, default=65_536)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    parser.add_argument("--model-dtype", default="float32", help="float32, bfloat16 or float16")
     args = parser.parse_args()
 
-    adapter = load_model(args.model)
+    adapter = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    device = torch.device(args.device)
     names = adapter.resolve_layout(args.layout)
     contexts = itertools.islice(
         iter_contexts(iter_texts(args.corpus, seed=0), adapter.tokenizer, args.context_length),
         args.batch,
     )
-    ids_BS = torch.stack(list(contexts))
+    ids_BS = torch.stack(list(contexts))  # host ids: the capture validates them there
+    on_device_BS = ids_BS.to(device)
     n_tokens = ids_BS.numel()
     capture = Capture(
         adapter,
@@ -57,13 +62,19 @@ def main() -> None:
 
     def bare():
         with torch.no_grad():
-            adapter.model(ids_BS, use_cache=False)
+            adapter.model(on_device_BS, use_cache=False)
+
+    def synchronised(fn):  # a GPU runs asynchronously: time the work, not the launch
+        if device.type != "cuda":
+            return fn
+        return lambda: (fn(), torch.cuda.synchronize())
 
     timings = time_interleaved(
         {
-            "bare forward": bare,
-            f"capture {len(names)} hookpoints": lambda: adapter.capture(ids_BS, names),
-            "capture + gather (fp16)": lambda: capture.launch(0, ids_BS),
+            "bare forward": synchronised(bare),
+            f"capture {len(names)} hookpoints": synchronised(lambda: adapter.capture(ids_BS,
+                                                                                    names)),
+            "capture + gather (fp16)": synchronised(lambda: capture.launch(0, ids_BS).ready()),
         },
         repeats=args.repeats,
     )
@@ -100,19 +111,22 @@ def main() -> None:
         }
     )
     print(
-        f"model {args.model}, batch {args.batch} x {args.context_length} tokens, "
-        f"{len(names)} hookpoints, {torch.get_num_threads()} threads"
+        f"model {args.model} ({args.model_dtype} on {args.device}), batch {args.batch} x "
+        f"{args.context_length} tokens, {len(names)} hookpoints, {torch.get_num_threads()} threads"
     )
     print_table(rows)
     print(
         "wrote",
         write_results(
-            "harvest_overhead" if args.model == "storylm"
-            else f"harvest_overhead_{Path(args.model).stem}",
+            ("harvest_overhead" if args.model == "storylm"
+             else f"harvest_overhead_{Path(args.model).stem}")
+            + ("" if args.device == "cpu" else f"_{args.device}_{args.model_dtype}"),
             rows,
             model=args.model,
             batch=args.batch,
             context_length=args.context_length,
+            device=args.device,
+            model_dtype=args.model_dtype,
         ),
     )
 

@@ -89,7 +89,9 @@ def main() -> None:
     rows = [bench(*shape, steps=args.steps, extra_steps=args.extra_steps, device=args.device,
                   autocast=args.autocast) for shape in shapes]
     print_table(rows)
-    name = "train_throughput" if args.device == "cpu" else f"train_throughput_{args.device}"
+    name = "train_throughput" + "".join(
+        f"_{part}" for part in (None if args.device == "cpu" else args.device, args.autocast,
+                                "shapes" if args.shape else None) if part)
     print("wrote", write_results(name, rows, threads=torch.get_num_threads()))
 
 
