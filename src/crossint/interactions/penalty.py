@@ -134,47 +134,44 @@ class DominancePenalty(Penalty):
 
 
 @dataclass(frozen=True)
-class KeepErrorPenalty(Penalty):
+class OutputErrorPenalty(Penalty):
+    """A SPEC §4.7 penalty on a squared MLP output error averaged over tokens and blocks, by
+    ``error_sum`` (``normalise="effect"``: each block's divided by the features' whole effect)."""
+
+    normalise: str = "none"
+    error_sum: ClassVar[Any] = None  # (active, blocks, chunk_tokens, normalise, ratio) -> L_int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalise not in PENALTY_NORMALISATIONS:
+            raise CrossintError(
+                f"the {self.kind} penalty's normalisation must be one of "
+                f"{', '.join(PENALTY_NORMALISATIONS)} (got {self.normalise!r}); 'effect' divides "
+                "each block's error by its features' whole effect on the MLP"
+            )
+
+    def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
+              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
+        return self.error_sum(active, list(blocks), chunk_tokens, self.normalise, ratio)
+
+
+@dataclass(frozen=True)
+class KeepErrorPenalty(OutputErrorPenalty):
     """SPEC §4.7 ``keep_error``: the MLP output error of keeping only the dominant feature at
     each neuron, ‖(h(z) − h(z_keep))·W_out‖² (dominant slot held fixed in the backward). It asks
     for what Φ_keep_largest measures and ignores neurons where sharing does no harm."""
 
     kind: ClassVar[str] = "keep_error"
-    normalise: str = "none"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_effect_normalisation(self.kind, self.normalise)
-
-    def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
-              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
-        return keep_error_penalty(active, list(blocks), chunk_tokens, self.normalise, ratio)
+    error_sum: ClassVar[Any] = staticmethod(keep_error_penalty)
 
 
 @dataclass(frozen=True)
-class AdditivityPenalty(Penalty):
+class AdditivityPenalty(OutputErrorPenalty):
     """SPEC §4.7 ``additivity``: A² = ‖MLP(x̂) − MLP_ind(x̂)‖², the squared error of the
     independent-effects surrogate. Neurons in a linear or off regime stay free to be shared."""
 
     kind: ClassVar[str] = "additivity"
-    normalise: str = "none"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_effect_normalisation(self.kind, self.normalise)
-
-    def value(self, active: ActiveFeatures, blocks: Sequence[MLPFeatureBlock],
-              chunk_tokens: int | None = None, ratio: Ratio = divide) -> Tensor:
-        return additivity_penalty(active, list(blocks), chunk_tokens, self.normalise, ratio)
-
-
-def check_effect_normalisation(kind: str, normalise: str) -> None:
-    if normalise not in PENALTY_NORMALISATIONS:
-        raise CrossintError(
-            f"the {kind} penalty's normalisation must be one of "
-            f"{', '.join(PENALTY_NORMALISATIONS)} (got {normalise!r}); 'effect' divides each "
-            "block's error by its features' whole effect on the MLP"
-        )
+    error_sum: ClassVar[Any] = staticmethod(additivity_penalty)
 
 
 # One line per kind: the name users pass as --penalty-kind and that config.json records.
