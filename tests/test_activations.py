@@ -621,6 +621,7 @@ def test_parts_sample_and_refusals(cache):
         (lambda: cache.batches(3000, 0, parts=2), "gives 1500 tokens to a batch of 3000, but "
                                                   "the smallest part holds"),
         (lambda: cache.batches(100, 0, parts=2, part=2), r"part must lie in \[0, 2\)"),
+        (lambda: cache.sample(100, 0, parts=2, part=-1), r"part must lie in \[0, 2\)"),
     ):
         with pytest.raises(CrossintError, match=match) as refused:
             call()

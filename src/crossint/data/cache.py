@@ -203,6 +203,21 @@ class _ShuffledStream:
                 windows = self.windows(epoch)
 
 
+def _chosen_parts(parts: int, part: int | None) -> range | list[int]:
+    """The parts a reader reads: all (``part`` None) or the one it names."""
+    if part is None:
+        return range(parts)
+    if not isinstance(part, int) or not 0 <= part < parts:
+        raise CrossintError(f"part must lie in [0, {parts}), got {part!r}")
+    return [part]
+
+
+def _part_words(parts: int, part: int) -> tuple[int, ...]:
+    """The random words that set part ``part`` of ``parts`` apart. One part keeps the words of
+    the whole cache's streams, so ``parts=1`` is the whole-cache stream."""
+    return () if parts == 1 else (parts, part)
+
+
 def check_stream_args(batch_size: int, seed: int, start_batch: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise CrossintError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -419,10 +434,8 @@ class ActivationCache:
         """{part: its shards} for the parts a reader asked for (all of them when ``part`` is
         None)."""
         self.check_parts(batch_size, parts, seed)
-        if part is not None and (not isinstance(part, int) or not 0 <= part < parts):
-            raise CrossintError(f"part must lie in [0, {parts}), got {part!r}")
         dealt = self.shard_parts(parts, seed)
-        return {r: dealt[r] for r in (range(parts) if part is None else [part])}
+        return {r: dealt[r] for r in _chosen_parts(parts, part)}
 
     def part_tokens(self, parts: int, seed: int) -> list[int]:
         """The tokens in each of the ``parts`` parts (:meth:`shard_parts`)."""
@@ -445,8 +458,7 @@ class ActivationCache:
 
     def _part_stream(self, shards: list[int], seed: int, window_shards: int, parts: int,
                      part: int) -> _ShuffledStream:
-        # One part keeps the random words of a whole-cache stream, so parts=1 is that stream.
-        words = () if parts == 1 else (parts, part)
+        words = _part_words(parts, part)
 
         def windows(epoch: int) -> list[tuple[Any, int]]:
             order = [shards[i] for i in
@@ -476,9 +488,8 @@ class ActivationCache:
             raise CrossintError(f"n_tokens must be a positive integer, got {n_tokens!r}")
         dealt = self.shard_parts(parts, seed)
         n = min(-(-n_tokens // parts), *self.part_tokens(parts, seed))
-        chosen = range(parts) if part is None else [part]
-        return torch.cat([self._sample_part(dealt[r], n, seed, () if parts == 1 else (parts, r))
-                          for r in chosen])
+        return torch.cat([self._sample_part(dealt[r], n, seed, _part_words(parts, r))
+                          for r in _chosen_parts(parts, part)])
 
     def _sample_part(self, shards: list[int], n: int, seed: int,
                      words: tuple[int, ...]) -> torch.Tensor:
