@@ -307,6 +307,17 @@ def test_how_many_parts_a_run_reads(sharded_cache):
         RankReader(cache, 4).check(1280 + 4, seed=0)
 
 
+def test_the_command_line_shows_a_warning_in_one_line(sharded_cache, tmp_path, capsys):
+    assert main(["train", "--activations", str(sharded_cache), "--features", "32", "--k", "4",
+                 "--steps", "2", "--batch-size", "640", "--data-parts", "5", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == ["crossint train: warning: the cache's 5 parts hold 128 to 256 tokens: "
+                       "the smallest part's tokens are trained on 2.00 times as often as the "
+                       "largest's (equal shards, as many as a multiple of the parts, even them "
+                       "out)"]
+
+
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")

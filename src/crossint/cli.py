@@ -12,7 +12,9 @@ import contextlib
 import importlib
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 from crossint.errors import CrossintError
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with _sigterm_interrupts():
+        with _sigterm_interrupts(), _one_line_warnings(args.command):
             code = args.run(args)
     except CrossintError as e:
         return _fail(args.command, str(e))
@@ -56,6 +58,26 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug in crossint: the traceback is what helps
         return _fail(args.command, message)
     return int(code or 0)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """crossint's own warnings as one line each on stderr (``crossint train: warning: ...``);
+    other libraries' as Python shows them."""
+    package = Path(__file__).resolve().parent
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        if package in Path(filename).resolve().parents:
+            print(f"crossint {command}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 class Terminated(KeyboardInterrupt):

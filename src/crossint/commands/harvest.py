@@ -157,12 +157,8 @@ def _harvest(adapter: ModelAdapter, out: Path, dtype: str, args: argparse.Namesp
     def on_shard(index: int, entry: dict) -> None:
         new_tokens[0] += entry["n_tokens"]
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"crossint harvest: warning: {message}", file=sys.stderr)
-
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # shown as one line each by the command line (crossint.cli)
         warnings.simplefilter("always", RuntimeWarning)
-        warnings.showwarning = show
         cache = harvest(
             adapter,
             out,
