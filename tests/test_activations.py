@@ -433,9 +433,15 @@ def test_truncated_shard_is_caught_on_open(cache_dir, tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CrossintError, match=r"checksum mismatch in .*shard_00003\.safetensors"):
         ActivationCache(path)
-    shard.unlink()
+    shard.unlink()  # an absent shard: refused by the readers that need it
+    cache = ActivationCache(path)
+    with pytest.raises(CrossintError, match=r"lacks 1 shard file\(s\) listed in its manifest "
+                                            r"and needed here: shard_00003\.safetensors;"):
+        cache.batches(100, seed=0)
     with pytest.raises(CrossintError, match=r"shard .*shard_00003\.safetensors .* is missing"):
-        ActivationCache(path)
+        cache.read_shard(3)
+    others = [r for r, part in enumerate(cache.shard_parts(2, seed=0)) if 3 not in part]
+    assert next(cache.batches(100, seed=0, parts=2, part=others[0])).shape == (50, 9, 32)
 
 
 def test_wrong_shape_in_a_shard(cache_dir, tmp_path):

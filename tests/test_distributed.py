@@ -122,14 +122,15 @@ def sharded_config(cache_path: Path):
 
 
 def train_on_own_shards(rank: int, port: int, root: Path) -> None:
-    """Rank ``rank`` of a whole run and of an interrupted then resumed run on the 8-shard
-    cache at root/cache, recording which shards this process read."""
+    """Rank ``rank`` of a whole run and of an interrupted then resumed run on root/node{rank}:
+    the 8-shard cache's manifest with only this rank's part of the shards (as on a node of a
+    multi-node run), recording which shards this process read."""
     from crossint.data.cache import ActivationCache
 
     read, original = set(), ActivationCache._raw_shard
     ActivationCache._raw_shard = lambda self, i: read.add(i) or original(self, i)
     join_as_rank(rank, port)
-    cache, config = sharded_config(root / "cache")
+    cache, config = sharded_config(root / f"node{rank}")
     train(config, tc_config(**TC), cache, root / "parts_two", progress=False)
     try:
         train(config, tc_config(**TC), cache, root / "parts_cut", progress=False,
@@ -228,14 +229,19 @@ def test_two_processes_share_a_streams_forward_passes(tiny_model_dir, tiny_text_
 @pytest.mark.slow
 def test_each_rank_reads_only_its_own_shards(sharded_cache, tmp_path):
     """A cache of 8 shards under 2 processes: rank r reads only part r of the shards (its
-    batches and its share of the initialisation sample), and the pair trains what one process
-    reading the cache in 2 parts trains, resuming exactly."""
+    batches and its share of the initialisation sample) and needs no other shard file, and the
+    pair trains what one process reading the cache in 2 parts trains, resuming exactly."""
     import shutil
 
     shutil.copytree(sharded_cache, tmp_path / "cache")
-    assert spawn_two(train_on_own_shards, tmp_path) == [0, 0]
     cache, config = sharded_config(tmp_path / "cache")
     dealt = cache.shard_parts(2, seed=0)
+    for rank, own in enumerate(dealt):
+        node = shutil.copytree(sharded_cache, tmp_path / f"node{rank}")
+        for index, entry in enumerate(cache.manifest["shards"]):
+            if index not in own:
+                (node / entry["file"]).unlink()
+    assert spawn_two(train_on_own_shards, tmp_path) == [0, 0]
     assert [json.loads((tmp_path / f"read{r}").read_text()) for r in (0, 1)] == dealt
     assert json.loads((tmp_path / "parts_two" / "config.json").read_text())["data_parts"] == 2
     train(config, tc_config(**TC, data_parts=2), cache, tmp_path / "one", progress=False)
@@ -274,7 +280,12 @@ def test_normalised_penalties_are_the_global_batchs_ratio(sharded_cache, tmp_pat
 
 
 def test_how_many_parts_a_run_reads(sharded_cache):
-    from crossint.crosscoder.distributed import RankReader, Ranks, resolve_data_parts
+    from crossint.crosscoder.distributed import (
+        SINGLE_PROCESS,
+        RankReader,
+        Ranks,
+        resolve_data_parts,
+    )
     from crossint.data.cache import ActivationCache
 
     cache = ActivationCache(sharded_cache)  # 8 shards of 128 tokens
@@ -305,6 +316,12 @@ def test_how_many_parts_a_run_reads(sharded_cache):
     with pytest.raises(CrossintError, match="gives 321 tokens to a batch of 1284, but the "
                                             "smallest part holds 256"):
         RankReader(cache, 4).check(1280 + 4, seed=0)
+    cache.missing = set(cache.shard_parts(2, seed=0)[1])  # a node holding only rank 0's part
+    RankReader(cache, 2, Ranks(0, 2)).check(128, seed=0)
+    for ranks in (Ranks(1, 2), SINGLE_PROCESS):
+        with pytest.raises(CrossintError, match=r"lacks 4 shard file\(s\) listed in its "
+                                                r"manifest and needed here: shard_"):
+            RankReader(cache, 2 if ranks.world_size > 1 else 1, ranks).check(128, seed=0)
 
 
 def test_the_command_line_shows_a_warning_in_one_line(sharded_cache, tmp_path, capsys):

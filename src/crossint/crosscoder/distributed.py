@@ -241,11 +241,13 @@ class RankReader:
         return own if self._part is None else self.ranks.gather(own)
 
     def check(self, batch_size: int, seed: int) -> None:
-        """Refuse a batch the parts cannot share (before anything is written), and warn when the
-        parts asked for are uneven: the tokens of a smaller part come round more often."""
-        if self.parts == 1:
+        """Refuse a batch the parts cannot share and shards this rank needs that are absent
+        (before anything is written), and warn when the parts asked for are uneven: the tokens
+        of a smaller part come round more often."""
+        if not hasattr(self.source, "check_parts"):  # not made of shards: read whole
             return
-        self.source.check_parts(batch_size, self.parts, seed)
+        self.source.check_parts(batch_size, self.parts, seed,
+                                self._part if self.parts > 1 else None)
         tokens = self.source.part_tokens(self.parts, seed)
         if max(tokens) > UNEVEN_PARTS * min(tokens) and self.ranks.is_main:
             warnings.warn(

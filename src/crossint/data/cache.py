@@ -15,7 +15,7 @@ shard order each epoch and shuffles tokens across a window of several shards.
 
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,13 +262,14 @@ class ActivationCache:
         self.shard_sizes: list[int] = [int(s["n_tokens"]) for s in manifest["shards"]]
         if self.n_tokens < 1:
             raise CrossintError(f"activation cache {self.path} holds no tokens")
-        for entry in manifest["shards"]:
+        # A shard file may be absent (a node of a multi-node run can hold only its processes'
+        # parts): readers check the shards they need before they start (check_present).
+        self.missing: set[int] = set()
+        for index, entry in enumerate(manifest["shards"]):
             shard_path = self.path / entry["file"]
             if not shard_path.is_file():
-                raise CrossintError(
-                    f"shard {shard_path} listed in the manifest is missing; re-run the harvest"
-                )
-            if shard_path.stat().st_size != entry["bytes"]:
+                self.missing.add(index)
+            elif shard_path.stat().st_size != entry["bytes"]:
                 raise self._checksum_error(shard_path)
         self._budget = memory_budget
         self._keep_in_memory = self._bytes(range(self.n_shards)) <= memory_budget
@@ -433,7 +434,7 @@ class ActivationCache:
                    seed: int) -> dict[int, list[int]]:
         """{part: its shards} for the parts a reader asked for (all of them when ``part`` is
         None)."""
-        self.check_parts(batch_size, parts, seed)
+        self.check_parts(batch_size, parts, seed, part)
         dealt = self.shard_parts(parts, seed)
         return {r: dealt[r] for r in _chosen_parts(parts, part)}
 
@@ -442,9 +443,24 @@ class ActivationCache:
         return [sum(self.shard_sizes[i] for i in shards)
                 for shards in self.shard_parts(parts, seed)]
 
-    def check_parts(self, batch_size: int, parts: int, seed: int) -> None:
+    def check_present(self, shards: Iterable[int]) -> None:
+        """Refuse to read when a shard file among ``shards`` is absent."""
+        absent = sorted(set(shards) & self.missing)
+        if absent:
+            names = [self.manifest["shards"][i]["file"] for i in absent]
+            raise CrossintError(
+                f"activation cache {self.path} lacks {len(names)} shard file(s) listed in its "
+                f"manifest and needed here: {', '.join(names[:4])}"
+                f"{' ...' if len(names) > 4 else ''}; re-run the harvest, or copy them here (a "
+                f"data-parallel process needs only its own part's shards)"
+            )
+
+    def check_parts(self, batch_size: int, parts: int, seed: int,
+                    part: int | None = None) -> None:
         """Refuse a batch that does not split evenly among ``parts`` parts or outgrows the
-        smallest."""
+        smallest, and a part to be read (``part``; all when None) whose shards are absent."""
+        self.check_present(i for r in _chosen_parts(parts, part)
+                           for i in self.shard_parts(parts, seed)[r])
         tokens = self.part_tokens(parts, seed)
         if batch_size % parts:
             raise CrossintError(f"batch size {batch_size} does not split into {parts} equal "

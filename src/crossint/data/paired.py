@@ -68,8 +68,10 @@ class PairedActivations:
     def part_tokens(self, parts: int, seed: int) -> list[int]:
         return self.first.part_tokens(parts, seed)
 
-    def check_parts(self, batch_size: int, parts: int, seed: int) -> None:
-        self.first.check_parts(batch_size, parts, seed)
+    def check_parts(self, batch_size: int, parts: int, seed: int,
+                    part: int | None = None) -> None:
+        for cache in (self.first, self.second):
+            cache.check_parts(batch_size, parts, seed, part)
 
     def batches(self, batch_size: int, seed: int, start_batch: int = 0, *, parts: int = 1,
                 part: int | None = None) -> Iterator[torch.Tensor]:
