@@ -48,6 +48,12 @@ from crossint.errors import CrossintError
 from crossint.lock import locked
 
 
+def divide(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """A normalised penalty's ratio of two sums over the batch (a zero denominator counts as
+    the smallest positive float); :meth:`Ranks.ratio` is the same over the global batch."""
+    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
+
+
 class RankLost(CrossintError):
     """A collective failed: another rank of the run stopped (or cannot be reached)."""
 
@@ -133,11 +139,10 @@ class Ranks:
         this rank's term of a loss whose mean over the ranks has the global ratio's value and
         gradient: P·(n/D − N·d/D²) + N/D, with N and D the sums over the ranks (detached). A
         zero denominator counts as the smallest positive float."""
-        tiny = torch.finfo(denominator.dtype).tiny
         if self.world_size == 1:
-            return numerator / denominator.clamp_min(tiny)
+            return divide(numerator, denominator)
         both = self.sum(torch.stack([numerator.detach(), denominator.detach().to(numerator)]))
-        N, D = both[0], both[1].clamp_min(tiny)
+        N, D = both[0], both[1].clamp_min(torch.finfo(both.dtype).tiny)
         return self.world_size * (numerator / D - (N / D**2) * denominator) + N / D
 
     def total_variance(self, acts_BXD: Tensor) -> Tensor:
@@ -244,7 +249,7 @@ class RankReader:
         """Refuse a batch the parts cannot share and shards this rank needs that are absent
         (before anything is written), and warn when the parts asked for are uneven: the tokens
         of a smaller part come round more often."""
-        if not hasattr(self.source, "check_parts"):  # not made of shards: read whole
+        if getattr(self.source, "n_shards", None) is None:  # not made of shards: read whole
             return
         self.source.check_parts(batch_size, self.parts, seed,
                                 self._part if self.parts > 1 else None)

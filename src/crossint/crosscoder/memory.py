@@ -4,8 +4,6 @@ allocator's error half-way through."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from crossint.crosscoder.config import CrosscoderConfig, TrainConfig
@@ -46,17 +44,9 @@ def available_bytes(device: torch.device) -> int | None:
             return None
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    import psutil
+
+    return int(psutil.virtual_memory().available)  # free plus reclaimable caches
 
 
 def human_bytes(n: float) -> str:

@@ -8,8 +8,9 @@ A cache is a directory::
     ...
 
 Reading (``ActivationCache``): the manifest and shard files are validated (a checksum mismatch
-names the file); ``batches`` is an infinite, deterministic stream over epochs that permutes the
-shard order each epoch and shuffles tokens across a window of several shards.
+names the file; a reader refuses the absent shard files it needs, ``check_present``);
+``batches`` is an infinite, deterministic stream over epochs that permutes the shard order each
+epoch and shuffles tokens across a window of several shards.
 ``TensorActivations`` offers the same reading interface for activations already in memory.
 """
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from crossint.crosscoder.distributed import divide
 from crossint.errors import CrossintError
 from crossint.interactions.contributions import (
     ActiveFeatures,
@@ -41,7 +42,6 @@ from crossint.interactions.contributions import (
     Ratio,
     active_features,
     compute_dtype,
-    divide,
     resolve_chunk,
 )
 

@@ -197,13 +197,6 @@ def contributions(
 Ratio = Callable[[Tensor, Tensor], Tensor]  # (numerator, denominator) -> the loss term
 
 
-def divide(numerator: Tensor, denominator: Tensor) -> Tensor:
-    """A normalised penalty's ratio of two sums over the batch (a zero denominator counts as
-    the smallest positive float). Data-parallel training passes ``Ranks.ratio`` instead: the
-    same ratio over the global batch."""
-    return numerator / denominator.clamp_min(torch.finfo(denominator.dtype).tiny)
-
-
 def resolve_chunk(chunk_tokens: int | None, device: torch.device, per_token: int = 1) -> int:
     """``chunk_tokens``, validated; ``None`` picks a size for ``device`` from the number of
     elements one token needs (``per_token`` = K·N)."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from crossint.crosscoder.distributed import divide
 from crossint.errors import CrossintError
 from crossint.interactions.contributions import (
     SHARE_EPS,
@@ -28,7 +29,6 @@ from crossint.interactions.contributions import (
     Ratio,
     active_features,
     distinct_virtual_weights,
-    divide,
     feature_blocks,
     iter_contributions,
     neuron_stats,

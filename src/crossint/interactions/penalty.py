@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from crossint.crosscoder.distributed import divide, ranks_from_environment
 from crossint.errors import CrossintError
 from crossint.interactions.additivity import (
     PENALTY_NORMALISATIONS,
@@ -33,7 +34,6 @@ from crossint.interactions.contributions import (
     MLPFeatureBlock,
     Ratio,
     active_features,
-    divide,
     feature_blocks,
     mlp_on,
     resolve_chunk,
@@ -277,8 +277,6 @@ def penalty_loss(penalty: Penalty, mlps: Mapping[int, MLPWeights], model: str | 
     """``penalty`` as a training ``extra_losses`` callable: ``fn(crosscoder, acts_BXD, output)
     -> {"interaction": λ·L_int}`` with the crosscoder's current decoder at every given block's
     ``mlp_in``. ``model`` selects the model of a multi-model crosscoder."""
-    from crossint.crosscoder.distributed import ranks_from_environment
-
     if chunk_tokens is not None:
         resolve_chunk(chunk_tokens, torch.device("cpu"))
     placed = _PlacedMLPs(mlps, model)
@@ -315,8 +313,6 @@ def penalty_metrics(penalty: Penalty, mlps: Mapping[int, MLPWeights],
                     model: str | None = None) -> ExtraMetric:
     """A logged-only metric: the unweighted L_int (the same ``value`` the loss uses) and the
     plain mean dominant share (SPEC §4.2) of the batch."""
-    from crossint.crosscoder.distributed import ranks_from_environment
-
     placed = _PlacedMLPs(mlps, model)
     ratio = ranks_from_environment().ratio
 
@@ -351,7 +347,6 @@ def train_with_penalty(
     in metrics.jsonl whatever λ). ``resume``: continue the run in ``out_dir`` from its last
     checkpoint; it must have been started with the same settings and penalty (a record written
     by an older crossint that means the same penalty is kept as it is)."""
-    from crossint.crosscoder.distributed import ranks_from_environment
     from crossint.crosscoder.train import train
     from crossint.rundir import RunDir
 
